@@ -1,0 +1,85 @@
+"""Tiny data sets made by the tests, and one helper that shrinks any config run to seconds."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_CIFAR10 = SHARED / "data" / "cifar10"
+SHARED_MOBILENET = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
+needs_shared = pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="../shared (real CIFAR-10 and weights) is absent")
+
+CLASSES = ["cat", "dog", "frog", "ship"]
+
+
+def class_images(label: int, count: int, generator: torch.Generator, size: int = 32) -> torch.Tensor:
+    """uint8 images whose colour depends on the class, so a tiny model can learn them."""
+    base = torch.zeros(3, 1, 1)
+    base[label % 3] = 160 + 30 * (label // 3)
+    noise = torch.randint(0, 60, (count, 3, size, size), generator=generator)
+    return (base + noise).clamp(0, 255).to(torch.uint8)
+
+
+def write_image_folder(root: Path, train_per_class: int = 30, test_per_class: int = 8) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, image in enumerate(class_images(label, count, generator)):
+                torchvision.io.write_png(image, str(folder / f"{i:05d}.png"))
+    return root
+
+
+def write_cifar10_batches(root: Path, per_batch: int = 20, test_size: int = 40) -> Path:
+    """A tiny copy of torchvision's ``cifar-10-batches-py`` format (10 classes, random pixels)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        count = test_size if name == "test_batch" else per_batch
+        labels = [i % 10 for i in range(count)]
+        entry = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), "labels": labels}
+        with open(folder / name, "wb") as file:
+            pickle.dump(entry, file)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("image_folder"))
+
+
+@pytest.fixture(scope="session")
+def cifar_batches(tmp_path_factory) -> Path:
+    return write_cifar10_batches(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch) -> Path:
+    """Run in a temporary folder so that logs and checkpoints land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def small_run_args(image_folder, tmp_path) -> list[str]:
+    """CLI overrides that shrink any config to seconds on the tiny image folder, offline."""
+    return [
+        f"--data.data_dir={image_folder}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.val_size=20",
+        "--data.batch_size=16",
+        "--model.weights=null",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]

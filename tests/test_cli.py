@@ -1,0 +1,120 @@
+"""The real command line on every config: runs, logs, checkpoints, optimizer settings, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from transfer_lightning.cli import TransferLightningCLI, main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+REFERENCE_CONFIGS = ["finetune_sgd", "finetune_adam", "feature_extractor_sgd", "feature_extractor_adam"]
+
+
+def test_the_four_reference_configs_exist():
+    assert set(REFERENCE_CONFIGS) <= {config.stem for config in CONFIGS}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
+def test_config_runs_fast_dev_run_and_trainer_uses_its_optimizer(config, small_run_args, run_dir):
+    cli = TransferLightningCLI(args=["fit", f"--config={config}", *small_run_args, "--trainer.fast_dev_run=true"])
+    wanted = yaml.safe_load(config.read_text())["model"]
+
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer).__name__ == wanted["optimizer"]["class_path"].rsplit(".", 1)[1]
+    for key, value in wanted["optimizer"]["init_args"].items():
+        assert optimizer.param_groups[0][key] == value
+    scheduler = cli.trainer.lr_scheduler_configs[0]
+    assert type(scheduler.scheduler).__name__ == wanted["scheduler"]["class_path"].rsplit(".", 1)[1]
+    assert scheduler.interval == "epoch"
+    for key, value in wanted["scheduler"]["init_args"].items():
+        assert getattr(scheduler.scheduler, key) == value
+
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    head_params = {id(p) for p in cli.model.head.parameters()}
+    if wanted["freeze_backbone"]:
+        assert optimized == head_params
+    else:
+        assert optimized == {id(p) for p in cli.model.parameters()}
+
+
+def test_num_classes_and_names_come_from_the_data(small_run_args, run_dir):
+    cli = TransferLightningCLI(args=["fit", f"--config={CONFIGS[0]}", *small_run_args, "--trainer.fast_dev_run=true"])
+    assert cli.model.hparams.num_classes == 4
+    assert cli.model.head.out_features == 4
+    assert cli.model.class_names == ["cat", "dog", "frog", "ship"]
+
+
+def test_print_config_output_is_a_config_that_runs(small_run_args, run_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={CONFIGS[0]}", *small_run_args, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = run_dir / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert "num_classes" not in yaml.safe_load(printed.read_text())["model"]  # linked, never typed
+    main(["fit", f"--config={printed}", "--trainer.fast_dev_run=true"])
+
+
+def test_fit_logs_checkpoints_and_tests_the_best(small_run_args, run_dir):
+    args = [
+        f"--config={CONFIGS[0].parent / 'feature_extractor_sgd.yaml'}",
+        *small_run_args,
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.log_every_n_steps=1",
+    ]
+    main(["fit", *args])
+    version = run_dir / "lightning_logs" / "version_0"
+    assert (version / "config.yaml").is_file()
+    checkpoints = sorted(p.name for p in (version / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints
+    assert any(name.startswith("best-epoch") for name in checkpoints)
+
+    events = EventAccumulator(str(version)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss_step", "train/acc_epoch", "val/acc", "val/loss", "lr-SGD", "test/acc", "test/acc_cat"} <= tags
+    assert "test/confusion_matrix" in events.Tags()["images"]
+    assert len(events.Scalars("val/acc")) == 2
+
+    main(["test", *args, f"--ckpt_path={version / 'checkpoints' / 'last.ckpt'}"])
+    assert (run_dir / "lightning_logs" / "version_1" / "config.yaml").is_file()
+
+
+def test_missing_data_is_one_clear_error(small_run_args, run_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={CONFIGS[0]}", *small_run_args, "--data.data_dir=nowhere", "--data.download=false"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "No data in nowhere" in error and "cifar-10-batches-py" in error and "train/<class>" in error
+    assert "Traceback" not in error
+
+
+def test_offline_download_is_one_clear_error(small_run_args, run_dir, capsys, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", no_network)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={CONFIGS[0]}", *small_run_args, "--data.data_dir=fresh", "--trainer.fast_dev_run=true"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "Could not download CIFAR-10" in error and "image-folder tree" in error
+
+
+def test_unknown_backbone_is_one_clear_error(small_run_args, run_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={CONFIGS[0]}", *small_run_args, "--model.backbone=resnet19"])
+    assert exit_info.value.code == 2
+    assert "Unknown backbone 'resnet19'" in capsys.readouterr().err
+
+
+def test_the_cifar10_download_format_runs(cifar_batches, small_run_args, run_dir):
+    cli = TransferLightningCLI(
+        args=["fit", f"--config={CONFIGS[0]}", *small_run_args, f"--data.data_dir={cifar_batches}", "--trainer.fast_dev_run=true"]
+    )
+    assert cli.model.head.out_features == 10
+    assert 0 <= cli.trainer.callback_metrics["test/acc"] <= 1  # tested after fit

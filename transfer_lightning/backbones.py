@@ -1,0 +1,144 @@
+"""torchvision classification models by name, their pretrained weights, and a new head.
+
+A backbone name and a weights string from the config are resolved here, once, into a ready
+network; the rest of the package only sees the network and the name of its head layer.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import pickle
+import urllib.error
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torchvision
+from torch import nn
+
+from transfer_lightning.errors import UserInputError
+
+#: Buffers that older state_dicts may lack; torchvision's own loaders ignore them too.
+_OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
+
+
+def available_backbones() -> list[str]:
+    """Names of torchvision's image classification models (``resnet18``, ``mobilenet_v2``, ...)."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def create_network(backbone: str, weights: Optional[str], num_classes: int) -> tuple[nn.Module, str]:
+    """Build ``backbone`` with ``weights`` and a new ``Linear(in_features, num_classes)`` head.
+
+    ``weights`` is a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), ``None`` for random
+    initialisation, or the path of a local ``state_dict`` (with or without the classifier).
+
+    Returns the network and the dotted name of its head (``"fc"``, ``"classifier.1"``).
+    Raises :class:`UserInputError` for an unknown backbone, unknown weights, an unusable file, or a
+    failed download.
+    """
+    if num_classes < 2:
+        raise UserInputError(f"num_classes must be at least 2, got {num_classes}.")
+    _check_backbone_name(backbone)
+    if weights is not None and _looks_like_path(weights):
+        network = _build(backbone, None)
+        _load_state_dict_file(network, backbone, Path(weights))
+    else:
+        network = _build(backbone, _resolve_torchvision_weights(backbone, weights))
+    head_name = find_head(network, backbone)
+    old_head = network.get_submodule(head_name)
+    network.set_submodule(head_name, nn.Linear(old_head.in_features, num_classes))
+    return network, head_name
+
+
+def find_head(network: nn.Module, backbone: str = "this model") -> str:
+    """Dotted name of the last ``nn.Linear`` of ``network``: the classifier that transfer replaces.
+
+    This covers torchvision's ResNet (``fc``), MobileNet/EfficientNet/ConvNeXt/VGG
+    (``classifier.N``), ViT (``heads.head``) and the other families whose output is a Linear layer.
+    """
+    linear_names = [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
+    if not linear_names:
+        raise UserInputError(
+            f"{backbone} has no Linear classifier layer to replace (e.g. SqueezeNet ends in a "
+            "convolution); choose another backbone, e.g. resnet18 or mobilenet_v2."
+        )
+    return linear_names[-1]
+
+
+def _looks_like_path(weights: str) -> bool:
+    return os.sep in weights or "/" in weights or weights.endswith((".pth", ".pt", ".ckpt")) or Path(weights).exists()
+
+
+def _check_backbone_name(backbone: str) -> None:
+    names = available_backbones()
+    if backbone not in names:
+        close = difflib.get_close_matches(backbone, names, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(names)}."
+        raise UserInputError(f"Unknown backbone {backbone!r}: not a torchvision classification model.{hint}")
+
+
+def _build(backbone: str, weights: Optional[torchvision.models.WeightsEnum]) -> nn.Module:
+    try:
+        return torchvision.models.get_model(backbone, weights=weights)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        if weights is None:
+            raise
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise UserInputError(
+            f"Could not download the {weights} weights of {backbone} ({error}).\n"
+            f"Offline? Download {weights.url} on a machine with internet and either put it at "
+            f"{cache} (torchvision's cache, set by $TORCH_HOME), or pass its path as "
+            "--model.weights /path/to/file.pth."
+        ) from error
+
+
+def _resolve_torchvision_weights(backbone: str, weights: Optional[str]) -> Optional[torchvision.models.WeightsEnum]:
+    if weights is None:
+        return None
+    enum = torchvision.models.get_model_weights(backbone)
+    try:
+        return enum.verify(weights)
+    except (KeyError, ValueError):
+        known = ", ".join(enum.__members__)
+        raise UserInputError(
+            f"Unknown weights {weights!r} for {backbone}: neither a file that exists nor one of {known}. "
+            "Use null for random initialisation."
+        ) from None
+
+
+def _load_state_dict_file(network: nn.Module, backbone: str, path: Path) -> None:
+    """Load a local state_dict into ``network``; the classifier may be absent or of any size."""
+    if not path.is_file():
+        raise UserInputError(f"Weights file {path} does not exist. Pass an existing .pth file, a torchvision weights name such as DEFAULT, or null.")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise UserInputError(f"Weights file {path} is not a state_dict saved with torch.save ({error}).") from None
+    if isinstance(state_dict, Mapping) and "state_dict" in state_dict:
+        raise UserInputError(
+            f"{path} is a Lightning checkpoint, not a backbone state_dict: resume or evaluate it with --ckpt_path {path}."
+        )
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserInputError(f"Weights file {path} does not hold a state_dict (a mapping of names to tensors).")
+
+    head_name = find_head(network, backbone)
+    expected = network.state_dict()
+    is_head = lambda key: key.startswith(head_name + ".")  # noqa: E731 - the head is replaced anyway
+    state_dict = {k: v for k, v in state_dict.items() if not is_head(k)}
+    missing = [k for k in expected if k not in state_dict and not is_head(k) and not k.endswith(_OPTIONAL_KEY_SUFFIXES)]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshapen = [k for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or misshapen:
+        problems = [
+            f"{len(keys)} {what} (e.g. {keys[0]})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", misshapen))
+            if keys
+        ]
+        raise UserInputError(
+            f"Weights file {path} does not fit backbone {backbone}: tensors {'; '.join(problems)}. "
+            "Is it for another architecture? Pick the matching --model.backbone."
+        )
+    network.load_state_dict(state_dict, strict=False)

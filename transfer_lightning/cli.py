@@ -1,0 +1,74 @@
+"""The command line: LightningCLI with this project's trainer defaults, callbacks and links."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from transfer_lightning.data import CIFAR10DataModule
+from transfer_lightning.errors import UserInputError
+from transfer_lightning.model import TransferClassifier
+
+
+class TransferLightningCLI(LightningCLI):
+    """``fit`` / ``validate`` / ``test`` / ``predict`` for :class:`TransferClassifier` on :class:`CIFAR10DataModule`.
+
+    Defaults: GPU when present (else CPU), 5 epochs, TensorBoard logs in ``lightning_logs/version_N``
+    with the resolved ``config.yaml``, the best checkpoint by ``val/acc`` plus ``last.ckpt``, the
+    learning rate logged per epoch, and after ``fit`` the best checkpoint tested on the test set.
+    """
+
+    def __init__(self, args: ArgsType = None, **kwargs) -> None:
+        super().__init__(
+            TransferClassifier,
+            CIFAR10DataModule,
+            trainer_defaults={
+                "max_epochs": 5,
+                "logger": lazy_instance(TensorBoardLogger, save_dir=".", name="lightning_logs", default_hp_metric=False),
+            },
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                # Metric names hold "/", so Lightning must not insert them into the file name.
+                "checkpoint.filename": "best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="fit only: test the best checkpoint (by val/acc) on the test set when training ends.",
+        )
+
+    def after_fit(self) -> None:
+        if not self.config.fit.test_after_fit or self.trainer.interrupted:
+            return
+        has_best = self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_path
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+
+
+def main(args: Optional[ArgsType] = None) -> None:
+    """Run the CLI; a :class:`UserInputError` is printed as one line and exits with status 2."""
+    try:
+        TransferLightningCLI(args=args)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,147 @@
+"""TransferClassifier: a pretrained torchvision backbone with a new head, fine-tuned or frozen."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import matplotlib
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from transfer_lightning.backbones import create_network
+from transfer_lightning.errors import UserInputError
+
+matplotlib.use("Agg")  # figures are only written to TensorBoard, never shown
+
+
+class TransferClassifier(pl.LightningModule):
+    """An ImageNet-pretrained torchvision classifier whose last Linear layer is replaced for the task.
+
+    Args:
+        backbone: torchvision classification model name (``resnet18``, ``mobilenet_v2``, ...).
+        weights: torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``), a local state_dict file
+            (with or without the classifier), or ``null`` for random initialisation.
+        num_classes: Outputs of the new head; linked from the datamodule by the CLI.
+        class_names: Names of the classes, for per-class test metrics; linked from the datamodule.
+        freeze_backbone: Train only the new head (fixed feature extractor). The backbone's
+            BatchNorm layers then stay in eval mode, so their running statistics never move.
+        update_bn_stats: With ``freeze_backbone``, let the BatchNorm running statistics drift in
+            training as the reference recipe did (it froze the weights but kept the model in train
+            mode). Off by default: with it, the "frozen" features change from epoch to epoch.
+        optimizer: Optimizer class and arguments (``class_path: torch.optim.SGD``, ...); it receives
+            only the trainable parameters.
+        scheduler: Learning-rate scheduler, stepped once per epoch; ``null`` keeps the rate constant.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        weights: Optional[str] = "DEFAULT",
+        num_classes: int = 10,
+        class_names: Optional[list[str]] = None,
+        freeze_backbone: bool = False,
+        update_bn_stats: bool = False,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: Optional[LRSchedulerCallable] = None,
+    ) -> None:
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise UserInputError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.network, self.head_name = create_network(backbone, weights, num_classes)
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        if freeze_backbone:
+            self.freeze_backbone()
+
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_class_acc = MulticlassAccuracy(num_classes, average="none")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.network.get_submodule(self.head_name)
+
+    def freeze_backbone(self) -> None:
+        """Set requires_grad False on every parameter outside the head."""
+        self.network.requires_grad_(False)
+        self.head.requires_grad_(True)
+
+    def backbone_batchnorms(self) -> list[nn.Module]:
+        return [m for m in self.network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode: bool = True) -> TransferClassifier:
+        """Lightning calls ``train()`` at every epoch start; keep a frozen backbone's BatchNorm in eval."""
+        super().train(mode)
+        if mode and self.hparams.freeze_backbone and not self.hparams.update_bn_stats:
+            for batchnorm in self.backbone_batchnorms():
+                batchnorm.eval()
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network(images)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_acc(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.test_acc(logits, labels)
+        self.test_class_acc.update(logits, labels)
+        self.test_confusion.update(logits, labels)
+        self.log("test/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.log("test/acc", self.test_acc)
+
+    def on_test_epoch_end(self) -> None:
+        for name, accuracy in zip(self.class_names, self.test_class_acc.compute()):
+            self.log(f"test/acc_{name}", accuracy)
+        confusion = self.test_confusion.compute()
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            figure, _ = self.test_confusion.plot(confusion, labels=self.class_names)
+            figure.set_size_inches(8, 8)
+            self.logger.experiment.add_figure("test/confusion_matrix", figure, global_step=self.global_step)
+        self.test_class_acc.reset()
+        self.test_confusion.reset()
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, _ = batch
+        return self(images).softmax(dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another backbone or class count with a clear message."""
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("backbone", "num_classes"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise UserInputError(
+                    f"The checkpoint was trained with {key}={saved[key]!r}, but this model has {key}={self.hparams[key]!r}. "
+                    f"Use a config with {key}: {saved[key]!r}, or another checkpoint."
+                )
