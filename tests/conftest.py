@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
+from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_CIFAR10 = SHARED / "data" / "cifar10"
@@ -33,7 +33,7 @@ def write_image_folder(root: Path, train_per_class: int = 30, test_per_class: in
             folder = root / split / name
             folder.mkdir(parents=True)
             for i, image in enumerate(class_images(label, count, generator)):
-                torchvision.io.write_png(image, str(folder / f"{i:05d}.png"))
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
     return root
 
 

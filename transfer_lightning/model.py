@@ -79,12 +79,17 @@ class TransferClassifier(pl.LightningModule):
         return [m for m in self.network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def train(self, mode: bool = True) -> TransferClassifier:
-        """Lightning calls ``train()`` at every epoch start; keep a frozen backbone's BatchNorm in eval."""
+        """Switch modes as usual, but keep a frozen backbone's BatchNorm layers in eval mode."""
         super().train(mode)
         if mode and self.hparams.freeze_backbone and not self.hparams.update_bn_stats:
             for batchnorm in self.backbone_batchnorms():
                 batchnorm.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # A new module starts in train mode and recent Lightning versions keep whatever mode they find
+        # (older ones called .train() every epoch), so apply the frozen-BatchNorm rule here, every epoch.
+        self.train()
 
     def forward(self, images: Tensor) -> Tensor:
         return self.network(images)
