@@ -13,7 +13,9 @@ from transfer_lightning.backbones import create_network
 from transfer_lightning.errors import UserInputError
 
 
-@pytest.mark.parametrize(("backbone", "head", "in_features"), [("resnet18", "fc", 512), ("mobilenet_v2", "classifier.1", 1280)])
+@pytest.mark.parametrize(
+    ("backbone", "head", "in_features"), [("resnet18", "fc", 512), ("mobilenet_v2", "classifier.1", 1280)]
+)
 def test_head_is_replaced(backbone, head, in_features):
     network, head_name = create_network(backbone, None, 7)
     assert head_name == head
@@ -48,7 +50,9 @@ def test_shared_mobilenet_v2_features_load():
 def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
     path = tmp_path / "mobilenet.pth"
     torch.save(torchvision.models.mobilenet_v2().state_dict(), path)
-    with pytest.raises(UserInputError, match="does not fit backbone resnet18.*missing.*unexpected.*another architecture"):
+    with pytest.raises(
+        UserInputError, match="does not fit backbone resnet18.*missing.*unexpected.*another architecture"
+    ):
         create_network("resnet18", str(path), 10)
 
 

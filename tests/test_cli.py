@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -80,8 +79,10 @@ def test_fit_logs_checkpoints_and_tests_the_best(small_run_args, run_dir):
     assert "test/confusion_matrix" in events.Tags()["images"]
     assert len(events.Scalars("val/acc")) == 2
 
-    main(["test", *args, f"--ckpt_path={version / 'checkpoints' / 'last.ckpt'}"])
-    assert (run_dir / "lightning_logs" / "version_1" / "config.yaml").is_file()
+    last = version / "checkpoints" / "last.ckpt"
+    for subcommand in ("test", "validate", "predict"):
+        main([subcommand, *args, f"--ckpt_path={last}"])
+    assert (run_dir / "lightning_logs" / "version_3" / "config.yaml").is_file()
 
 
 def test_missing_data_is_one_clear_error(small_run_args, run_dir, capsys):
@@ -114,7 +115,13 @@ def test_unknown_backbone_is_one_clear_error(small_run_args, run_dir, capsys):
 
 def test_the_cifar10_download_format_runs(cifar_batches, small_run_args, run_dir):
     cli = TransferLightningCLI(
-        args=["fit", f"--config={CONFIGS[0]}", *small_run_args, f"--data.data_dir={cifar_batches}", "--trainer.fast_dev_run=true"]
+        args=[
+            "fit",
+            f"--config={CONFIGS[0]}",
+            *small_run_args,
+            f"--data.data_dir={cifar_batches}",
+            "--trainer.fast_dev_run=true",
+        ]
     )
     assert cli.model.head.out_features == 10
     assert 0 <= cli.trainer.callback_metrics["test/acc"] <= 1  # tested after fit

@@ -16,7 +16,9 @@ SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 
 
 def datamodule_for(image_folder, tmp_path, **kwargs) -> CIFAR10DataModule:
-    return CIFAR10DataModule(data_dir=str(image_folder), cache_dir=str(tmp_path / "cache"), val_size=20, batch_size=16, **kwargs)
+    return CIFAR10DataModule(
+        data_dir=str(image_folder), cache_dir=str(tmp_path / "cache"), val_size=20, batch_size=16, **kwargs
+    )
 
 
 def make_trainer(tmp_path, **kwargs) -> pl.Trainer:

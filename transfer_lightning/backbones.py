@@ -12,7 +12,6 @@ import pickle
 import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torchvision
@@ -29,7 +28,7 @@ def available_backbones() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def create_network(backbone: str, weights: Optional[str], num_classes: int) -> tuple[nn.Module, str]:
+def create_network(backbone: str, weights: str | None, num_classes: int) -> tuple[nn.Module, str]:
     """Build ``backbone`` with ``weights`` and a new ``Linear(in_features, num_classes)`` head.
 
     ``weights`` is a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), ``None`` for random
@@ -80,7 +79,7 @@ def _check_backbone_name(backbone: str) -> None:
         raise UserInputError(f"Unknown backbone {backbone!r}: not a torchvision classification model.{hint}")
 
 
-def _build(backbone: str, weights: Optional[torchvision.models.WeightsEnum]) -> nn.Module:
+def _build(backbone: str, weights: torchvision.models.WeightsEnum | None) -> nn.Module:
     try:
         return torchvision.models.get_model(backbone, weights=weights)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
@@ -95,7 +94,7 @@ def _build(backbone: str, weights: Optional[torchvision.models.WeightsEnum]) -> 
         ) from error
 
 
-def _resolve_torchvision_weights(backbone: str, weights: Optional[str]) -> Optional[torchvision.models.WeightsEnum]:
+def _resolve_torchvision_weights(backbone: str, weights: str | None) -> torchvision.models.WeightsEnum | None:
     if weights is None:
         return None
     enum = torchvision.models.get_model_weights(backbone)
@@ -112,14 +111,18 @@ def _resolve_torchvision_weights(backbone: str, weights: Optional[str]) -> Optio
 def _load_state_dict_file(network: nn.Module, backbone: str, path: Path) -> None:
     """Load a local state_dict into ``network``; the classifier may be absent or of any size."""
     if not path.is_file():
-        raise UserInputError(f"Weights file {path} does not exist. Pass an existing .pth file, a torchvision weights name such as DEFAULT, or null.")
+        raise UserInputError(
+            f"Weights file {path} does not exist. "
+            "Pass an existing .pth file, a torchvision weights name such as DEFAULT, or null."
+        )
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
         raise UserInputError(f"Weights file {path} is not a state_dict saved with torch.save ({error}).") from None
     if isinstance(state_dict, Mapping) and "state_dict" in state_dict:
         raise UserInputError(
-            f"{path} is a Lightning checkpoint, not a backbone state_dict: resume or evaluate it with --ckpt_path {path}."
+            f"{path} is a Lightning checkpoint, not a backbone state_dict: "
+            f"resume or evaluate it with --ckpt_path {path}."
         )
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserInputError(f"Weights file {path} does not hold a state_dict (a mapping of names to tensors).")

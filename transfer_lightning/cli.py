@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -29,7 +28,9 @@ class TransferLightningCLI(LightningCLI):
             CIFAR10DataModule,
             trainer_defaults={
                 "max_epochs": 5,
-                "logger": lazy_instance(TensorBoardLogger, save_dir=".", name="lightning_logs", default_hp_metric=False),
+                "logger": lazy_instance(
+                    TensorBoardLogger, save_dir=".", name="lightning_logs", default_hp_metric=False
+                ),
             },
             args=args,
             **kwargs,
@@ -65,7 +66,7 @@ class TransferLightningCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
 
 
-def main(args: Optional[ArgsType] = None) -> None:
+def main(args: ArgsType | None = None) -> None:
     """Run the CLI; a :class:`UserInputError` is printed as one line and exits with status 2."""
     try:
         TransferLightningCLI(args=args)

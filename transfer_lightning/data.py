@@ -14,7 +14,7 @@ import pickle
 import tempfile
 import urllib.error
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import lightning.pytorch as pl
 import numpy as np
@@ -40,7 +40,6 @@ NORMALIZATIONS = {
     "reference": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 Normalization = Literal["imagenet", "cifar10", "reference"]
-
 
 
 class ImageArrays(NamedTuple):
@@ -141,7 +140,9 @@ def read_image_folder(folder: Path, classes: list[str], cache_dir: Path) -> Imag
     try:
         samples = make_dataset(folder, {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as error:
-        raise UserInputError(f"{error}. Every class folder under {folder} needs at least one image ({', '.join(IMG_EXTENSIONS)}).") from None
+        raise UserInputError(
+            f"{error}. Every class folder under {folder} needs at least one image ({', '.join(IMG_EXTENSIONS)})."
+        ) from None
     cache_file = cache_dir / f"{folder.name}-{_fingerprint(folder, samples)}.pt"
     if cache_file.is_file():
         cached = torch.load(cache_file, weights_only=True)
@@ -150,8 +151,9 @@ def read_image_folder(folder: Path, classes: list[str], cache_dir: Path) -> Imag
     images = [_decode(path) for path, _ in tqdm(samples, desc=f"Decoding {folder}", unit="img", mininterval=1)]
     sizes = {tuple(image.shape) for image in images}
     if len(sizes) > 1:
+        examples = ", ".join(f"{height}x{width}" for _, height, width in sorted(sizes)[:3])
         raise UserInputError(
-            f"Images under {folder} have different sizes ({', '.join('x'.join(map(str, s[1:])) for s in sorted(sizes)[:3])}). "
+            f"Images under {folder} have different sizes ({examples}, ...). "
             "Resize them all to one size first; --data.image_size then resizes batches for the backbone."
         )
     arrays = ImageArrays(torch.stack(images), torch.tensor([label for _, label in samples], dtype=torch.int64))
@@ -184,7 +186,9 @@ def _decode(path: str) -> Tensor:
     try:
         return pil_to_tensor(pil_loader(path))  # the decoder of torchvision's ImageFolder
     except (OSError, ValueError) as error:
-        raise UserInputError(f"Cannot decode image {path} ({error}). Remove or replace this file and run again.") from None
+        raise UserInputError(
+            f"Cannot decode image {path} ({error}). Remove or replace this file and run again."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +201,10 @@ def stratified_split(labels: Tensor, val_size: int, seed: int) -> tuple[Tensor, 
     The same ``seed`` gives the same split on every machine. Both index tensors are sorted.
     """
     if not 0 < val_size < len(labels):
-        raise UserInputError(f"val_size must be between 1 and {len(labels) - 1} (the training set has {len(labels)} images), got {val_size}.")
+        raise UserInputError(
+            f"val_size must be between 1 and {len(labels) - 1} (the training set has {len(labels)} images), "
+            f"got {val_size}."
+        )
     generator = torch.Generator().manual_seed(seed)
     counts = torch.bincount(labels).double()
     quotas = counts * val_size / len(labels)
@@ -231,14 +238,16 @@ def random_flip(images: Tensor) -> Tensor:
     return torch.where(flip, images.flip(-1), images)
 
 
-def prepare_batch(images: Tensor, mean: Tensor, std: Tensor, augment: bool, image_size: Optional[int]) -> Tensor:
+def prepare_batch(images: Tensor, mean: Tensor, std: Tensor, augment: bool, image_size: int | None) -> Tensor:
     """uint8 (N, 3, H, W) -> normalised float, optionally augmented and resized to ``image_size``."""
     if augment:
         images = random_flip(random_crop(images, padding=4))
     batch = images.float().div_(255)
     if image_size is not None and batch.shape[-2:] != (image_size, image_size):
         downscale = image_size < min(batch.shape[-2:])
-        batch = F.interpolate(batch, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=downscale)
+        batch = F.interpolate(
+            batch, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=downscale
+        )
     return (batch - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
@@ -278,8 +287,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         split_seed: int = 0,
         normalization: Normalization = "imagenet",
         augment: bool = False,
-        image_size: Optional[int] = None,
-        cache_dir: Optional[str] = None,
+        image_size: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -299,9 +308,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.class_names = self._find_class_names(download)
         mean, std = NORMALIZATIONS[normalization]
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
-        self.train_set: Optional[ImageTensorDataset] = None
-        self.val_set: Optional[ImageTensorDataset] = None
-        self.test_set: Optional[ImageTensorDataset] = None
+        self.train_set: ImageTensorDataset | None = None
+        self.val_set: ImageTensorDataset | None = None
+        self.test_set: ImageTensorDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -332,7 +341,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
             return
         pool, test = self._read_split("train"), self._read_split("test")
         if self.hparams.val_size == 0:
-            rank_zero_info("val_size is 0: validating on the TEST set (reference mode). Test accuracy is then not an honest estimate.")
+            rank_zero_info(
+                "val_size is 0: validating on the TEST set (reference mode). "
+                "Test accuracy is then not an honest estimate."
+            )
             train, val = pool, test
         else:
             train_indices, val_indices = stratified_split(pool.labels, self.hparams.val_size, self.hparams.split_seed)
@@ -342,7 +354,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def _read_split(self, split: Literal["train", "test"]) -> ImageArrays:
         if self.is_image_folder:
             if not (self.data_dir / split).is_dir():
-                raise UserInputError(f"{self.data_dir / split} is missing: an image-folder tree needs train/ and test/ class folders.")
+                raise UserInputError(
+                    f"{self.data_dir / split} is missing: an image-folder tree needs train/ and test/ class folders."
+                )
             return read_image_folder(self.data_dir / split, self.class_names, self.cache_dir)
         return read_cifar10_batches(self.data_dir, train=split == "train")
 
@@ -358,7 +372,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set)
 
-    def _loader(self, dataset: Optional[ImageTensorDataset], shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: ImageTensorDataset | None, shuffle: bool = False) -> DataLoader:
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         return DataLoader(
             dataset,

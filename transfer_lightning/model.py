@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import matplotlib
@@ -41,13 +41,13 @@ class TransferClassifier(pl.LightningModule):
     def __init__(
         self,
         backbone: str = "resnet18",
-        weights: Optional[str] = "DEFAULT",
+        weights: str | None = "DEFAULT",
         num_classes: int = 10,
-        class_names: Optional[list[str]] = None,
+        class_names: list[str] | None = None,
         freeze_backbone: bool = False,
         update_bn_stats: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
-        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -120,7 +120,7 @@ class TransferClassifier(pl.LightningModule):
         self.log("test/acc", self.test_acc)
 
     def on_test_epoch_end(self) -> None:
-        for name, accuracy in zip(self.class_names, self.test_class_acc.compute()):
+        for name, accuracy in zip(self.class_names, self.test_class_acc.compute(), strict=True):
             self.log(f"test/acc_{name}", accuracy)
         confusion = self.test_confusion.compute()
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
@@ -139,7 +139,10 @@ class TransferClassifier(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another backbone or class count with a clear message."""
@@ -147,6 +150,7 @@ class TransferClassifier(pl.LightningModule):
         for key in ("backbone", "num_classes"):
             if key in saved and saved[key] != self.hparams[key]:
                 raise UserInputError(
-                    f"The checkpoint was trained with {key}={saved[key]!r}, but this model has {key}={self.hparams[key]!r}. "
+                    f"The checkpoint was trained with {key}={saved[key]!r}, "
+                    f"but this model has {key}={self.hparams[key]!r}. "
                     f"Use a config with {key}: {saved[key]!r}, or another checkpoint."
                 )
