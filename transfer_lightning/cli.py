@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from transfer_lightning.callbacks import HparamsWithResults, TrainingSpeed
 from transfer_lightning.data import CIFAR10DataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.model import TransferClassifier
@@ -31,6 +32,8 @@ class TransferLightningCLI(LightningCLI):
                 "logger": lazy_instance(
                     TensorBoardLogger, save_dir=".", name="lightning_logs", default_hp_metric=False
                 ),
+                # Always added, next to any --trainer.callbacks.
+                "callbacks": [TrainingSpeed(), HparamsWithResults()],
             },
             args=args,
             **kwargs,
