@@ -8,9 +8,11 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.conftest import SHARED_MOBILENET
 from transfer_lightning.cli import TransferLightningCLI, main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+OVERRIDES = sorted((CONFIGS[0].parent / "overrides").glob("*.yaml"))
 REFERENCE_CONFIGS = ["finetune_sgd", "finetune_adam", "feature_extractor_sgd", "feature_extractor_adam"]
 
 
@@ -39,6 +41,22 @@ def test_config_runs_fast_dev_run_and_trainer_uses_its_optimizer(config, small_r
         assert optimized == head_params
     else:
         assert optimized == {id(p) for p in cli.model.parameters()}
+
+
+@pytest.mark.parametrize("override", OVERRIDES, ids=lambda path: path.stem)
+def test_override_configs_apply_to_every_reference_config(override, small_run_args, run_dir):
+    if "shared" in override.stem and not SHARED_MOBILENET.is_file():
+        pytest.skip("../shared is absent")
+    wanted = yaml.safe_load(override.read_text())["model"]
+    for config in CONFIGS:
+        # small_run_args come last and replace the data folder and weights, so only check the rest.
+        args = ["fit", f"--config={config}", f"--config={override}", *small_run_args, "--trainer.fast_dev_run=true"]
+        if "weights" in wanted:
+            args.append(f"--model.weights={SHARED_MOBILENET}")
+        cli = TransferLightningCLI(args=args)
+        for key, value in wanted.items():
+            if key != "weights":
+                assert cli.model.hparams[key] == value
 
 
 def test_num_classes_and_names_come_from_the_data(small_run_args, run_dir):
