@@ -6,6 +6,8 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard.summary import hparams
 
 
 class TrainingSpeed(pl.Callback):
@@ -30,21 +32,45 @@ class TrainingSpeed(pl.Callback):
 
 
 class HparamsWithResults(pl.Callback):
-    """After testing, log the run's hyperparameters with its best val and its test accuracy.
+    """Hyperparameters in the TensorBoard events from the start; best val and test accuracy once tested.
 
-    TensorBoard's HParams tab then shows one row per run. The logger's default ``hp_metric`` (a
-    placeholder of -1) is switched off in the CLI, so nothing else appears there.
+    TensorBoard's HParams tab then shows one row per run, unfinished runs too, with
+    ``hparams/val_acc`` and ``hparams/test_acc``. The logger's own placeholder ``hp_metric`` (-1) is
+    switched off in the CLI, so nothing else appears there.
     """
+
+    METRICS = ("hparams/val_acc", "hparams/test_acc")
+
+    def __init__(self) -> None:
+        self._written: set[str] = set()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_hparams(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_hparams(trainer, pl_module)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.logger is None or "test/acc" not in trainer.callback_metrics:
+            return
+        metrics = {"hparams/test_acc": float(trainer.callback_metrics["test/acc"])}
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.best_model_score is not None:
+            metrics["hparams/val_acc"] = float(checkpoint.best_model_score)
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _write_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = trainer.logger
+        if not isinstance(logger, TensorBoardLogger) or not trainer.is_global_zero or logger.log_dir in self._written:
             return
         params = {**(trainer.datamodule.hparams if trainer.datamodule else {}), **pl_module.hparams}
         if trainer.optimizers:
             optimizer = trainer.optimizers[0]
             params |= {"optimizer": type(optimizer).__name__, "lr": optimizer.defaults.get("lr")}
-        metrics = {"hparams/test_acc": float(trainer.callback_metrics["test/acc"])}
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.best_model_score is not None:
-            metrics["hparams/val_acc"] = float(checkpoint.best_model_score)
-        trainer.logger.log_hyperparams(params, metrics)
+        params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items() if k[0] != "_"}
+        # Only the metric names matter here: their values are the scalars logged in on_test_end.
+        # Lightning's log_hyperparams would also log placeholder values, so write the summaries directly.
+        writer = logger.experiment._get_file_writer()
+        for summary in hparams(params, dict.fromkeys(self.METRICS, 0.0)):
+            writer.add_summary(summary)
+        self._written.add(logger.log_dir)

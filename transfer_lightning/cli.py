@@ -9,10 +9,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from transfer_lightning import report
 from transfer_lightning.callbacks import HparamsWithResults, TrainingSpeed
 from transfer_lightning.data import CIFAR10DataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.model import TransferClassifier
+
+DESCRIPTION = (
+    "Transfer learning of torchvision classifiers. Subcommands: fit, validate, test, predict "
+    "(python -m transfer_lightning fit --config configs/finetune_sgd.yaml), and "
+    "report [LOGDIR ...] for a table and a plot of finished runs."
+)
 
 
 class TransferLightningCLI(LightningCLI):
@@ -35,6 +42,7 @@ class TransferLightningCLI(LightningCLI):
                 # Always added, next to any --trainer.callbacks.
                 "callbacks": [TrainingSpeed(), HparamsWithResults()],
             },
+            parser_kwargs={"description": DESCRIPTION},
             args=args,
             **kwargs,
         )
@@ -69,10 +77,17 @@ class TransferLightningCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
 
 
-def main(args: ArgsType | None = None) -> None:
-    """Run the CLI; a :class:`UserInputError` is printed as one line and exits with status 2."""
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI; a :class:`UserInputError` is printed as one line and exits with status 2.
+
+    ``report`` is dispatched here: LightningCLI's subcommands are Trainer methods only.
+    """
+    argv = sys.argv[1:] if args is None else args
     try:
-        TransferLightningCLI(args=args)
+        if argv[:1] == ["report"]:
+            report.main(argv[1:])
+        else:
+            TransferLightningCLI(args=args)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

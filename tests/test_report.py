@@ -1,0 +1,99 @@
+"""``report`` on small generated runs: its table equals what the runs logged; its plot has every curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from transfer_lightning.cli import TransferLightningCLI, main
+from transfer_lightning.report import COLUMNS, find_runs, plot_runs, read_run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def runs(image_folder, tmp_path_factory):
+    """Three runs in one lightning_logs: frozen SGD (tested), fine-tune Adam (tested), one never tested."""
+    root = tmp_path_factory.mktemp("report")
+    common = [
+        f"--data.data_dir={image_folder}",
+        f"--data.cache_dir={root / 'cache'}",
+        "--data.val_size=20",
+        "--data.batch_size=16",
+        "--model.weights=null",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={root}",
+    ]
+    clis = [
+        TransferLightningCLI(args=["fit", f"--config={CONFIGS / 'feature_extractor_sgd.yaml'}", *common]),
+        TransferLightningCLI(args=["fit", f"--config={CONFIGS / 'finetune_adam.yaml'}", *common]),
+        TransferLightningCLI(
+            args=["fit", f"--config={CONFIGS / 'finetune_sgd.yaml'}", *common, "--test_after_fit=false"]
+        ),
+    ]
+    return root / "lightning_logs", clis
+
+
+def table_rows(output: str) -> dict[str, dict[str, str]]:
+    lines = [line for line in output.splitlines() if line.startswith("| version_")]
+    return {
+        cells[0]: dict(zip(COLUMNS, cells, strict=True)) for cells in (line.strip("| ").split(" | ") for line in lines)
+    }
+
+
+def test_table_cells_equal_what_was_logged(runs, capsys):
+    log_dir, clis = runs
+    main(["report", str(log_dir)])
+    rows = table_rows(capsys.readouterr().out)
+    assert list(rows) == ["version_0", "version_1", "version_2"]
+    expected_modes = ["frozen", "fine-tune", "fine-tune"]
+    expected_optimizers = ["SGD", "Adam", "SGD"]
+    for index, cli in enumerate(clis):
+        row = rows[f"version_{index}"]
+        assert row["backbone"] == "resnet18"
+        assert row["mode"] == expected_modes[index]
+        assert row["optimizer"] == expected_optimizers[index]
+        assert row["epochs"] == "2"
+        best_val = cli.trainer.checkpoint_callback.best_model_score.item()
+        assert row["best val acc"] == f"{100 * best_val:.2f}%"
+        assert float(row["train images/s"]) > 0
+        assert row["wall time"].endswith(" s")
+    for index in (0, 1):
+        test_acc = clis[index].trainer.callback_metrics["test/acc"].item()
+        assert rows[f"version_{index}"]["test acc"] == f"{100 * test_acc:.2f}%"
+    assert rows["version_2"]["test acc"] == "— (not tested)"
+
+
+def test_plot_has_one_line_per_run_and_split(runs, tmp_path, capsys):
+    log_dir, _ = runs
+    png = tmp_path / "curves.png"
+    main(["report", str(log_dir), "--plot", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = plot_runs([read_run(run, log_dir) for run in find_runs([log_dir])])
+    for axis in figure.axes:
+        labels = sorted(line.get_label() for line in axis.get_lines())
+        assert len(labels) == 3 * 2
+        assert sum(label.endswith("(train)") for label in labels) == 3
+        assert all(len(line.get_xdata()) == 2 for line in axis.get_lines())  # two epochs each
+        styles = {line.get_label().rsplit(" ", 1)[1]: line.get_linestyle() for line in axis.get_lines()}
+        assert styles == {"(train)": "-", "(val)": "--"}
+
+
+def test_a_run_without_any_epoch_is_shown_not_fatal(tmp_path, capsys):
+    SummaryWriter(str(tmp_path / "lightning_logs" / "version_7")).close()
+    main(["report", str(tmp_path / "lightning_logs")])
+    row = table_rows(capsys.readouterr().out)["version_7"]
+    assert row["epochs"] == "0" and "not tested" in row["test acc"] and "no finished epoch" in row["test acc"]
+
+
+def test_no_runs_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "No TensorBoard event files" in capsys.readouterr().err

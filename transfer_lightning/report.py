@@ -1,0 +1,202 @@
+"""``python -m transfer_lightning report [LOGDIR ...]``: a table and a plot of finished runs.
+
+Reads only the TensorBoard event files of each run (``lightning_logs/version_N``), the same files
+that TensorBoard reads, so any run that TensorBoard shows can be reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
+
+from transfer_lightning.errors import UserInputError  # noqa: E402
+
+#: Table columns, in order.
+COLUMNS = ["run", "backbone", "mode", "optimizer", "epochs", "best val acc", "test acc", "wall time", "train images/s"]
+#: (tag of the training curve, tag of the validation curve, axis label) per plot panel.
+CURVES = [("train/loss_epoch", "val/loss", "loss"), ("train/acc_epoch", "val/acc", "accuracy")]
+
+
+@dataclass
+class Run:
+    """What one run's event files say."""
+
+    name: str
+    hparams: dict[str, object]
+    scalars: dict[str, list[float]]
+    wall_seconds: float
+    optimizer_from_lr_tag: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.scalars.get("train/loss_epoch", []))
+
+    @property
+    def optimizer(self) -> str:
+        return str(self.hparams.get("optimizer") or self.optimizer_from_lr_tag or "?")
+
+    @property
+    def mode(self) -> str:
+        if "freeze_backbone" not in self.hparams:
+            return "?"
+        if not self.hparams["freeze_backbone"]:
+            return "fine-tune"
+        return "frozen (BN drifts)" if self.hparams.get("update_bn_stats") else "frozen"
+
+    def best_val_acc(self) -> float | None:
+        values = self.scalars.get("val/acc")
+        return max(values) if values else None
+
+    def test_acc(self) -> float | None:
+        values = self.scalars.get("test/acc")
+        return values[-1] if values else None
+
+    def images_per_sec(self) -> float | None:
+        values = self.scalars.get("train/images_per_sec")
+        return sum(values) / len(values) if values else None
+
+
+def find_runs(log_dirs: list[Path]) -> list[Path]:
+    """Every folder under ``log_dirs`` (or the folder itself) that holds TensorBoard event files."""
+    runs = set()
+    for log_dir in log_dirs:
+        if not log_dir.is_dir():
+            raise UserInputError(f"{log_dir} is not a folder. Pass folders of runs, e.g. lightning_logs.")
+        runs.update(path.parent for path in log_dir.rglob("events.out.tfevents.*"))
+    return sorted(runs, key=_natural_key)
+
+
+def read_run(run_dir: Path, root: Path | None = None) -> Run:
+    """Load one run's scalars and hyperparameters from its event files."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 1}).Reload()
+    tags = events.Tags()
+    scalars = {tag: [event.value for event in events.Scalars(tag)] for tag in tags["scalars"]}
+    times = [event.wall_time for tag in tags["scalars"] for event in events.Scalars(tag)]
+    try:
+        start = events.FirstEventTimestamp()
+    except ValueError:  # no event at all yet
+        start = min(times, default=0.0)
+    lr_tags = [tag for tag in tags["scalars"] if tag.startswith("lr-")]
+    run = Run(
+        name=str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name,
+        hparams=_read_hparams(events),
+        scalars=scalars,
+        wall_seconds=max(times, default=start) - start,
+        optimizer_from_lr_tag=lr_tags[0].removeprefix("lr-") if lr_tags else None,
+    )
+    if "test/acc" not in scalars:
+        run.notes.append("not tested")
+    if not run.epochs:
+        run.notes.append("no finished epoch")
+    return run
+
+
+def _read_hparams(events: EventAccumulator) -> dict[str, object]:
+    try:
+        content = events.PluginTagToContent("hparams")
+    except KeyError:  # the run has not logged its hyperparameters
+        return {}
+    if "_hparams_/session_start_info" not in content:
+        return {}
+    data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    values = {}
+    for name, value in data.session_start_info.hparams.items():
+        kind = value.WhichOneof("kind")
+        values[name] = getattr(value, kind) if kind else None
+    return values
+
+
+def markdown_table(runs: list[Run]) -> str:
+    """One row per run; missing values are shown as an em dash, with a note on why."""
+    rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for run in runs:
+        test = _percent(run.test_acc())
+        if run.notes:
+            test = f"{test} ({', '.join(run.notes)})"
+        cells = [
+            run.name,
+            str(run.hparams.get("backbone", "?")),
+            run.mode,
+            run.optimizer,
+            str(run.epochs),
+            _percent(run.best_val_acc()),
+            test,
+            _duration(run.wall_seconds),
+            "—" if run.images_per_sec() is None else f"{run.images_per_sec():.0f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_runs(runs: list[Run]) -> Figure:
+    """Loss and accuracy per epoch: one colour per run, training solid, validation dashed."""
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(12, 4.5), constrained_layout=True)
+    colours = plt.get_cmap("tab10")
+    for index, run in enumerate(runs):
+        label = f"{run.name}: {run.mode}, {run.optimizer}"
+        for axis, (train_tag, val_tag, _) in zip(axes, CURVES, strict=True):
+            for tag, style, split in ((train_tag, "-", "train"), (val_tag, "--", "val")):
+                values = run.scalars.get(tag, [])
+                if values:
+                    epochs = range(1, len(values) + 1)
+                    axis.plot(epochs, values, style, color=colours(index % 10), marker=".", label=f"{label} ({split})")
+    for axis, (_, _, name) in zip(axes, CURVES, strict=True):
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(name)
+        axis.set_title(f"{name} per epoch (train solid, val dashed)")
+        axis.grid(alpha=0.3)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    axes[-1].legend(fontsize="small", loc="lower right")
+    return figure
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _natural_key(path: Path) -> list[object]:
+    parts = path.name.replace("_", " ").split()
+    return [str(path.parent)] + [int(p) if p.isdigit() else p for p in parts]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m transfer_lightning report",
+        description="Print a markdown table of the runs under LOGDIR and write a PNG of their curves.",
+    )
+    parser.add_argument("log_dirs", nargs="*", type=Path, default=[Path("lightning_logs")], metavar="LOGDIR")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG to write (default: LOGDIR/report.png)")
+    args = parser.parse_args(argv)
+    run_dirs = find_runs(args.log_dirs)
+    if not run_dirs:
+        raise UserInputError(f"No TensorBoard event files under {', '.join(map(str, args.log_dirs))}. Run fit first.")
+    runs = [read_run(run_dir, _root_of(run_dir, args.log_dirs)) for run_dir in run_dirs]
+    print(markdown_table(runs))
+    plot_path = args.plot or args.log_dirs[0] / "report.png"
+    figure = plot_runs(runs)
+    partial = plot_path.with_name(f".{plot_path.name}.tmp")
+    figure.savefig(partial, dpi=90, format="png")
+    plt.close(figure)
+    os.replace(partial, plot_path)  # never leave half a PNG behind
+    print(f"\nCurves: {plot_path}")
+
+
+def _root_of(run_dir: Path, log_dirs: list[Path]) -> Path | None:
+    return next((log_dir for log_dir in log_dirs if run_dir.is_relative_to(log_dir)), None)
