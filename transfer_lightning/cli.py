@@ -13,6 +13,7 @@ from transfer_lightning import report
 from transfer_lightning.callbacks import HparamsWithResults, TrainingSpeed
 from transfer_lightning.data import CIFAR10DataModule
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.features import FrozenFeatureCache
 from transfer_lightning.model import TransferClassifier
 
 DESCRIPTION = (
@@ -59,6 +60,7 @@ class TransferLightningCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(FrozenFeatureCache, "feature_cache")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")

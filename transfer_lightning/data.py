@@ -387,15 +387,20 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """Normalise (and in training, augment) the uint8 batch on the device it now lives on."""
         images, labels = batch
+        if images.dtype != torch.uint8:  # cached backbone features (features.py) arrive ready to use
+            return batch
         training = self.trainer is not None and self.trainer.training
-        images = prepare_batch(
+        return self.batch_transform(images, train=training), labels
+
+    def batch_transform(self, images: Tensor, train: bool) -> Tensor:
+        """uint8 images on any device -> the network's input; random augmentation only if ``train``."""
+        return prepare_batch(
             images,
             self.mean.to(images.device),
             self.std.to(images.device),
-            augment=self.hparams.augment and training,
+            augment=self.hparams.augment and train,
             image_size=self.hparams.image_size,
         )
-        return images, labels
 
 
 def _default_cache_dir() -> Path:

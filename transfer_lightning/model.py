@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import matplotlib
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -15,8 +14,6 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from transfer_lightning.backbones import create_network
 from transfer_lightning.errors import UserInputError
-
-matplotlib.use("Agg")  # figures are only written to TensorBoard, never shown
 
 
 class TransferClassifier(pl.LightningModule):
@@ -33,6 +30,9 @@ class TransferClassifier(pl.LightningModule):
         update_bn_stats: With ``freeze_backbone``, let the BatchNorm running statistics drift in
             training as the reference recipe did (it froze the weights but kept the model in train
             mode). Off by default: with it, the "frozen" features change from epoch to epoch.
+        channels_last: Run the network in channels-last memory format (faster convolutions on
+            recent GPUs, and with bf16 on many CPUs).
+        compile: ``torch.compile`` the network before training (slow start, faster steps on GPU).
         optimizer: Optimizer class and arguments (``class_path: torch.optim.SGD``, ...); it receives
             only the trainable parameters.
         scheduler: Learning-rate scheduler, stepped once per epoch; ``null`` keeps the rate constant.
@@ -46,6 +46,8 @@ class TransferClassifier(pl.LightningModule):
         class_names: list[str] | None = None,
         freeze_backbone: bool = False,
         update_bn_stats: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -59,6 +61,9 @@ class TransferClassifier(pl.LightningModule):
         self.scheduler_factory = scheduler
         if freeze_backbone:
             self.freeze_backbone()
+        #: Set by :class:`~transfer_lightning.features.FrozenFeatureCache` while batches hold the
+        #: cached inputs of :attr:`classifier_block` instead of images.
+        self.inputs_are_features = False
 
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -74,6 +79,22 @@ class TransferClassifier(pl.LightningModule):
         """Set requires_grad False on every parameter outside the head."""
         self.network.requires_grad_(False)
         self.head.requires_grad_(True)
+
+    @property
+    def classifier_block(self) -> nn.Module:
+        """The top-level part of the network that holds the head (``fc``; ``classifier`` with its dropout)."""
+        return self.network.get_submodule(self.head_name.split(".")[0])
+
+    @torch.no_grad()
+    def classifier_inputs(self, images: Tensor) -> Tensor:
+        """What :attr:`classifier_block` receives for ``images``: the backbone's pooled features."""
+        captured = []
+        hook = self.classifier_block.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            self(images)
+        finally:
+            hook.remove()
+        return captured[0]
 
     def backbone_batchnorms(self) -> list[nn.Module]:
         return [m for m in self.network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -91,12 +112,25 @@ class TransferClassifier(pl.LightningModule):
         # (older ones called .train() every epoch), so apply the frozen-BatchNorm rule here, every epoch.
         self.train()
 
+    def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.network.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.network.compile()  # in place: state_dict keys and checkpoints stay as they are
+            self._compiled = True
+
     def forward(self, images: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.network(images)
+
+    def logits(self, inputs: Tensor) -> Tensor:
+        """Class scores for a batch of images, or of cached features (see :attr:`inputs_are_features`)."""
+        return self.classifier_block(inputs) if self.inputs_are_features else self(inputs)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        logits = self(images)
+        logits = self.logits(images)
         loss = F.cross_entropy(logits, labels)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -105,7 +139,7 @@ class TransferClassifier(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        logits = self(images)
+        logits = self.logits(images)
         self.val_acc(logits, labels)
         self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True, prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
