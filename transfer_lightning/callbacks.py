@@ -7,7 +7,6 @@ import time
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.tensorboard.summary import hparams
 
 
 class TrainingSpeed(pl.Callback):
@@ -17,18 +16,26 @@ class TrainingSpeed(pl.Callback):
     images of all processes are counted.
     """
 
+    def __init__(self) -> None:
+        #: images/s of every epoch so far, for programs that run a Trainer without a logger.
+        self.history: list[float] = []
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._images = 0
         self._start = self._end = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # as Lightning's ThroughputMonitor: time finished work
         self._images += len(batch[1])
         self._end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._images:
             images = trainer.strategy.reduce(torch.tensor(float(self._images)), reduce_op="sum")
-            pl_module.log("train/images_per_sec", images / max(self._end - self._start, 1e-9), rank_zero_only=True)
+            speed = images / max(self._end - self._start, 1e-9)
+            self.history.append(float(speed))
+            pl_module.log("train/images_per_sec", speed, rank_zero_only=True)
 
 
 class HparamsWithResults(pl.Callback):
@@ -70,6 +77,8 @@ class HparamsWithResults(pl.Callback):
         params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items() if k[0] != "_"}
         # Only the metric names matter here: their values are the scalars logged in on_test_end.
         # Lightning's log_hyperparams would also log placeholder values, so write the summaries directly.
+        from torch.utils.tensorboard.summary import hparams  # needs tensorboard, as the logger does
+
         writer = logger.experiment._get_file_writer()
         for summary in hparams(params, dict.fromkeys(self.METRICS, 0.0)):
             writer.add_summary(summary)

@@ -158,7 +158,8 @@ def plot_runs(runs: list[Run]) -> Figure:
         axis.set_title(f"{name} per epoch (train solid, val dashed)")
         axis.grid(alpha=0.3)
         axis.xaxis.get_major_locator().set_params(integer=True)
-    axes[-1].legend(fontsize="small", loc="lower right")
+    if axes[-1].get_lines():
+        axes[-1].legend(fontsize="small", loc="lower right")
     return figure
 
 
