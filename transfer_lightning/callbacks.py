@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class TrainingSpeed(pl.Callback):
@@ -19,6 +21,9 @@ class TrainingSpeed(pl.Callback):
     def __init__(self) -> None:
         #: images/s of every epoch so far, for programs that run a Trainer without a logger.
         self.history: list[float] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts without that hook
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._images = 0
@@ -83,3 +88,20 @@ class HparamsWithResults(pl.Callback):
         for summary in hparams(params, dict.fromkeys(self.METRICS, 0.0)):
             writer.add_summary(summary)
         self._written.add(logger.log_dir)
+
+
+class CheckpointOnInterrupt(pl.Callback):
+    """When ``fit`` stops early (Ctrl+C, SIGTERM, an error), save the latest state as ``last.ckpt``.
+
+    Lightning turns SIGINT and SIGTERM into exceptions that reach ``on_exception``; its checkpoint
+    writes are atomic (temporary file, then rename), so an interrupted write never leaves a file
+    that loads. Resume with ``fit --ckpt_path last`` (or the file's path).
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if trainer.state.fn != "fit" or checkpoint is None or not checkpoint.dirpath or trainer.global_step == 0:
+            return
+        path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"Stopped early; the latest state is in {path}. Resume with: fit ... --ckpt_path last")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from transfer_lightning import report
-from transfer_lightning.callbacks import HparamsWithResults, TrainingSpeed
+from transfer_lightning.callbacks import CheckpointOnInterrupt, HparamsWithResults, TrainingSpeed
 from transfer_lightning.data import CIFAR10DataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.features import FrozenFeatureCache
@@ -41,7 +44,7 @@ class TransferLightningCLI(LightningCLI):
                     TensorBoardLogger, save_dir=".", name="lightning_logs", default_hp_metric=False
                 ),
                 # Always added, next to any --trainer.callbacks.
-                "callbacks": [TrainingSpeed(), HparamsWithResults()],
+                "callbacks": [TrainingSpeed(), HparamsWithResults(), CheckpointOnInterrupt()],
             },
             parser_kwargs={"description": DESCRIPTION},
             args=args,
@@ -71,6 +74,20 @@ class TransferLightningCLI(LightningCLI):
             default=True,
             help="fit only: test the best checkpoint (by val/acc) on the test set when training ends.",
         )
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of any earlier run under this logger's folder."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last" or self.trainer.logger is None:
+            return
+        candidates = sorted(Path(self.trainer.logger.root_dir).glob("*/checkpoints/last.ckpt"), key=os.path.getmtime)
+        if not candidates:
+            raise UserInputError(
+                f"--ckpt_path last: no last.ckpt under {self.trainer.logger.root_dir}/*/checkpoints. "
+                "Pass the path of a checkpoint instead."
+            )
+        config["ckpt_path"] = str(candidates[-1])
+        rank_zero_info(f"Resuming from {candidates[-1]}")
 
     def after_fit(self) -> None:
         if not self.config.fit.test_after_fit or self.trainer.interrupted:

@@ -13,6 +13,7 @@ import os
 import pickle
 import tempfile
 import urllib.error
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -24,7 +25,7 @@ import torchvision
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
@@ -67,6 +68,27 @@ class ImageTensorDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(indices)
         return self.arrays.images[index], self.arrays.labels[index]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order that depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    ``RandomSampler`` draws from the global random state, which a checkpoint does not restore;
+    Lightning calls :meth:`set_epoch` at the start of every epoch.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -374,10 +396,12 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: ImageTensorDataset | None, shuffle: bool = False) -> DataLoader:
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        # torch.initial_seed() is the run's seed_everything value (random without one).
+        sampler = EpochShuffleSampler(len(dataset), torch.initial_seed()) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=keep_batch,
             pin_memory=on_gpu,
