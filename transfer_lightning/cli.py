@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transfer_lightning import report
 from transfer_lightning.callbacks import CheckpointOnInterrupt, HparamsWithResults, TrainingSpeed
@@ -24,6 +25,13 @@ DESCRIPTION = (
     "(python -m transfer_lightning fit --config configs/finetune_sgd.yaml), and "
     "report [LOGDIR ...] for a table and a plot of finished runs."
 )
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """A config error prints the error and a tip to run --help, not the usage of hundreds of options."""
+
+    def print_usage(self, file=None) -> None:
+        pass
 
 
 class TransferLightningCLI(LightningCLI):
@@ -47,9 +55,26 @@ class TransferLightningCLI(LightningCLI):
                 "callbacks": [TrainingSpeed(), HparamsWithResults(), CheckpointOnInterrupt()],
             },
             parser_kwargs={"description": DESCRIPTION},
+            parser_class=ShortErrorParser,
             args=args,
             **kwargs,
         )
+
+    def _set_seed(self) -> None:
+        # LightningCLI seeds before instantiating anything; a seed numpy rejects is a config error too.
+        try:
+            super()._set_seed()
+        except ValueError as error:
+            raise UserInputError(f"seed_everything: {error}") from None
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a value they reject is a config error, not a crash."""
+        try:
+            super().instantiate_classes()
+        except (TypeError, ValueError) as error:
+            if isinstance(error, UserInputError):
+                raise
+            raise UserInputError(f"Invalid configuration: {error}") from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -107,6 +132,6 @@ def main(args: list[str] | None = None) -> None:
             report.main(argv[1:])
         else:
             TransferLightningCLI(args=args)
-    except UserInputError as error:
+    except (UserInputError, MisconfigurationException) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -169,10 +169,20 @@ class TransferClassifier(pl.LightningModule):
         return self(images).softmax(dim=-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        try:
+            optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        except (TypeError, ValueError) as error:
+            raise UserInputError(
+                f"model.optimizer rejected its arguments: {error}. Fix model.optimizer.init_args."
+            ) from None
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        try:
+            scheduler = self.scheduler_factory(optimizer)
+        except (TypeError, ValueError) as error:
+            raise UserInputError(
+                f"model.scheduler rejected its arguments: {error}. Fix model.scheduler.init_args."
+            ) from None
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
