@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
@@ -396,17 +397,30 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: ImageTensorDataset | None, shuffle: bool = False) -> DataLoader:
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
-        # torch.initial_seed() is the run's seed_everything value (random without one).
-        sampler = EpochShuffleSampler(len(dataset), torch.initial_seed()) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            sampler=sampler,
+            sampler=self._sampler(dataset, shuffle),
             num_workers=self.hparams.num_workers,
             collate_fn=keep_batch,
             pin_memory=on_gpu,
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def _sampler(self, dataset: ImageTensorDataset, shuffle: bool) -> Sampler | None:
+        """Training order from (seed, epoch) alone; under DDP, evaluation sees each image exactly once.
+
+        Lightning's default DistributedSampler pads the evaluation sets with repeated images so that
+        every process gets as many; those repeats would count twice in val and test accuracy.
+        """
+        seed = torch.initial_seed()  # the run's seed_everything value (random without one)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if world_size == 1:
+            return EpochShuffleSampler(len(dataset), seed) if shuffle else None
+        rank = self.trainer.global_rank
+        if shuffle:
+            return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """Normalise (and in training, augment) the uint8 batch on the device it now lives on."""
