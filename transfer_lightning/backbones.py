@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import pickle
 import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
@@ -117,7 +116,7 @@ def _load_state_dict_file(network: nn.Module, backbone: str, path: Path) -> None
         )
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - torch.load fails on foreign bytes with many exception types
         raise UserInputError(f"Weights file {path} is not a state_dict saved with torch.save ({error}).") from None
     if isinstance(state_dict, Mapping) and "state_dict" in state_dict:
         raise UserInputError(

@@ -67,6 +67,14 @@ class TransferLightningCLI(LightningCLI):
         except ValueError as error:
             raise UserInputError(f"seed_everything: {error}") from None
 
+    def before_instantiate_classes(self) -> None:
+        # With a checkpoint file, LightningCLI takes the model's hyperparameters from it and the
+        # checkpoint's weights replace the pretrained ones: skip loading those (no download, and the
+        # weights file may not exist on this machine).
+        config = self.config.get(self.subcommand, {})
+        if config.get("ckpt_path") and Path(config["ckpt_path"]).is_file():
+            config["model"]["weights"] = None
+
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a value they reject is a config error, not a crash."""
         try:

@@ -339,6 +339,13 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """(height, width) of the batches the network gets; ``None`` before ``setup``."""
+        if self.hparams.image_size is not None:
+            return (self.hparams.image_size, self.hparams.image_size)
+        return tuple(self.test_set.arrays.images.shape[-2:]) if self.test_set is not None else None
+
     def _find_class_names(self, download: bool) -> list[str]:
         if self.is_image_folder:
             return image_folder_classes(self.data_dir)

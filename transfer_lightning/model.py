@@ -113,11 +113,29 @@ class TransferClassifier(pl.LightningModule):
         self.train()
 
     def setup(self, stage: str) -> None:
+        input_size = getattr(self.trainer.datamodule, "input_size", None) if self._trainer else None
+        if input_size is not None:
+            self.check_input_size(input_size)
         if self.hparams.channels_last:
             self.network.to(memory_format=torch.channels_last)
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.network.compile()  # in place: state_dict keys and checkpoints stay as they are
             self._compiled = True
+
+    @torch.no_grad()
+    def check_input_size(self, size: tuple[int, int]) -> None:
+        """Run one blank image of ``size`` through the network, so a size it cannot take fails here, clearly."""
+        was_training = self.training
+        self.eval()
+        try:
+            self.network(torch.zeros(1, 3, *size, device=self.device))
+        except (RuntimeError, ValueError, AssertionError) as error:
+            raise UserInputError(
+                f"{self.hparams.backbone} cannot take {size[0]}x{size[1]} images ({error}). "
+                "Set --data.image_size to a size it accepts, e.g. 224."
+            ) from None
+        finally:
+            self.train(was_training)
 
     def forward(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last:
@@ -175,6 +193,8 @@ class TransferClassifier(pl.LightningModule):
             raise UserInputError(
                 f"model.optimizer rejected its arguments: {error}. Fix model.optimizer.init_args."
             ) from None
+        if any(group["lr"] <= 0 for group in optimizer.param_groups):
+            raise UserInputError(f"The learning rate must be positive, got {optimizer.param_groups[0]['lr']}.")
         if self.scheduler_factory is None:
             return optimizer
         try:
