@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
@@ -142,10 +143,15 @@ def markdown_table(runs: list[Run]) -> str:
 
 def plot_runs(runs: list[Run]) -> Figure:
     """Loss and accuracy per epoch: one colour per run, training solid, validation dashed."""
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(12, 4.5), constrained_layout=True)
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(12, 4.5 + 0.25 * len(runs)), layout="constrained")
     colours = plt.get_cmap("tab10")
+    legend = [
+        Line2D([], [], color="black", linestyle="-", label="train"),
+        Line2D([], [], color="black", linestyle="--", label="val"),
+    ]
     for index, run in enumerate(runs):
-        label = f"{run.name}: {run.mode}, {run.optimizer}"
+        label = f"{run.name}: {run.hparams.get('backbone', '?')}, {run.mode}, {run.optimizer}"
+        legend.append(Line2D([], [], color=colours(index % 10), marker=".", label=label))
         for axis, (train_tag, val_tag, _) in zip(axes, CURVES, strict=True):
             for tag, style, split in ((train_tag, "-", "train"), (val_tag, "--", "val")):
                 values = run.scalars.get(tag, [])
@@ -158,8 +164,7 @@ def plot_runs(runs: list[Run]) -> Figure:
         axis.set_title(f"{name} per epoch (train solid, val dashed)")
         axis.grid(alpha=0.3)
         axis.xaxis.get_major_locator().set_params(integer=True)
-    if axes[-1].get_lines():
-        axes[-1].legend(fontsize="small", loc="lower right")
+    figure.legend(handles=legend, loc="outside lower center", ncols=min(3, len(legend)), fontsize="small")
     return figure
 
 
