@@ -152,7 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None, help="resize to this size (both paths)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32-true", help="ours only, e.g. bf16-mixed")
-    parser.add_argument("--channels-last", action="store_true", help="ours only")
+    parser.add_argument(
+        "--no-channels-last", dest="channels_last", action="store_false", help="ours in contiguous layout"
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
