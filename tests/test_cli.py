@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import SHARED_MOBILENET
 from transfer_lightning.cli import TransferLightningCLI, main
+from transfer_lightning.report import read_run
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 OVERRIDES = sorted((CONFIGS[0].parent / "overrides").glob("*.yaml"))
@@ -96,6 +97,12 @@ def test_fit_logs_checkpoints_and_tests_the_best(small_run_args, run_dir):
     assert {"train/loss_step", "train/acc_epoch", "val/acc", "val/loss", "lr-SGD", "test/acc", "test/acc_cat"} <= tags
     assert "test/confusion_matrix" in events.Tags()["images"]
     assert len(events.Scalars("val/acc")) == 2
+    assert len(events.Scalars("train/images_per_sec")) == 2
+    # Hyperparameters with results for TensorBoard's HParams tab, and no placeholder hp_metric.
+    assert {"hparams/val_acc", "hparams/test_acc"} <= tags and "hp_metric" not in tags
+    assert events.Scalars("hparams/test_acc")[-1].value == events.Scalars("test/acc")[-1].value
+    hparams = read_run(version).hparams
+    assert hparams["optimizer"] == "SGD" and hparams["backbone"] == "resnet18" and hparams["freeze_backbone"]
 
     last = version / "checkpoints" / "last.ckpt"
     for subcommand in ("test", "validate", "predict"):

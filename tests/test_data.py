@@ -172,3 +172,19 @@ def test_real_cifar10_folder_matches_its_readme(tmp_path):
     assert torch.bincount(datamodule.val_set.arrays.labels).tolist() == [500] * 10
     mean = datamodule.train_set.arrays.images.float().mean(dim=(0, 2, 3)) / 255
     assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=3e-3)
+
+
+def test_a_crash_while_writing_the_cache_leaves_no_file(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "data", train_per_class=3, test_per_class=1)
+    cache = tmp_path / "cache"
+
+    def crash(obj, file):
+        file.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        read_image_folder(root / "train", CLASSES, cache)
+    assert not list(cache.iterdir())
+    monkeypatch.undo()
+    assert len(read_image_folder(root / "train", CLASSES, cache).labels) == 12

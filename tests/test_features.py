@@ -99,5 +99,5 @@ def test_batches_are_pinned_only_for_a_gpu(image_folder, tmp_path):
     datamodule = datamodule_for(image_folder, tmp_path)
     datamodule.setup("fit")
     assert not datamodule.train_dataloader().pin_memory
-    datamodule.trainer = SimpleNamespace(accelerator=CUDAAccelerator())
+    datamodule.trainer = SimpleNamespace(accelerator=CUDAAccelerator(), world_size=1)
     assert datamodule.train_dataloader().pin_memory

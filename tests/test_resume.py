@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,6 +24,17 @@ class InterruptAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class TerminateAtStep(pl.Callback):
+    """Sends this process SIGTERM (as SLURM or a container runtime would) before training step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def fit_args(small_run_args: list[str], log_dir: Path, *extra: str) -> list[str]:
@@ -67,3 +80,15 @@ def test_resume_last_without_any_checkpoint_is_a_clear_error(small_run_args, run
         main(fit_args(small_run_args, run_dir / "empty", "--ckpt_path=last"))
     assert exit_info.value.code == 2
     assert "no last.ckpt under" in capsys.readouterr().err
+
+
+def test_sigterm_leaves_a_checkpoint_to_resume_from(small_run_args, run_dir):
+    terminate = {"class_path": "tests.test_resume.TerminateAtStep", "init_args": {"step": 4}}
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):  # Lightning stops at the next step with SIGTERMException
+            main(fit_args(small_run_args, run_dir, f"--trainer.callbacks+={terminate}"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    last = run_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] in (4, 5)

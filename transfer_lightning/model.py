@@ -65,6 +65,7 @@ class TransferClassifier(pl.LightningModule):
         #: Set by :class:`~transfer_lightning.features.FrozenFeatureCache` while batches hold the
         #: cached inputs of :attr:`classifier_block` instead of images.
         self.inputs_are_features = False
+        self._compiled = False
 
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -119,7 +120,7 @@ class TransferClassifier(pl.LightningModule):
             self.check_input_size(input_size)
         if self.hparams.channels_last:
             self.network.to(memory_format=torch.channels_last)
-        if self.hparams.compile and not getattr(self, "_compiled", False):
+        if self.hparams.compile and not self._compiled:
             self.network.compile()  # in place: state_dict keys and checkpoints stay as they are
             self._compiled = True
 
