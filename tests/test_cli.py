@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,13 @@ def test_fit_logs_checkpoints_and_tests_the_best(small_run_args, run_dir):
     for subcommand in ("test", "validate", "predict"):
         main([subcommand, *args, f"--ckpt_path={last}"])
     assert (run_dir / "lightning_logs" / "version_3" / "config.yaml").is_file()
+
+    rows = list(csv.DictReader((run_dir / "lightning_logs" / "version_3" / "predictions.csv").open()))
+    assert len(rows) == 32 and sorted(int(row["index"]) for row in rows) == list(range(32))
+    assert {row["true_class"] for row in rows} == {"cat", "dog", "frog", "ship"}
+    test_acc = read_run(run_dir / "lightning_logs" / "version_1").scalars["test/acc"][-1]
+    correct = sum(row["true_class"] == row["predicted_class"] for row in rows)
+    assert correct / len(rows) == pytest.approx(test_acc, abs=1e-6)  # the same checkpoint, the same images
 
 
 def test_missing_data_is_one_clear_error(small_run_args, run_dir, capsys):

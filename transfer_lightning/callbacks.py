@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -105,3 +108,33 @@ class CheckpointOnInterrupt(pl.Callback):
         path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
         trainer.save_checkpoint(path)
         rank_zero_info(f"Stopped early; the latest state is in {path}. Resume with: fit ... --ckpt_path last")
+
+
+class PredictionsCSV(BasePredictionWriter):
+    """``predict`` writes ``predictions.csv`` into the run's folder, one row per image.
+
+    Columns: the image's index in the predicted set (the test set), its true class, the predicted
+    class and that prediction's probability. Under DDP each process writes its share to
+    ``predictions_rank<N>.csv``. The file is written to a temporary name and then renamed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        names = pl_module.class_names
+        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        path = Path(trainer.log_dir or ".") / f"predictions{suffix}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.tmp")
+        with open(partial, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["index", "true_class", "predicted_class", "probability"])
+            for output, indices in zip(predictions, batch_indices[0], strict=True):
+                confidence, predicted = output["probabilities"].max(dim=-1)
+                for index, label, guess, probability in zip(
+                    indices, output["labels"].tolist(), predicted.tolist(), confidence.tolist(), strict=True
+                ):
+                    writer.writerow([index, names[label], names[guess], f"{probability:.4f}"])
+        os.replace(partial, path)
+        rank_zero_info(f"Predictions: {path}")

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transfer_lightning import report
-from transfer_lightning.callbacks import CheckpointOnInterrupt, HparamsWithResults, TrainingSpeed
+from transfer_lightning.callbacks import CheckpointOnInterrupt, HparamsWithResults, PredictionsCSV, TrainingSpeed
 from transfer_lightning.data import CIFAR10DataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.features import FrozenFeatureCache
@@ -52,7 +52,7 @@ class TransferLightningCLI(LightningCLI):
                     TensorBoardLogger, save_dir=".", name="lightning_logs", default_hp_metric=False
                 ),
                 # Always added, next to any --trainer.callbacks.
-                "callbacks": [TrainingSpeed(), HparamsWithResults(), CheckpointOnInterrupt()],
+                "callbacks": [TrainingSpeed(), HparamsWithResults(), CheckpointOnInterrupt(), PredictionsCSV()],
             },
             parser_kwargs={"description": DESCRIPTION},
             parser_class=ShortErrorParser,

@@ -184,9 +184,10 @@ class TransferClassifier(pl.LightningModule):
         self.test_class_acc.reset()
         self.test_confusion.reset()
 
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, _ = batch
-        return self(images).softmax(dim=-1)
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Class probabilities of each image, with its true label when the data has one."""
+        images, labels = batch
+        return {"probabilities": self(images).softmax(dim=-1), "labels": labels}
 
     def configure_optimizers(self) -> Any:
         try:
