@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
 device=${DEVICE:-cuda}
-if [ "${SMOKE:-0}" = 1 ]; then small=(500 100); large=(200 100); else small=(20000 2000); large=(5000 1000); fi
+if [ "${SMOKE:-0}" = 1 ]; then small=(500 100); large=(100 50); else small=(20000 2000); large=(5000 1000); fi
 python -c "import torch, platform; print('device:', torch.cuda.get_device_name(0) if '$device' == 'cuda' else platform.processor() or 'cpu', '| torch', torch.__version__)"
 printf '\n| size | precision (ours) | mode | reference images/s | ours images/s | images/s ratio | end-to-end ratio | ref acc | our acc |\n|---|---|---|---|---|---|---|---|---|\n'
 for size in 32 224; do
