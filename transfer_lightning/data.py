@@ -115,7 +115,7 @@ def read_cifar10_batches(root: Path, train: bool) -> ImageArrays:
             with open(folder / name, "rb") as file:
                 entry = pickle.load(file, encoding="latin1")
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+            labels.extend(entry["labels"])
         except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
             raise UserInputError(
                 f"Cannot read {folder / name} ({error}). Delete {folder} and run again with --data.download true, "
@@ -331,6 +331,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.class_names = self._find_class_names(download)
         mean, std = NORMALIZATIONS[normalization]
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        self._stats_by_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.train_set: ImageTensorDataset | None = None
         self.val_set: ImageTensorDataset | None = None
         self.test_set: ImageTensorDataset | None = None
@@ -439,12 +440,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def batch_transform(self, images: Tensor, train: bool) -> Tensor:
         """uint8 images on any device -> the network's input; random augmentation only if ``train``."""
+        if images.device not in self._stats_by_device:  # copy mean and std to a GPU once, not per batch
+            self._stats_by_device[images.device] = (self.mean.to(images.device), self.std.to(images.device))
+        mean, std = self._stats_by_device[images.device]
         return prepare_batch(
-            images,
-            self.mean.to(images.device),
-            self.std.to(images.device),
-            augment=self.hparams.augment and train,
-            image_size=self.hparams.image_size,
+            images, mean, std, augment=self.hparams.augment and train, image_size=self.hparams.image_size
         )
 
 
