@@ -42,10 +42,11 @@ def create_network(backbone: str, weights: str | None, num_classes: int) -> tupl
     _check_backbone_name(backbone)
     if weights is not None and _looks_like_path(weights):
         network = _build(backbone, None)
-        _load_state_dict_file(network, backbone, Path(weights))
+        head_name = find_head(network, backbone)
+        _load_state_dict_file(network, backbone, head_name, Path(weights))
     else:
         network = _build(backbone, _resolve_torchvision_weights(backbone, weights))
-    head_name = find_head(network, backbone)
+        head_name = find_head(network, backbone)
     old_head = network.get_submodule(head_name)
     network.set_submodule(head_name, nn.Linear(old_head.in_features, num_classes))
     return network, head_name
@@ -107,7 +108,7 @@ def _resolve_torchvision_weights(backbone: str, weights: str | None) -> torchvis
         ) from None
 
 
-def _load_state_dict_file(network: nn.Module, backbone: str, path: Path) -> None:
+def _load_state_dict_file(network: nn.Module, backbone: str, head_name: str, path: Path) -> None:
     """Load a local state_dict into ``network``; the classifier may be absent or of any size."""
     if not path.is_file():
         raise UserInputError(
@@ -126,7 +127,6 @@ def _load_state_dict_file(network: nn.Module, backbone: str, path: Path) -> None
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserInputError(f"Weights file {path} does not hold a state_dict (a mapping of names to tensors).")
 
-    head_name = find_head(network, backbone)
     expected = network.state_dict()
     is_head = lambda key: key.startswith(head_name + ".")  # noqa: E731 - the head is replaced anyway
     state_dict = {k: v for k, v in state_dict.items() if not is_head(k)}

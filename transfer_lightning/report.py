@@ -37,7 +37,6 @@ class Run:
     hparams: dict[str, object]
     scalars: dict[str, list[float]]
     wall_seconds: float
-    optimizer_from_lr_tag: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -46,7 +45,9 @@ class Run:
 
     @property
     def optimizer(self) -> str:
-        return str(self.hparams.get("optimizer") or self.optimizer_from_lr_tag or "?")
+        # LearningRateMonitor's tag (lr-SGD) names it too, for runs whose hyperparameters lack it.
+        lr_tags = [tag.removeprefix("lr-") for tag in self.scalars if tag.startswith("lr-")]
+        return str(self.hparams.get("optimizer") or next(iter(lr_tags), "?"))
 
     @property
     def mode(self) -> str:
@@ -83,19 +84,18 @@ def read_run(run_dir: Path, root: Path | None = None) -> Run:
     """Load one run's scalars and hyperparameters from its event files."""
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 1}).Reload()
     tags = events.Tags()
-    scalars = {tag: [event.value for event in events.Scalars(tag)] for tag in tags["scalars"]}
-    times = [event.wall_time for tag in tags["scalars"] for event in events.Scalars(tag)]
+    scalar_events = {tag: events.Scalars(tag) for tag in tags["scalars"]}
+    scalars = {tag: [event.value for event in logged] for tag, logged in scalar_events.items()}
+    times = [event.wall_time for logged in scalar_events.values() for event in logged]
     try:
         start = events.FirstEventTimestamp()
     except ValueError:  # no event at all yet
         start = min(times, default=0.0)
-    lr_tags = [tag for tag in tags["scalars"] if tag.startswith("lr-")]
     run = Run(
         name=str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name,
         hparams=_read_hparams(events),
         scalars=scalars,
         wall_seconds=max(times, default=start) - start,
-        optimizer_from_lr_tag=lr_tags[0].removeprefix("lr-") if lr_tags else None,
     )
     if "test/acc" not in scalars:
         run.notes.append("not tested")
