@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -39,12 +41,17 @@ class FrozenFeatureCache(pl.Callback):
             if self.enabled and isinstance(pl_module, TransferClassifier) and pl_module.hparams.freeze_backbone:
                 rank_zero_info(f"Frozen-feature cache off: {reason}.")
             return
+        start = time.perf_counter()
         for split in ("train_set", "val_set"):
             images = getattr(datamodule, split)
             self._image_sets[split] = images
             features = self.compute(pl_module, datamodule, images.arrays.images, split, trainer)
             setattr(datamodule, split, ImageTensorDataset(ImageArrays(features, images.arrays.labels)))
         pl_module.inputs_are_features = True
+        count = sum(len(images) for images in self._image_sets.values())
+        rank_zero_info(
+            f"Frozen-feature cache: features of {count} images computed in {time.perf_counter() - start:.1f} s."
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Put the image sets back: the features belong to this fit's backbone only."""
