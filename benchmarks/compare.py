@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from benchmarks.reference_loop import reference_model, run_reference  # noqa: E402
 from transfer_lightning.callbacks import TrainingSpeed  # noqa: E402
-from transfer_lightning.data import CIFAR10DataModule  # noqa: E402
+from transfer_lightning.data import ImageFolderDataModule  # noqa: E402
 from transfer_lightning.features import FrozenFeatureCache  # noqa: E402
 from transfer_lightning.model import TransferClassifier  # noqa: E402
 
@@ -66,8 +66,8 @@ def write_synthetic_cifar(root: Path, train_size: int, test_size: int) -> Path:
     return root
 
 
-def datamodule(args: argparse.Namespace, data_dir: Path) -> CIFAR10DataModule:
-    dm = CIFAR10DataModule(
+def datamodule(args: argparse.Namespace, data_dir: Path) -> ImageFolderDataModule:
+    dm = ImageFolderDataModule(
         data_dir=str(data_dir),
         download=False,
         batch_size=100,
@@ -80,7 +80,7 @@ def datamodule(args: argparse.Namespace, data_dir: Path) -> CIFAR10DataModule:
     return dm
 
 
-def run_ours(args: argparse.Namespace, dm: CIFAR10DataModule, frozen: bool) -> Measurement:
+def run_ours(args: argparse.Namespace, dm: ImageFolderDataModule, frozen: bool) -> Measurement:
     torch.manual_seed(args.seed)
     optimizer = (
         functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9)
@@ -116,13 +116,13 @@ def run_ours(args: argparse.Namespace, dm: CIFAR10DataModule, frozen: bool) -> M
     return Measurement(statistics.mean(speed.history), wall, max(accuracy.values))
 
 
-def run_baseline(args: argparse.Namespace, dm: CIFAR10DataModule, frozen: bool) -> Measurement:
+def run_baseline(args: argparse.Namespace, dm: ImageFolderDataModule, frozen: bool) -> Measurement:
     torch.manual_seed(args.seed)
     model = reference_model(args.backbone, args.weights, dm.num_classes, frozen)
     as_hwc = lambda arrays: (arrays.images.permute(0, 2, 3, 1).numpy(), arrays.labels.numpy())  # noqa: E731
     result = run_reference(
-        as_hwc(dm.train_set.arrays),
-        as_hwc(dm.test_set.arrays),
+        as_hwc(dm.train_set.to_arrays()),
+        as_hwc(dm.test_set.to_arrays()),
         model,
         args.optimizer,
         args.epochs,

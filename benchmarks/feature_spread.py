@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from transfer_lightning.data import NORMALIZATIONS, CIFAR10DataModule  # noqa: E402
+from transfer_lightning.data import NORMALIZATIONS, ImageFolderDataModule  # noqa: E402
 from transfer_lightning.model import TransferClassifier  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -29,9 +29,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     args = parser.parse_args()
     for normalization in NORMALIZATIONS:
-        datamodule = CIFAR10DataModule(data_dir=args.data_dir, download=False, normalization=normalization)
+        datamodule = ImageFolderDataModule(data_dir=args.data_dir, download=False, normalization=normalization)
         datamodule.setup("fit")
-        batch = datamodule.batch_transform(datamodule.train_set.arrays.images[: args.images], train=False)
+        batch = datamodule.batch_transform(next(datamodule.train_set.batches(args.images))[0], train=False)
         for mode, batchnorm in (("eval", False), ("train", True)):
             # A fresh model each time: a forward pass in train mode moves the running statistics.
             model = TransferClassifier(backbone=args.backbone, weights=args.weights, num_classes=10)

@@ -83,3 +83,35 @@ def small_run_args(image_folder, tmp_path) -> list[str]:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]
+
+
+#: (width, height) of the photos in :func:`write_photo_folder`: several sizes and aspect ratios.
+PHOTO_SIZES = [(64, 48), (48, 64), (80, 80), (120, 45), (50, 90), (97, 61)]
+
+
+def photo(label: int, size: tuple[int, int], generator: torch.Generator) -> Image.Image:
+    """An RGB PIL image of ``size`` (width, height) whose colour depends on the class."""
+    width, height = size
+    image = class_images(label, 1, generator, size=max(size))[0, :, :height, :width]
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def write_photo_folder(root: Path, splits: dict[str, int], classes: tuple[str, ...] = ("ants", "bees")) -> Path:
+    """``root/<split>/<class>/`` of JPEGs in mixed sizes, like the PyTorch tutorial's ants/bees data.
+
+    ``splits`` maps a split folder name (``""`` for class folders directly under root) to images per
+    class. Each class folder also holds a grayscale JPEG, an RGBA PNG and an EXIF-rotated JPEG.
+    """
+    generator = torch.Generator().manual_seed(1)
+    for split, count in splits.items():
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                photo(label, PHOTO_SIZES[i % len(PHOTO_SIZES)], generator).save(folder / f"{i:03d}.jpg", quality=92)
+            photo(label, (70, 50), generator).convert("L").save(folder / "gray.jpg")
+            photo(label, (60, 40), generator).convert("RGBA").save(folder / "alpha.png")
+            exif = Image.Exif()
+            exif[0x0112] = 6  # stored sideways: turn 90 degrees clockwise to view
+            photo(label, (72, 40), generator).save(folder / "phone.jpg", exif=exif)
+    return root

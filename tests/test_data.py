@@ -13,10 +13,11 @@ from tests.conftest import CLASSES, SHARED_CIFAR10, needs_shared, write_image_fo
 from transfer_lightning.data import (
     CIFAR10_CLASSES,
     CIFAR10DataModule,
+    ImageFolderStore,
     prepare_batch,
     random_crop,
     random_flip,
-    read_image_folder,
+    store,
     stratified_split,
 )
 from transfer_lightning.errors import UserInputError
@@ -36,10 +37,10 @@ def test_image_folder_splits_sizes_and_no_overlap(image_folder, tmp_path):
     assert len(datamodule.val_set) == 20
     assert len(datamodule.test_set) == 4 * 8
     # Every training image appears exactly once across train and val.
-    pool = torch.cat([datamodule.train_set.arrays.images, datamodule.val_set.arrays.images]).flatten(1)
+    pool = torch.cat([datamodule.train_set.to_arrays().images, datamodule.val_set.to_arrays().images]).flatten(1)
     assert len(torch.unique(pool, dim=0)) == 4 * 30
     # Stratified: 20 of 120 images over 4 equal classes is 5 per class.
-    assert torch.bincount(datamodule.val_set.arrays.labels).tolist() == [5, 5, 5, 5]
+    assert torch.bincount(datamodule.val_set.labels).tolist() == [5, 5, 5, 5]
 
 
 def test_split_is_repeatable_for_a_seed_and_changes_with_it():
@@ -61,7 +62,7 @@ def test_val_size_larger_than_training_set_is_a_clear_error(image_folder, tmp_pa
 
 def test_val_size_zero_validates_on_the_test_set(image_folder, tmp_path):
     datamodule = make_datamodule(image_folder, tmp_path, val_size=0)
-    assert datamodule.val_set.arrays is datamodule.test_set.arrays
+    assert datamodule.val_set is datamodule.test_set
     assert len(datamodule.train_set) == 4 * 30
 
 
@@ -69,32 +70,37 @@ def test_cifar10_batches_format(cifar_batches, tmp_path):
     datamodule = make_datamodule(cifar_batches, tmp_path, val_size=10)
     assert datamodule.class_names == CIFAR10_CLASSES
     assert len(datamodule.train_set) == 90 and len(datamodule.test_set) == 40
-    images, labels = datamodule.train_set.arrays
+    images, labels = datamodule.train_set.to_arrays()
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
 
 
-def test_decoded_images_equal_the_files_and_are_cached(image_folder, tmp_path):
-    arrays = read_image_folder(image_folder / "train", CLASSES, tmp_path)
+def read_store(folder, cache, size=(32, 32)):
+    return ImageFolderStore(folder, CLASSES, cache).load(size)
+
+
+def test_decoded_images_equal_the_files_and_are_stored(image_folder, tmp_path):
+    stored = read_store(image_folder / "train", tmp_path)
     first = image_folder / "train" / "cat" / "00000.png"
-    assert torch.equal(arrays.images[0], T.functional.pil_to_tensor(Image.open(first).convert("RGB")))
-    assert len(list(tmp_path.glob("train-*.pt"))) == 1
+    assert torch.equal(stored.arrays.images[0], T.functional.pil_to_tensor(Image.open(first).convert("RGB")))
+    assert [path.name for path in tmp_path.glob("train-*")] == [stored.path.name]
+    assert stored.path.name.endswith("-32x32")
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def test_cache_is_invalidated_by_a_changed_source(tmp_path):
+def test_store_is_rebuilt_for_a_changed_source(tmp_path):
     root = write_image_folder(tmp_path / "data", train_per_class=3, test_per_class=1)
     cache = tmp_path / "cache"
-    before = read_image_folder(root / "train", CLASSES, cache)
+    before = read_store(root / "train", cache)
     shutil.copy(root / "train" / "dog" / "00000.png", root / "train" / "cat" / "00099.png")
-    after = read_image_folder(root / "train", CLASSES, cache)
-    assert len(after.labels) == len(before.labels) + 1
-    assert len(list(cache.glob("train-*.pt"))) == 2
+    after = read_store(root / "train", cache)
+    assert len(after.arrays.labels) == len(before.arrays.labels) + 1
+    assert len(list(cache.glob("train-*"))) == 2
 
 
 def test_corrupt_image_is_a_clear_error(tmp_path):
     root = write_image_folder(tmp_path / "data", train_per_class=3, test_per_class=1)
     (root / "train" / "cat" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(UserInputError, match="Cannot decode image .*broken.png"):
+    with pytest.raises(UserInputError, match="Cannot decode image .*broken.png.*skip_bad_images"):
         make_datamodule(root, tmp_path)
     assert not list((tmp_path / "cache").glob("*"))  # nothing half-written
 
@@ -169,22 +175,21 @@ def test_real_cifar10_folder_matches_its_readme(tmp_path):
     datamodule = make_datamodule(SHARED_CIFAR10, tmp_path, val_size=5000)
     assert datamodule.class_names == CIFAR10_CLASSES
     assert len(datamodule.train_set) == 45000 and len(datamodule.test_set) == 10000
-    assert torch.bincount(datamodule.val_set.arrays.labels).tolist() == [500] * 10
-    mean = datamodule.train_set.arrays.images.float().mean(dim=(0, 2, 3)) / 255
+    assert torch.bincount(datamodule.val_set.labels).tolist() == [500] * 10
+    mean = datamodule.train_set.to_arrays().images.float().mean(dim=(0, 2, 3)) / 255
     assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=3e-3)
 
 
-def test_a_crash_while_writing_the_cache_leaves_no_file(tmp_path, monkeypatch):
+def test_a_crash_while_writing_the_store_leaves_no_file(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "data", train_per_class=3, test_per_class=1)
     cache = tmp_path / "cache"
 
-    def crash(obj, file):
-        file.write(b"half a file")
+    def crash(path, size=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(store, "decode_image", crash)
     with pytest.raises(KeyboardInterrupt):
-        read_image_folder(root / "train", CLASSES, cache)
+        read_store(root / "train", cache)
     assert not list(cache.iterdir())
     monkeypatch.undo()
-    assert len(read_image_folder(root / "train", CLASSES, cache).labels) == 12
+    assert len(read_store(root / "train", cache).rows) == 12

@@ -56,7 +56,7 @@ def test_cached_features_train_the_same_head_as_the_uncached_path(image_folder, 
     for with_cache, without in zip(cached_record.val_acc, plain_record.val_acc, strict=True):
         assert abs(with_cache - without) <= 0.003
     # After fit the data module serves images again, and the model takes images.
-    assert datamodule.train_set.arrays.images.dtype == torch.uint8
+    assert datamodule.train_set.arrays.images.dtype == torch.uint8 and len(datamodule.train_set) == 100
     assert not cached.inputs_are_features
 
 
@@ -99,5 +99,5 @@ def test_batches_are_pinned_only_for_a_gpu(image_folder, tmp_path):
     datamodule = datamodule_for(image_folder, tmp_path)
     datamodule.setup("fit")
     assert not datamodule.train_dataloader().pin_memory
-    datamodule.trainer = SimpleNamespace(accelerator=CUDAAccelerator(), world_size=1)
+    datamodule.trainer = SimpleNamespace(accelerator=CUDAAccelerator(), world_size=1, global_rank=0)
     assert datamodule.train_dataloader().pin_memory

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transfer_lightning import report
 from transfer_lightning.callbacks import CheckpointOnInterrupt, HparamsWithResults, PredictionsCSV, TrainingSpeed
-from transfer_lightning.data import CIFAR10DataModule
+from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.features import FrozenFeatureCache
 from transfer_lightning.model import TransferClassifier
@@ -35,7 +35,7 @@ class ShortErrorParser(LightningArgumentParser):
 
 
 class TransferLightningCLI(LightningCLI):
-    """``fit`` / ``validate`` / ``test`` / ``predict`` for :class:`TransferClassifier` on :class:`CIFAR10DataModule`.
+    """``fit`` / ``validate`` / ``test`` / ``predict`` for :class:`TransferClassifier` on :class:`ImageFolderDataModule`.
 
     Defaults: GPU when present (else CPU), 5 epochs, TensorBoard logs in ``lightning_logs/version_N``
     with the resolved ``config.yaml``, the best checkpoint by ``val/acc`` plus ``last.ckpt``, the
@@ -45,7 +45,7 @@ class TransferLightningCLI(LightningCLI):
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         super().__init__(
             TransferClassifier,
-            CIFAR10DataModule,
+            ImageFolderDataModule,
             trainer_defaults={
                 "max_epochs": 5,
                 "logger": lazy_instance(

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm import tqdm
 
-from transfer_lightning.data import CIFAR10DataModule, ImageArrays, ImageTensorDataset
+from transfer_lightning.data import ImageArrays, ImageFolderDataModule, ImageTensorDataset
 from transfer_lightning.model import TransferClassifier
 
 
@@ -45,8 +45,8 @@ class FrozenFeatureCache(pl.Callback):
         for split in ("train_set", "val_set"):
             images = getattr(datamodule, split)
             self._image_sets[split] = images
-            features = self.compute(pl_module, datamodule, images.arrays.images, split, trainer)
-            setattr(datamodule, split, ImageTensorDataset(ImageArrays(features, images.arrays.labels)))
+            features = self.compute(pl_module, datamodule, images, split, trainer)
+            setattr(datamodule, split, ImageTensorDataset(ImageArrays(features, images.labels)))
         pl_module.inputs_are_features = True
         count = sum(len(images) for images in self._image_sets.values())
         rank_zero_info(
@@ -67,8 +67,8 @@ class FrozenFeatureCache(pl.Callback):
     def reason_not_to_cache(self, pl_module: pl.LightningModule, datamodule: object) -> str | None:
         if not self.enabled:
             return "disabled (--feature_cache.enabled false)"
-        if not isinstance(pl_module, TransferClassifier) or not isinstance(datamodule, CIFAR10DataModule):
-            return "it needs a TransferClassifier and a CIFAR10DataModule"
+        if not isinstance(pl_module, TransferClassifier) or not isinstance(datamodule, ImageFolderDataModule):
+            return "it needs a TransferClassifier and an ImageFolderDataModule"
         if not pl_module.hparams.freeze_backbone:
             return "the backbone is trained"
         if pl_module.hparams.update_bn_stats:
@@ -80,18 +80,20 @@ class FrozenFeatureCache(pl.Callback):
     def compute(
         self,
         model: TransferClassifier,
-        datamodule: CIFAR10DataModule,
-        images: torch.Tensor,
+        datamodule: ImageFolderDataModule,
+        images: ImageTensorDataset,
         split: str,
         trainer: pl.Trainer,
     ) -> torch.Tensor:
-        """Classifier-block inputs of ``images`` (uint8), in eval mode, under the trainer's precision."""
+        """Classifier-block inputs of the ``images`` of a split, in eval mode, under the trainer's precision."""
         was_training = model.training
         model.eval()
-        chunks = torch.split(images, self.batch_size)
+        chunks = (chunk for chunk, _ in images.batches(self.batch_size))
+        total = -(-len(images) // self.batch_size)
         features = []
         with trainer.precision_plugin.forward_context():
-            for chunk in tqdm(chunks, desc=f"Caching frozen features ({split})", disable=not trainer.is_global_zero):
+            description = f"Caching frozen features ({split})"
+            for chunk in tqdm(chunks, total=total, desc=description, disable=not trainer.is_global_zero):
                 batch = datamodule.batch_transform(chunk.to(model.device, non_blocking=True), train=False)
                 features.append(model.classifier_inputs(batch).float().cpu())
         model.train(was_training)

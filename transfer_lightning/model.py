@@ -66,6 +66,8 @@ class TransferClassifier(pl.LightningModule):
         #: cached inputs of :attr:`classifier_block` instead of images.
         self.inputs_are_features = False
         self._compiled = False
+        #: Per-class weights of the training loss (``data.class_balance: loss``), set in :meth:`setup`.
+        self.register_buffer("loss_weights", None, persistent=False)
 
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -115,9 +117,11 @@ class TransferClassifier(pl.LightningModule):
         self.train()
 
     def setup(self, stage: str) -> None:
-        input_size = getattr(self.trainer.datamodule, "input_size", None) if self._trainer else None
+        datamodule = self.trainer.datamodule if self._trainer else None
+        input_size = getattr(datamodule, "input_size", None)
         if input_size is not None:
             self.check_input_size(input_size)
+        self.loss_weights = getattr(datamodule, "loss_weights", None)
         if self.hparams.channels_last:
             self.network.to(memory_format=torch.channels_last)
         if self.hparams.compile and not self._compiled:
@@ -151,7 +155,7 @@ class TransferClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self.logits(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, weight=self.loss_weights)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)

@@ -1,0 +1,140 @@
+"""Splits as index sets over uint8 image tensors, batches by indexing, and the training order."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from transfer_lightning.errors import UserInputError
+
+
+class ImageArrays(NamedTuple):
+    """Images and labels of a source: ``images`` uint8 (N, 3, H, W) in memory or memory-mapped, ``labels`` (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+
+class ImageTensorDataset(Dataset):
+    """The rows ``indices`` of :class:`ImageArrays` (all rows when ``None``), served a whole batch at a time.
+
+    A batch is one indexing operation (``__getitems__``), not a Python call per image. Over a
+    memory-mapped store only the rows of the batch are read, so a split larger than memory works.
+    """
+
+    def __init__(self, arrays: ImageArrays, indices: Tensor | None = None) -> None:
+        self.arrays = arrays
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.arrays.labels) if self.indices is None else len(self.indices)
+
+    def rows(self, positions: Tensor) -> Tensor:
+        return positions if self.indices is None else self.indices[positions]
+
+    @property
+    def labels(self) -> Tensor:
+        return self.arrays.labels if self.indices is None else self.arrays.labels[self.indices]
+
+    def __getitem__(self, position: int) -> tuple[Tensor, Tensor]:
+        row = int(self.rows(torch.tensor(position)))
+        return self.arrays.images[row], self.arrays.labels[row]
+
+    def __getitems__(self, positions: list[int]) -> tuple[Tensor, Tensor]:
+        rows = self.rows(torch.as_tensor(positions))
+        return self.arrays.images[rows], self.arrays.labels[rows]
+
+    def subset(self, positions: Tensor) -> ImageTensorDataset:
+        """The images at ``positions`` of this dataset, without copying any."""
+        return ImageTensorDataset(self.arrays, self.rows(positions))
+
+    def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(images, labels) of consecutive positions, ``batch_size`` at a time."""
+        for start in range(0, len(self), batch_size):
+            yield self.__getitems__(list(range(start, min(start + batch_size, len(self)))))
+
+    def to_arrays(self) -> ImageArrays:
+        """All images of this dataset in memory (for small sets, the reference loop and tests)."""
+        return ImageArrays(*self.__getitems__(list(range(len(self)))))
+
+
+def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Collate function for :class:`ImageTensorDataset`: its ``__getitems__`` already built the batch."""
+    return batch
+
+
+class EpochSampler(Sampler[int]):
+    """A training order that depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    ``RandomSampler`` draws from the global random state, which a checkpoint does not restore;
+    Lightning calls :meth:`set_epoch` at the start of every epoch. With ``weights`` it draws
+    ``size`` images with replacement, image ``i`` in proportion to ``weights[i]`` (what
+    ``WeightedRandomSampler`` does). Under DDP each of ``world_size`` processes takes every
+    ``world_size``-th image of the order, padded to equal shares as ``DistributedSampler`` does.
+    """
+
+    def __init__(
+        self, size: int, seed: int, weights: Tensor | None = None, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.size, self.seed, self.weights, self.rank, self.world_size = size, seed, weights, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        if self.world_size > 1:
+            order = torch.cat([order, order[: len(self) * self.world_size - self.size]])[self.rank :: self.world_size]
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+
+def balancing_weights(labels: Tensor, num_classes: int) -> Tensor:
+    """Per-class weights ``N / (classes x count)``: every class weighs the same in total (sklearn's "balanced")."""
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    return (len(labels) / (num_classes * counts.clamp(min=1))).float()
+
+
+def validation_count(val_size: int | float, pool_size: int) -> int:
+    """``val_size`` as a number of images: a count, or a fraction (0 < f < 1) of the pool."""
+    if isinstance(val_size, float) and 0 < val_size < 1:
+        return max(1, round(val_size * pool_size))
+    if isinstance(val_size, float) and not val_size.is_integer():
+        raise UserInputError(f"val_size must be a count of images or a fraction between 0 and 1, got {val_size}.")
+    return int(val_size)
+
+
+def stratified_split(labels: Tensor, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Split positions of ``labels`` into (train, val), ``val_size`` of them for val, per-class proportional.
+
+    The same ``seed`` gives the same split on every machine. Both index tensors are sorted.
+    """
+    if not 0 < val_size < len(labels):
+        raise UserInputError(
+            f"val_size must be between 1 and {len(labels) - 1} (the training set has {len(labels)} images), "
+            f"got {val_size}."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(labels).double()
+    quotas = counts * val_size / len(labels)
+    per_class = quotas.floor().long()
+    # Largest-remainder rounding so that the quotas add up to exactly val_size.
+    leftover = val_size - int(per_class.sum())
+    per_class[torch.argsort(quotas - per_class, descending=True, stable=True)[:leftover]] += 1
+    shuffled = torch.randperm(len(labels), generator=generator)
+    val_indices = torch.cat([shuffled[labels[shuffled] == c][:n] for c, n in enumerate(per_class.tolist())])
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[val_indices] = True
+    return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()

@@ -1,0 +1,311 @@
+"""ImageFolderDataModule: CIFAR-10 or your own image folders, honest splits, batches made on the device."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+import torchvision
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+from transfer_lightning.data.datasets import (
+    EpochSampler,
+    ImageTensorDataset,
+    balancing_weights,
+    keep_batch,
+    stratified_split,
+    validation_count,
+)
+from transfer_lightning.data.sources import (
+    CIFAR10_CLASSES,
+    SplitFolders,
+    download_cifar10,
+    find_split_folders,
+    image_folder_classes,
+    read_cifar10_batches,
+)
+from transfer_lightning.data.store import ImageFolderStore
+from transfer_lightning.data.transforms import NORMALIZATIONS, Normalization, View, prepare_batch, stored_size
+from transfer_lightning.errors import UserInputError
+
+ClassBalance = Literal["none", "sampler", "loss"]
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """CIFAR-10 or a tree of image folders, with honest train / val / test splits.
+
+    Reads ``data_dir/cifar-10-batches-py`` (torchvision's format, downloaded when ``download`` is
+    true) or an image-folder tree in any of these layouts (class names are the folder names):
+    ``train/`` + ``test/`` (val carved out of train), ``train/`` + ``val/`` or ``valid/`` (val also
+    tests), ``train/`` + ``val/`` + ``test/``, or class folders directly under ``data_dir`` (val
+    carved out, and also tests). Image folders are decoded once into a memory-mapped store under
+    ``cache_dir``. Images of one size keep it (CIFAR-10's 32x32); mixed sizes are stored at
+    ``image_size x 8/7`` (shorter side, centre square: 256 for 224) and cropped on the device.
+
+    Args:
+        data_dir: Folder holding ``cifar-10-batches-py/`` or an image-folder tree.
+        download: Download CIFAR-10 into ``data_dir`` if it holds neither.
+        batch_size: Images per batch (per device under DDP).
+        num_workers: DataLoader worker processes; batches are cheap tensor slices, so 0 is usually fastest.
+        val_size: Images held out of the training pool for validation (stratified): a count, or a
+            fraction such as 0.2. Not used when the tree has a val folder. 0 validates on the test
+            set, which only reproduces the reference recipe: a model picked on the test set has no
+            honest test score.
+        split_seed: Seed of the validation split; the same seed gives the same split.
+        normalization: imagenet (suits pretrained weights), cifar10 (its own statistics) or
+            reference (mean = std = 0.5, as the published recipe).
+        augment: Random augmentation of training batches: for images kept at their own size a
+            4-pixel padded random crop and a flip; for resized images a random resized crop and a flip.
+        image_size: Side of the square images the network gets (e.g. 64, 128, 224); null keeps the
+            images' own size, which needs images of one size.
+        crop_scale: Area range (fractions of the image) of the random resized crop.
+        skip_bad_images: Skip image files that do not decode (logged, and listed in the store's
+            skipped.txt) instead of stopping at the first.
+        class_balance: none; sampler (draw training images with probability inversely proportional
+            to their class's count); or loss (class-weighted cross-entropy in training).
+        cache_dir: Where decoded stores are kept; default $XDG_CACHE_HOME/transfer_lightning.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = True,
+        batch_size: int = 100,
+        num_workers: int = 0,
+        val_size: int | float = 5000,
+        split_seed: int = 0,
+        normalization: Normalization = "imagenet",
+        augment: bool = False,
+        image_size: int | None = None,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        skip_bad_images: bool = False,
+        class_balance: ClassBalance = "none",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _check_arguments(batch_size, num_workers, val_size, image_size, crop_scale, normalization, class_balance)
+        self.data_dir = Path(data_dir).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
+        self.folders = find_split_folders(self.data_dir)
+        self.class_names = self._find_class_names(download)
+        mean, std = NORMALIZATIONS[normalization]
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        self._stats_by_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        #: How stored images become the network's input; set by :meth:`setup` (see ``prepare_batch``).
+        self.view: View = "resize"
+        self.train_set: ImageTensorDataset | None = None
+        self.val_set: ImageTensorDataset | None = None
+        self.test_set: ImageTensorDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """(height, width) of the batches the network gets; ``None`` before ``setup``."""
+        if self.hparams.image_size is not None:
+            return (self.hparams.image_size, self.hparams.image_size)
+        return tuple(self.test_set.arrays.images.shape[-2:]) if self.test_set is not None else None
+
+    @property
+    def loss_weights(self) -> Tensor | None:
+        """Class weights for the training loss when ``class_balance`` is loss; else ``None``."""
+        if self.hparams.class_balance != "loss" or self.train_set is None:
+            return None
+        return balancing_weights(self.train_set.labels, self.num_classes)
+
+    def _find_class_names(self, download: bool) -> list[str]:
+        if self.folders is not None:
+            return image_folder_classes(self.folders)
+        if (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir() or download:
+            return list(CIFAR10_CLASSES)
+        raise UserInputError(
+            f"No data in {self.data_dir}: expected torchvision's CIFAR-10 folder "
+            f"{self.data_dir / 'cifar-10-batches-py'} (set --data.download true to fetch it) or an image-folder "
+            f"tree such as {self.data_dir}/train/<class>/*.jpg and {self.data_dir}/val/<class>/*.jpg. "
+            "Point --data.data_dir at one of them."
+        )
+
+    def prepare_data(self) -> None:
+        """Download CIFAR-10, or decode the image folders into their stores (once per node)."""
+        if self.folders is not None:
+            self._load_folders(self.folders)
+        elif not (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir():
+            download_cifar10(self.data_dir)
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        if self.folders is not None:
+            train, val, test = self._load_folders(self.folders)
+            names = [str(folder) for folder in (self.folders.train, self.folders.val, self.folders.test)]
+        else:
+            train = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=True))
+            test = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=False))
+            val, names = None, [f"{self.data_dir} (CIFAR-10 training batches)", None, f"{self.data_dir} (test batch)"]
+        self.train_set, self.val_set, self.test_set = self._split(train, val, test, names)
+        counts = torch.bincount(self.train_set.labels, minlength=self.num_classes).tolist()
+        rank_zero_info(
+            "Training images per class: " + ", ".join(f"{n} {c}" for c, n in zip(self.class_names, counts, strict=True))
+        )
+
+    def _load_folders(self, folders: SplitFolders) -> list[ImageTensorDataset | None]:
+        """The stores of every split folder, all at one size: the images' own if they share one, else the crop size."""
+        stores = [
+            ImageFolderStore(folder, self.class_names, self.cache_dir, self.hparams.skip_bad_images) if folder else None
+            for folder in (folders.train, folders.val, folders.test)
+        ]
+        sizes = {store.uniform_size() for store in stores if store is not None}
+        image_size = self.hparams.image_size
+        shared = sizes.pop() if len(sizes) == 1 else None
+        if shared is not None and (image_size is None or max(shared) <= stored_size(image_size)):
+            size, self.view = shared, "resize"
+        elif image_size is None:
+            raise UserInputError(
+                f"The images under {self.data_dir} have different sizes. Set --data.image_size (e.g. 224): "
+                "each image is then resized (aspect ratio kept) and centre-cropped for the network."
+            )
+        else:
+            size, self.view = (stored_size(image_size),) * 2, "crop"
+        datasets = []
+        for store in stores:
+            stored = store.load(size) if store is not None else None
+            datasets.append(ImageTensorDataset(stored.arrays, stored.rows) if stored is not None else None)
+        return datasets
+
+    def _split(
+        self,
+        train: ImageTensorDataset,
+        val: ImageTensorDataset | None,
+        test: ImageTensorDataset | None,
+        names: list[str | None],
+    ) -> tuple[ImageTensorDataset, ImageTensorDataset, ImageTensorDataset]:
+        """(train, val, test): val carved out of train when there is no val folder; test is val when there is no test."""
+        train_name, val_name, test_name = names
+        if val is None:
+            val_size = validation_count(self.hparams.val_size, len(train))
+            if val_size == 0:
+                if test is None:
+                    raise UserInputError(f"val_size 0 validates on the test set, but {self.data_dir} has no test/.")
+                rank_zero_info(
+                    "val_size is 0: validating on the TEST set (reference mode). Test accuracy is then not honest."
+                )
+                val, val_name = test, test_name
+            else:
+                train_positions, val_positions = stratified_split(train.labels, val_size, self.hparams.split_seed)
+                train, val = train.subset(train_positions), train.subset(val_positions)
+                val_name = f"{val_size} images held out of {train_name} (seed {self.hparams.split_seed})"
+        if test is None:
+            test, test_name = val, f"the val images (no test folder in {self.data_dir})"
+        rank_zero_info(
+            f"Data ({self.num_classes} classes): train = {train_name} ({len(train)} images), "
+            f"val = {val_name} ({len(val)} images), test = {test_name} ({len(test)} images)."
+        )
+        return train, val, test
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def _loader(self, dataset: ImageTensorDataset | None, shuffle: bool = False) -> DataLoader:
+        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=self._sampler(dataset, shuffle),
+            num_workers=self.hparams.num_workers,
+            collate_fn=keep_batch,
+            pin_memory=on_gpu,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def _sampler(self, dataset: ImageTensorDataset, shuffle: bool) -> Sampler | None:
+        """Training order from (seed, epoch) alone; under DDP, evaluation sees each image exactly once.
+
+        Lightning's default DistributedSampler pads the evaluation sets with repeated images so that
+        every process gets as many; those repeats would count twice in val and test accuracy.
+        """
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if shuffle:
+            weights = None
+            if self.hparams.class_balance == "sampler":
+                weights = balancing_weights(dataset.labels, self.num_classes)[dataset.labels]
+            seed = torch.initial_seed()  # the run's seed_everything value (random without one)
+            return EpochSampler(len(dataset), seed, weights=weights, rank=rank, world_size=world_size)
+        if world_size == 1:
+            return None
+        return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """Normalise (and in training, augment) the uint8 batch on the device it now lives on."""
+        images, labels = batch
+        if images.dtype != torch.uint8:  # cached backbone features (features.py) arrive ready to use
+            return batch
+        training = self.trainer is not None and self.trainer.training
+        return self.batch_transform(images, train=training), labels
+
+    def batch_transform(self, images: Tensor, train: bool) -> Tensor:
+        """uint8 images on any device -> the network's input; random augmentation only if ``train``."""
+        if images.device not in self._stats_by_device:  # copy mean and std to a GPU once, not per batch
+            self._stats_by_device[images.device] = (self.mean.to(images.device), self.std.to(images.device))
+        mean, std = self._stats_by_device[images.device]
+        return prepare_batch(
+            images,
+            mean,
+            std,
+            augment=self.hparams.augment and train,
+            image_size=self.hparams.image_size,
+            view=self.view,
+            crop_scale=tuple(self.hparams.crop_scale),
+        )
+
+
+#: The earlier name, kept so that existing code and configs work.
+CIFAR10DataModule = ImageFolderDataModule
+
+
+def _check_arguments(
+    batch_size: int,
+    num_workers: int,
+    val_size: int | float,
+    image_size: int | None,
+    crop_scale: tuple[float, float],
+    normalization: str,
+    class_balance: str,
+) -> None:
+    if batch_size < 1:
+        raise UserInputError(f"batch_size must be at least 1, got {batch_size}.")
+    if num_workers < 0:
+        raise UserInputError(f"num_workers must be 0 or more, got {num_workers}.")
+    if val_size < 0:
+        raise UserInputError(f"val_size must be 0 or more, got {val_size}.")
+    if image_size is not None and image_size < 1:
+        raise UserInputError(f"image_size must be a positive number of pixels or null, got {image_size}.")
+    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise UserInputError(f"crop_scale must be two fractions 0 < low <= high <= 1, got {list(crop_scale)}.")
+    if normalization not in NORMALIZATIONS:
+        raise UserInputError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}.")
+    if class_balance not in ("none", "sampler", "loss"):
+        raise UserInputError(f"class_balance must be none, sampler or loss, got {class_balance!r}.")
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transfer_lightning"

@@ -1,0 +1,106 @@
+"""Where the images come from: torchvision's CIFAR-10 files, or a tree of class folders.
+
+An image-folder tree is recognised in one of these layouts (class names are the sorted folder
+names, and must be the same in every split folder):
+
+- ``DIR/train/<class>/*`` + ``DIR/test/<class>/*``: validation is carved out of train;
+- ``DIR/train/`` + ``DIR/val/`` (or ``valid/``): val validates, and also tests when there is no ``test/``;
+- ``DIR/train/`` + ``DIR/val/`` + ``DIR/test/``;
+- ``DIR/<class>/*``: one pool; validation is carved out of it and also tests.
+"""
+
+from __future__ import annotations
+
+import pickle
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.datasets.folder import find_classes
+
+from transfer_lightning.data.datasets import ImageArrays
+from transfer_lightning.errors import UserInputError
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+#: Folder names that hold the validation split, in the order they are looked for.
+VAL_FOLDER_NAMES = ("val", "valid", "validation")
+
+
+@dataclass(frozen=True)
+class SplitFolders:
+    """The class-folder trees of an image-folder data set; ``None`` where the layout has no such folder."""
+
+    train: Path
+    val: Path | None
+    test: Path | None
+
+    @property
+    def folders(self) -> list[Path]:
+        return [folder for folder in (self.train, self.val, self.test) if folder is not None]
+
+
+def find_split_folders(root: Path) -> SplitFolders | None:
+    """The layout of an image-folder tree under ``root``, or ``None`` when ``root`` is not one."""
+    if (root / "train").is_dir():
+        val = next((root / name for name in VAL_FOLDER_NAMES if (root / name).is_dir()), None)
+        test = root / "test" if (root / "test").is_dir() else None
+        return SplitFolders(root / "train", val, test)
+    if root.is_dir() and not (root / torchvision.datasets.CIFAR10.base_folder).is_dir():
+        if any(child.is_dir() and not child.name.startswith(".") for child in root.iterdir()):
+            return SplitFolders(root, None, None)
+    return None
+
+
+def image_folder_classes(folders: SplitFolders) -> list[str]:
+    """Class names shared by every split folder (sorted sub-folder names)."""
+    classes, _ = find_classes(folders.train)
+    for other in folders.folders[1:]:
+        other_classes, _ = find_classes(other)
+        if other_classes != classes:
+            differ = sorted(set(classes) ^ set(other_classes))
+            raise UserInputError(
+                f"{folders.train} and {other} have different class folders (only in one: {', '.join(differ)}). "
+                "Every split folder must hold the same class names."
+            )
+    if len(classes) < 2:
+        raise UserInputError(f"{folders.train} needs at least two class folders, found {classes}.")
+    return classes
+
+
+def read_cifar10_batches(root: Path, train: bool) -> ImageArrays:
+    """Read ``cifar-10-batches-py`` pickles under ``root`` (the format torchvision downloads).
+
+    We read the pickles ourselves instead of through ``torchvision.datasets.CIFAR10`` because that
+    class insists on the MD5 sums of the original files, and we want the raw uint8 array anyway.
+    """
+    folder = root / torchvision.datasets.CIFAR10.base_folder
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        try:
+            with open(folder / name, "rb") as file:
+                entry = pickle.load(file, encoding="latin1")
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry["labels"])
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
+            raise UserInputError(
+                f"Cannot read {folder / name} ({error}). Delete {folder} and run again with --data.download true, "
+                "or point --data.data_dir at an image-folder tree."
+            ) from None
+    return ImageArrays(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))
+
+
+def download_cifar10(root: Path) -> None:
+    """Fetch and verify CIFAR-10 with torchvision; offline, fail with what to do instead."""
+    try:
+        torchvision.datasets.CIFAR10(root, train=True, download=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        raise UserInputError(
+            f"Could not download CIFAR-10 from {torchvision.datasets.CIFAR10.url} ({error}).\n"
+            f"Offline? Either extract cifar-10-python.tar.gz into {root} (giving {root / 'cifar-10-batches-py'}), "
+            "or point --data.data_dir at an image-folder tree DIR/{train,test}/<class>/*.png."
+        ) from error

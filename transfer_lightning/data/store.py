@@ -1,0 +1,254 @@
+"""The decoded store: every image of a class-folder tree decoded once into one memory-mapped file.
+
+An image is decoded with PIL (JPEG, PNG, WebP, BMP, TIFF, ...), turned upright by its EXIF
+orientation, converted to RGB from any mode (grayscale, RGBA, palette, CMYK), and written as
+uint8 (3, H, W) into row ``i`` of ``images.npy``. Images of another size than the store's are
+resized so that they cover it, keeping their aspect ratio, and centre-cropped (torchvision's
+``Resize`` + ``CenterCrop``). Reading maps the file (``numpy.load(mmap_mode="c")``), so a batch
+reads only its own rows and a store larger than memory trains with bounded memory.
+
+A store is a folder ``<cache_dir>/<split>-<fingerprint>-<H>x<W>/`` holding ``images.npy``,
+``labels.npy`` (-1 for a file skipped as undecodable), ``skipped.txt`` and ``info.json``. The
+fingerprint hashes the tree's path and every file's name, label, size and modification time, so a
+changed tree gets a new store. A store is built in a temporary folder and renamed into place: a
+crash never leaves half a store. Large trees are decoded by several processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image, ImageOps
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from tqdm import tqdm
+
+from transfer_lightning.data.datasets import ImageArrays
+from transfer_lightning.errors import UserInputError
+
+#: Files that are read, and decoded in one process below this many images (no process start-up).
+PARALLEL_MIN_IMAGES = 2000
+#: Images per task handed to a decoding process.
+CHUNK = 256
+#: Errors a broken image file raises in PIL.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class StoredImages:
+    """A decoded store: its arrays (memory-mapped), the rows that hold images, and the files skipped."""
+
+    arrays: ImageArrays
+    rows: torch.Tensor
+    skipped: list[str]
+    path: Path
+
+
+def list_images(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(path, class index) of every image file under ``folder/<class>/``, sorted (torchvision's ImageFolder)."""
+    try:
+        return make_dataset(folder, {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as error:
+        raise UserInputError(
+            f"{error}. Every class folder under {folder} needs at least one image ({', '.join(IMG_EXTENSIONS)})."
+        ) from None
+
+
+def fingerprint(folder: Path, samples: list[tuple[str, int]]) -> str:
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for path, label in samples:
+        stat = os.stat(path)
+        digest.update(f"{os.path.relpath(path, folder)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def decode_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 (3, H, W) RGB array of the image at ``path``, upright; resized to cover ``size`` and centre-cropped.
+
+    Raises one of :data:`DECODE_ERRORS` when the file is not a decodable image.
+    """
+    with Image.open(path) as image:
+        if size is not None:
+            image.draft("RGB", (max(size), max(size)))  # JPEG: decode at the smallest scale that still covers size
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # what PIL asks for before dropping a palette's transparency
+        image = image.convert("RGB")
+    if size is not None and image.size != (size[1], size[0]):
+        image = cover_and_crop(image, size)
+    return np.asarray(image).transpose(2, 0, 1)
+
+
+def cover_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize keeping the aspect ratio until ``size`` (H, W) is covered, then take the centre.
+
+    For a square ``size`` this is torchvision's ``Resize(side)`` + ``CenterCrop(side)`` (bilinear, antialiased).
+    """
+    height, width = size
+    scale = max(height / image.height, width / image.width)
+    # int(), not round(): torchvision's Resize truncates the longer side the same way.
+    resized = (max(width, int(image.width * scale)), max(height, int(image.height * scale)))
+    image = image.resize(resized, Image.Resampling.BILINEAR)
+    left, top = int(round((resized[0] - width) / 2)), int(round((resized[1] - height) / 2))
+    return image.crop((left, top, left + width, top + height))
+
+
+def read_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image as it will be decoded (EXIF-rotated), from its header."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.format != "PNG" and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+            return width, height
+    return height, width
+
+
+def _read_sizes(paths: list[str]) -> list[tuple[int, int] | str]:
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(read_size(path))
+        except DECODE_ERRORS as error:
+            sizes.append(f"{type(error).__name__}: {error}")
+    return sizes
+
+
+def _decode_rows(store_file: str, size: tuple[int, int], rows: list[int], paths: list[str]) -> list[tuple[int, str]]:
+    """Decode ``paths`` into ``rows`` of the store; returns (row, error) of the files that failed."""
+    images = np.load(store_file, mmap_mode="r+")
+    failures = []
+    for row, path in zip(rows, paths, strict=True):
+        try:
+            images[row] = decode_image(path, size)
+        except DECODE_ERRORS as error:
+            failures.append((row, f"{type(error).__name__}: {error}"))
+    images.flush()
+    return failures
+
+
+class ImageFolderStore:
+    """The images of one class-folder tree, and its decoded stores under ``cache_dir``.
+
+    Args:
+        folder: A folder of class folders.
+        classes: The class names (folder names), in label order.
+        cache_dir: Where stores are kept.
+        skip_bad_images: Skip files that do not decode (listed in the store's ``skipped.txt``)
+            instead of stopping with the path of the first.
+    """
+
+    def __init__(self, folder: Path, classes: list[str], cache_dir: Path, skip_bad_images: bool = False) -> None:
+        self.folder, self.cache_dir, self.skip_bad_images = folder, cache_dir, skip_bad_images
+        self.samples = list_images(folder, classes)
+        self.key = f"{folder.name}-{fingerprint(folder, self.samples)}"
+        self._sizes: list[tuple[int, int] | str] | None = None
+
+    def uniform_size(self) -> tuple[int, int] | None:
+        """(H, W) when every decodable image has that one size; ``None`` for mixed sizes.
+
+        Read from an existing store of this tree when there is one, else from every file's header.
+        """
+        for info_file in self.cache_dir.glob(f"{self.key}-*/info.json"):
+            size = json.loads(info_file.read_text())["uniform_size"]
+            return tuple(size) if size else None
+        sizes = {size for size in self._header_sizes() if isinstance(size, tuple)}
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def load(self, size: tuple[int, int]) -> StoredImages:
+        """The store of this tree at ``size`` (H, W): opened when it exists, else built first."""
+        path = self.cache_dir / f"{self.key}-{size[0]}x{size[1]}"
+        if not (path / "info.json").is_file():
+            self._build(path, size)
+        labels = torch.from_numpy(np.load(path / "labels.npy"))
+        skipped = (path / "skipped.txt").read_text().splitlines()
+        if skipped:
+            rank_zero_info(
+                f"Skipped {len(skipped)} image file(s) under {self.folder} that do not decode, e.g. "
+                f"{'; '.join(skipped[:3])}. Full list: {path / 'skipped.txt'}"
+            )
+        # Copy-on-write map: pages are read from the file on first use and can be dropped again.
+        images = torch.from_numpy(np.load(path / "images.npy", mmap_mode="c"))
+        return StoredImages(ImageArrays(images, labels), torch.nonzero(labels >= 0).flatten(), skipped, path)
+
+    def _header_sizes(self) -> list[tuple[int, int] | str]:
+        if self._sizes is None:
+            paths = [path for path, _ in self.samples]
+            self._sizes = self._run(_read_sizes, [(chunk,) for chunk in _chunks(paths)], f"Reading {self.folder}")
+        return self._sizes
+
+    def _build(self, path: Path, size: tuple[int, int]) -> None:
+        header_sizes = self._header_sizes()
+        bad = {i: error for i, error in enumerate(header_sizes) if isinstance(error, str)}
+        good = [i for i in range(len(self.samples)) if i not in bad]
+        self._check_bad(bad)
+        sizes = {header_sizes[i] for i in good}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            store_file = str(temporary / "images.npy")
+            np.lib.format.open_memmap(store_file, mode="w+", dtype=np.uint8, shape=(len(good), 3, *size)).flush()
+            rows = list(range(len(good)))
+            tasks = [
+                (store_file, size, chunk, [self.samples[i][0] for i in indices])
+                for chunk, indices in zip(_chunks(rows), _chunks(good), strict=True)
+            ]
+            failures = self._run(_decode_rows, tasks, f"Decoding {self.folder} at {size[0]}x{size[1]}")
+            bad |= {good[row]: error for row, error in failures}
+            self._check_bad(bad)
+            labels = np.array([self.samples[i][1] for i in good], dtype=np.int64)
+            labels[[row for row, _ in failures]] = -1
+            np.save(temporary / "labels.npy", labels)
+            skipped = [f"{self.samples[i][0]}: {error}" for i, error in sorted(bad.items())]
+            (temporary / "skipped.txt").write_text("".join(line + "\n" for line in skipped))
+            info = {"source": str(self.folder.resolve()), "images": len(good), "size": list(size)}
+            info["uniform_size"] = list(sizes.pop()) if len(sizes) == 1 else None
+            (temporary / "info.json").write_text(json.dumps(info, indent=1))
+            try:
+                temporary.rename(path)
+            except OSError:  # another process built the same store meanwhile
+                if not (path / "info.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+    def _check_bad(self, bad: dict[int, str]) -> None:
+        if bad and not self.skip_bad_images:
+            index = min(bad)
+            raise UserInputError(
+                f"Cannot decode image {self.samples[index][0]} ({bad[index]}). Remove or replace this file, "
+                "or set --data.skip_bad_images true to skip such files."
+            )
+        if len(bad) == len(self.samples):
+            raise UserInputError(f"None of the {len(bad)} image files under {self.folder} decodes.")
+
+    def _run(self, function, tasks: list[tuple], description: str) -> list:
+        """``function(*task)`` for every task, in several processes for large trees; results concatenated."""
+        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+        progress = tqdm(total=len(self.samples), desc=description, unit="img", mininterval=1)
+        results = []
+        with progress:
+            if workers < 2 or len(self.samples) < PARALLEL_MIN_IMAGES:
+                for task in tasks:
+                    results.append(function(*task))
+                    progress.update(len(task[-1]))
+            else:
+                # spawn: the parent holds torch's threads, which a forked child must not inherit.
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                    for task, result in zip(tasks, pool.map(function, *zip(*tasks, strict=True)), strict=True):
+                        results.append(result)
+                        progress.update(len(task[-1]))
+        return [item for result in results for item in result]
+
+
+def _chunks(items: list) -> list[list]:
+    return [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]

@@ -1,0 +1,124 @@
+"""Batch transforms: uint8 images on the training device -> the network's normalised input.
+
+Every transform works on a whole batch at once, with per-image randomness, so no image passes
+through Python or PIL per epoch (the idea of KellerJordan/cifar10-airbench and ffcv).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Per-channel (mean, std) presets. ``reference`` is the published recipe's mean = std = 0.5.
+NORMALIZATIONS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "reference": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+Normalization = Literal["imagenet", "cifar10", "reference"]
+
+#: How a stored image becomes the network's input (see :func:`prepare_batch`).
+View = Literal["resize", "crop"]
+
+#: Stored side / input side for images resized at decode time: torchvision's Resize(256) + CenterCrop(224).
+STORE_RATIO = 256 / 224
+
+
+def stored_size(image_size: int) -> int:
+    """Side of the square an image is stored at, so that ``image_size`` is its centre crop (224 -> 256)."""
+    return round(image_size * STORE_RATIO)
+
+
+def random_crop(images: Tensor, padding: int) -> Tensor:
+    """Crop each image of a batch at its own random offset after zero-padding (torchvision's RandomCrop)."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    top = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), device=images.device)
+    left = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), device=images.device)
+    rows = top + torch.arange(height, device=images.device).view(1, 1, height, 1)
+    cols = left + torch.arange(width, device=images.device).view(1, 1, 1, width)
+    batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+    channels = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
+    return padded[batch, channels, rows, cols]
+
+
+def random_flip(images: Tensor) -> Tensor:
+    """Flip each image of a batch horizontally with probability 0.5, independently."""
+    flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+    return torch.where(flip, images.flip(-1), images)
+
+
+def random_resized_crop(
+    images: Tensor,
+    size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Tensor:
+    """torchvision's ``RandomResizedCrop(size, scale, ratio)`` + ``RandomHorizontalFlip`` for a float batch.
+
+    Each image gets its own box (area a uniform fraction ``scale`` of the image, aspect ratio
+    log-uniform in ``ratio``) and flip, and all boxes are resampled bilinearly to ``size`` in one
+    ``grid_sample`` call. Where torchvision retries a box that does not fit ten times, this clips
+    its sides to the image instead, which keeps the whole batch one tensor operation.
+    """
+    n, _, height, width = images.shape
+    device = images.device
+    area = height * width * torch.empty(n, device=device).uniform_(*scale)
+    aspect = torch.exp(torch.empty(n, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    box_w = torch.sqrt(area * aspect).clamp(max=width)
+    box_h = torch.sqrt(area / aspect).clamp(max=height)
+    centre_x = box_w / 2 + torch.rand(n, device=device) * (width - box_w)
+    centre_y = box_h / 2 + torch.rand(n, device=device) * (height - box_h)
+    flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+    # affine_grid maps output coordinates in [-1, 1] to input coordinates in [-1, 1].
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = flip * box_w / width
+    theta[:, 0, 2] = 2 * centre_x / width - 1
+    theta[:, 1, 1] = box_h / height
+    theta[:, 1, 2] = 2 * centre_y / height - 1
+    grid = F.affine_grid(theta.to(images.dtype), [n, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """The central ``size`` x ``size`` square of every image of a batch (torchvision's CenterCrop)."""
+    height, width = images.shape[-2:]
+    top, left = (height - size) // 2, (width - size) // 2
+    return images[..., top : top + size, left : left + size]
+
+
+def prepare_batch(
+    images: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    augment: bool,
+    image_size: int | None,
+    view: View = "resize",
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+) -> Tensor:
+    """uint8 (N, 3, H, W) -> normalised float (N, 3, image_size, image_size), augmented if ``augment``.
+
+    ``view="resize"`` serves images stored at their own size (CIFAR-10's 32 px): augmentation is a
+    4-pixel padded random crop and a flip, then the whole image is resized to ``image_size``.
+    ``view="crop"`` serves images stored at :func:`stored_size` of ``image_size``: augmentation is a
+    random resized crop (``crop_scale``) and a flip, otherwise the centre ``image_size`` square.
+    """
+    if view == "crop" and image_size is not None:
+        if augment:
+            batch = random_resized_crop(images.float().div_(255), image_size, scale=crop_scale)
+        else:
+            batch = center_crop(images, image_size).float().div_(255)
+    else:
+        if augment:
+            images = random_flip(random_crop(images, padding=4))
+        batch = images.float().div_(255)
+        if image_size is not None and batch.shape[-2:] != (image_size, image_size):
+            downscale = image_size < min(batch.shape[-2:])
+            batch = F.interpolate(
+                batch, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=downscale
+            )
+    return (batch - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
