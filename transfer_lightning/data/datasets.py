@@ -78,9 +78,7 @@ class EpochSampler(Sampler[int]):
     ``world_size``-th image of the order, padded to equal shares as ``DistributedSampler`` does.
     """
 
-    def __init__(
-        self, size: int, seed: int, weights: Tensor | None = None, rank: int = 0, world_size: int = 1
-    ) -> None:
+    def __init__(self, size: int, seed: int, weights: Tensor | None = None, rank: int = 0, world_size: int = 1) -> None:
         self.size, self.seed, self.weights, self.rank, self.world_size = size, seed, weights, rank, world_size
         self.epoch = 0
 

@@ -189,7 +189,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         test: ImageTensorDataset | None,
         names: list[str | None],
     ) -> tuple[ImageTensorDataset, ImageTensorDataset, ImageTensorDataset]:
-        """(train, val, test): val carved out of train when there is no val folder; test is val when there is no test."""
+        """(train, val, test): val carved out of train without a val folder; test is val without a test folder."""
         train_name, val_name, test_name = names
         if val is None:
             val_size = validation_count(self.hparams.val_size, len(train))
