@@ -18,6 +18,7 @@ from transfer_lightning.callbacks import CheckpointOnInterrupt, HparamsWithResul
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.features import FrozenFeatureCache
+from transfer_lightning.logs import PlainProgress, silence_noise
 from transfer_lightning.model import TransferClassifier
 
 DESCRIPTION = (
@@ -35,7 +36,7 @@ class ShortErrorParser(LightningArgumentParser):
 
 
 class TransferLightningCLI(LightningCLI):
-    """``fit`` / ``validate`` / ``test`` / ``predict`` for :class:`TransferClassifier` on :class:`ImageFolderDataModule`.
+    """LightningCLI for :class:`TransferClassifier` on :class:`ImageFolderDataModule`.
 
     Defaults: GPU when present (else CPU), 5 epochs, TensorBoard logs in ``lightning_logs/version_N``
     with the resolved ``config.yaml``, the best checkpoint by ``val/acc`` plus ``last.ckpt``, the
@@ -52,7 +53,13 @@ class TransferLightningCLI(LightningCLI):
                     TensorBoardLogger, save_dir=".", name="lightning_logs", default_hp_metric=False
                 ),
                 # Always added, next to any --trainer.callbacks.
-                "callbacks": [TrainingSpeed(), HparamsWithResults(), CheckpointOnInterrupt(), PredictionsCSV()],
+                "callbacks": [
+                    TrainingSpeed(),
+                    HparamsWithResults(),
+                    CheckpointOnInterrupt(),
+                    PredictionsCSV(),
+                    PlainProgress(),
+                ],
             },
             parser_kwargs={"description": DESCRIPTION},
             parser_class=ShortErrorParser,
@@ -135,6 +142,7 @@ def main(args: list[str] | None = None) -> None:
     ``report`` is dispatched here: LightningCLI's subcommands are Trainer methods only.
     """
     argv = sys.argv[1:] if args is None else args
+    silence_noise()
     try:
         if argv[:1] == ["report"]:
             report.main(argv[1:])

@@ -7,9 +7,9 @@ import time
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from tqdm import tqdm
 
 from transfer_lightning.data import ImageArrays, ImageFolderDataModule, ImageTensorDataset
+from transfer_lightning.logs import progress_bar
 from transfer_lightning.model import TransferClassifier
 
 
@@ -93,7 +93,7 @@ class FrozenFeatureCache(pl.Callback):
         features = []
         with trainer.precision_plugin.forward_context():
             description = f"Caching frozen features ({split})"
-            for chunk in tqdm(chunks, total=total, desc=description, disable=not trainer.is_global_zero):
+            for chunk in progress_bar(chunks, total=total, desc=description, disable=not trainer.is_global_zero):
                 batch = datamodule.batch_transform(chunk.to(model.device, non_blocking=True), train=False)
                 features.append(model.classifier_inputs(batch).float().cpu())
         model.train(was_training)

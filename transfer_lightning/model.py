@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -9,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -110,6 +113,16 @@ class TransferClassifier(pl.LightningModule):
             for batchnorm in self.backbone_batchnorms():
                 batchnorm.eval()
         return self
+
+    def on_fit_start(self) -> None:
+        if self.hparams.freeze_backbone and not self.hparams.update_bn_stats:
+            rank_zero_info(
+                f"Frozen backbone: its {len(self.backbone_batchnorms())} BatchNorm layers stay in eval mode, so their "
+                "running statistics never change (set model.update_bn_stats true to let them drift)."
+            )
+            # Lightning warns about any module in eval mode at the start of training: here that is the point.
+            eval_mode = r"Found \d+ module\(s\) in eval mode"
+            warnings.filterwarnings("ignore", message=eval_mode, category=PossibleUserWarning)
 
     def on_train_epoch_start(self) -> None:
         # A new module starts in train mode and recent Lightning versions keep whatever mode they find

@@ -31,10 +31,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-from tqdm import tqdm
 
 from transfer_lightning.data.datasets import ImageArrays
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.logs import progress_bar
 
 #: Files that are read, and decoded in one process below this many images (no process start-up).
 PARALLEL_MIN_IMAGES = 2000
@@ -233,7 +233,7 @@ class ImageFolderStore:
     def _run(self, function, tasks: list[tuple], description: str) -> list:
         """``function(*task)`` for every task, in several processes for large trees; results concatenated."""
         workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-        progress = tqdm(total=len(self.samples), desc=description, unit="img", mininterval=1)
+        progress = progress_bar(total=len(self.samples), desc=description, unit="img")
         results = []
         with progress:
             if workers < 2 or len(self.samples) < PARALLEL_MIN_IMAGES:
