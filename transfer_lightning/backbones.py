@@ -90,7 +90,8 @@ def _build(backbone: str, weights: torchvision.models.WeightsEnum | None) -> nn.
             f"Could not download the {weights} weights of {backbone} ({error}).\n"
             f"Offline? Download {weights.url} on a machine with internet and either put it at "
             f"{cache} (torchvision's cache, set by $TORCH_HOME), or pass its path as "
-            "--model.weights /path/to/file.pth."
+            "--model.weights /path/to/file.pth (in a config file too, as "
+            "configs/overrides/shared_mobilenet_v2.yaml of this repository shows)."
         ) from error
 
 

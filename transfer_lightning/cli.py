@@ -22,10 +22,24 @@ from transfer_lightning.logs import PlainProgress, silence_noise
 from transfer_lightning.model import TransferClassifier
 
 DESCRIPTION = (
-    "Transfer learning of torchvision classifiers. Subcommands: fit, validate, test, predict "
-    "(python -m transfer_lightning fit --config configs/finetune_sgd.yaml), and "
-    "report [LOGDIR ...] for a table and a plot of finished runs."
+    "Transfer learning of torchvision image classifiers with PyTorch Lightning, e.g. "
+    "python -m transfer_lightning fit --config configs/finetune_sgd.yaml. "
+    "SUBCOMMAND --help lists a subcommand's options."
 )
+
+#: One line per subcommand for --help (Lightning would take the first, cut, line of each Trainer method's docstring).
+SUBCOMMAND_HELP = {
+    "fit": "Train, validate every epoch, keep the best and last checkpoints, then test the best.",
+    "validate": "Evaluate a checkpoint (--ckpt_path) on the validation split.",
+    "test": "Evaluate a checkpoint (--ckpt_path) on the test split, per class too.",
+    "predict": "Write predictions.csv for the test split with a checkpoint (--ckpt_path).",
+}
+REPORT_HELP = "Table and plot of finished runs from their TensorBoard events: report [LOGDIR ...] [--plot FILE]."
+
+
+def program_name() -> str:
+    """How the user started us: the console script, or ``python -m transfer_lightning``."""
+    return "transfer-lightning" if Path(sys.argv[0]).name == "transfer-lightning" else "python -m transfer_lightning"
 
 
 class ShortErrorParser(LightningArgumentParser):
@@ -61,8 +75,10 @@ class TransferLightningCLI(LightningCLI):
                     PlainProgress(),
                 ],
             },
-            parser_kwargs={"description": DESCRIPTION},
+            parser_kwargs={"description": DESCRIPTION, "prog": program_name()},
             parser_class=ShortErrorParser,
+            # The model builds its own optimizer and scheduler (model.optimizer, model.scheduler).
+            auto_configure_optimizers=False,
             args=args,
             **kwargs,
         )
@@ -90,6 +106,17 @@ class TransferLightningCLI(LightningCLI):
             if isinstance(error, UserInputError):
                 raise
             raise UserInputError(f"Invalid configuration: {error}") from None
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        """Lightning's subcommands with one-line help texts of ours, and ``report`` in the list too."""
+        for subcommand, help_text in SUBCOMMAND_HELP.items():
+            kwargs.setdefault(subcommand, {}).setdefault("description", help_text)
+        super()._add_subcommands(parser, **kwargs)
+        subcommands = parser._subcommands_action
+        for choice in subcommands._choices_actions:
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+        # Listed for --help only: main() hands "report ..." to report.main before LightningCLI parses.
+        subcommands.add_subcommand("report", ShortErrorParser(description=REPORT_HELP), help=REPORT_HELP)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -144,6 +171,10 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     silence_noise()
     try:
+        if argv[:1] and argv[0].startswith("--print_config"):
+            raise UserInputError(
+                f"Put a subcommand first: {program_name()} fit --config configs/finetune_sgd.yaml --print_config"
+            )
         if argv[:1] == ["report"]:
             report.main(argv[1:])
         else:

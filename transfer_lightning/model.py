@@ -23,23 +23,23 @@ class TransferClassifier(pl.LightningModule):
     """An ImageNet-pretrained torchvision classifier whose last Linear layer is replaced for the task.
 
     Args:
-        backbone: torchvision classification model name (``resnet18``, ``mobilenet_v2``, ...).
-        weights: torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``), a local state_dict file
-            (with or without the classifier), or ``null`` for random initialisation.
+        backbone: torchvision classification model name (resnet18, mobilenet_v2, ...).
+        weights: torchvision weights name (DEFAULT, IMAGENET1K_V1), a local state_dict file
+            (with or without the classifier), or null for random initialisation.
         num_classes: Outputs of the new head; linked from the datamodule by the CLI.
         class_names: Names of the classes, for per-class test metrics; linked from the datamodule.
         freeze_backbone: Train only the new head (fixed feature extractor). The backbone's
             BatchNorm layers then stay in eval mode, so their running statistics never move.
-        update_bn_stats: With ``freeze_backbone``, let the BatchNorm running statistics drift in
+        update_bn_stats: With freeze_backbone, let the BatchNorm running statistics drift in
             training as the reference recipe did (it froze the weights but kept the model in train
             mode). Off by default: with it, the "frozen" features change from epoch to epoch.
         channels_last: Run the network in channels-last memory format: oneDNN and cuDNN run
             convolutions faster so (2.7x for MobileNetV2 training on this project's CPU, see
-            docs/performance.md). ``false`` keeps PyTorch's default (contiguous) layout.
-        compile: ``torch.compile`` the network before training (slow start, faster steps on GPU).
-        optimizer: Optimizer class and arguments (``class_path: torch.optim.SGD``, ...); it receives
+            docs/performance.md). false keeps PyTorch's default (contiguous) layout.
+        compile: torch.compile the network before training (slow start, faster steps on GPU).
+        optimizer: Optimizer class and arguments (class_path: torch.optim.SGD, ...); it receives
             only the trainable parameters.
-        scheduler: Learning-rate scheduler, stepped once per epoch; ``null`` keeps the rate constant.
+        scheduler: Learning-rate scheduler, stepped once per epoch; null keeps the rate constant.
     """
 
     def __init__(

@@ -50,8 +50,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ``image_size x 8/7`` (shorter side, centre square: 256 for 224) and cropped on the device.
 
     Args:
-        data_dir: Folder holding ``cifar-10-batches-py/`` or an image-folder tree.
-        download: Download CIFAR-10 into ``data_dir`` if it holds neither.
+        data_dir: Folder holding cifar-10-batches-py/ or an image-folder tree.
+        download: Download CIFAR-10 into data_dir if it holds neither.
         batch_size: Images per batch (per device under DDP).
         num_workers: DataLoader worker processes; batches are cheap tensor slices, so 0 is usually fastest.
         val_size: Images held out of the training pool for validation (stratified): a count, or a

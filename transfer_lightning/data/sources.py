@@ -12,6 +12,7 @@ names, and must be the same in every split folder):
 from __future__ import annotations
 
 import pickle
+import shutil
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,12 +96,23 @@ def read_cifar10_batches(root: Path, train: bool) -> ImageArrays:
 
 
 def download_cifar10(root: Path) -> None:
-    """Fetch and verify CIFAR-10 with torchvision; offline, fail with what to do instead."""
+    """Fetch and verify CIFAR-10 with torchvision; offline, remove what the attempt made and say what to do."""
+    made = next((folder for folder in [*reversed(root.parents), root] if not folder.exists()), None)
+    before = set(root.iterdir()) if made is None else set()
     try:
         torchvision.datasets.CIFAR10(root, train=True, download=True)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
+        if made is not None:  # the first folder of root's path that the download created
+            shutil.rmtree(made, ignore_errors=True)
+        else:
+            for leftover in set(root.iterdir()) - before:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
         raise UserInputError(
             f"Could not download CIFAR-10 from {torchvision.datasets.CIFAR10.url} ({error}).\n"
             f"Offline? Either extract cifar-10-python.tar.gz into {root} (giving {root / 'cifar-10-batches-py'}), "
-            "or point --data.data_dir at an image-folder tree DIR/{train,test}/<class>/*.png."
+            "or point --data.data_dir at an image-folder tree DIR/{train,test}/<class>/*.png. "
+            "Both can go into a config file, as configs/overrides/shared_mobilenet_v2.yaml of this repository shows."
         ) from error

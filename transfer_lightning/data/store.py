@@ -142,7 +142,7 @@ class ImageFolderStore:
         folder: A folder of class folders.
         classes: The class names (folder names), in label order.
         cache_dir: Where stores are kept.
-        skip_bad_images: Skip files that do not decode (listed in the store's ``skipped.txt``)
+        skip_bad_images: Skip files that do not decode (listed in the store's skipped.txt)
             instead of stopping with the path of the first.
     """
 

@@ -1,0 +1,63 @@
+"""What a newcomer meets first: --help, --print_config, and a failed download that leaves nothing behind."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torchvision
+import yaml
+
+from transfer_lightning.cli import main
+from transfer_lightning.data import ImageFolderDataModule
+from transfer_lightning.errors import UserInputError
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
+
+
+def test_help_names_the_module_and_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m transfer_lightning ")
+    for subcommand in ("fit", "validate", "test", "predict", "report"):
+        line = next(line for line in text.splitlines() if line.strip().startswith(subcommand + " "))
+        assert len(line.split(maxsplit=1)) == 2, f"{subcommand} has no description"
+    assert "``" not in text
+
+
+def test_print_config_has_the_optimizer_only_under_model(small_run_args, run_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={CONFIG}", *small_run_args, "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert "optimizer" not in config and "lr_scheduler" not in config
+    assert config["model"]["optimizer"]["class_path"] == "torch.optim.SGD"
+
+
+def test_print_config_without_a_subcommand_says_to_put_one_first(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--print_config"])
+    assert exit_info.value.code == 2
+    assert "Put a subcommand first: python -m transfer_lightning fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder_existed", [False, True])
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, folder_existed):
+    def offline(cls, root, train, download):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"half a download")
+        raise urllib.error.URLError("no network")
+
+    root = tmp_path / "new" / "data"
+    if folder_existed:
+        root.mkdir(parents=True)
+        (root / "mine.txt").write_text("the user's file")
+    datamodule = ImageFolderDataModule(data_dir=str(root))
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "__new__", offline)
+    with pytest.raises(UserInputError, match="Offline.*configs/overrides/shared_mobilenet_v2.yaml"):
+        datamodule.prepare_data()
+    if folder_existed:
+        assert [path.name for path in root.iterdir()] == ["mine.txt"]
+    else:
+        assert list(tmp_path.iterdir()) == []
