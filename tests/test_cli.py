@@ -8,14 +8,27 @@ from pathlib import Path
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from tests.conftest import SHARED_MOBILENET
+from transfer_lightning.callbacks import DashboardLayout
 from transfer_lightning.cli import TransferLightningCLI, main
 from transfer_lightning.report import read_run
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 OVERRIDES = sorted((CONFIGS[0].parent / "overrides").glob("*.yaml"))
 REFERENCE_CONFIGS = ["finetune_sgd", "finetune_adam", "feature_extractor_sgd", "feature_extractor_adam"]
+
+
+def custom_scalars_layout(run: Path) -> layout_pb2.Layout:
+    """The Custom Scalars layout written into a run's event files."""
+    for events in sorted(run.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(events)).Load():
+            for value in event.summary.value:
+                if value.tag == "custom_scalars__config__":
+                    return layout_pb2.Layout.FromString(value.tensor.string_val[0])
+    raise AssertionError(f"no custom scalars layout in {run}")
 
 
 def test_the_four_reference_configs_exist():
@@ -103,7 +116,11 @@ def test_fit_logs_checkpoints_and_tests_the_best(small_run_args, run_dir):
     assert {"hparams/val_acc", "hparams/test_acc"} <= tags and "hp_metric" not in tags
     assert events.Scalars("hparams/test_acc")[-1].value == events.Scalars("test/acc")[-1].value
     hparams = read_run(version).hparams
-    assert hparams["optimizer"] == "SGD" and hparams["backbone"] == "resnet18" and hparams["freeze_backbone"]
+    assert hparams["optimizer"] == "SGD" and hparams["backbone"] == "resnet18" and hparams["freeze_backbone"] == "true"
+    assert hparams["batch_size"] == "16" and isinstance(hparams["lr"], float)  # read as written, not 16.000
+    layout = custom_scalars_layout(version)
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts == {name: tags for name, (_, tags) in DashboardLayout.LAYOUT["training"].items()}
 
     last = version / "checkpoints" / "last.ckpt"
     for subcommand in ("test", "validate", "predict"):

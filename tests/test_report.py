@@ -80,7 +80,7 @@ def test_plot_has_one_line_per_run_and_split(runs, tmp_path, capsys):
         labels = sorted(line.get_label() for line in axis.get_lines())
         assert len(labels) == 3 * 2
         assert sum(label.endswith("(train)") for label in labels) == 3
-        assert all(len(line.get_xdata()) == 2 for line in axis.get_lines())  # two epochs each
+        assert all(list(line.get_xdata()) == [0, 1] for line in axis.get_lines())  # epochs from 0, as checkpoints
         styles = {line.get_label().rsplit(" ", 1)[1]: line.get_linestyle() for line in axis.get_lines()}
         assert styles == {"(train)": "-", "(val)": "--"}
 

@@ -96,7 +96,7 @@ class HparamsWithResults(pl.Callback):
         if trainer.optimizers:
             optimizer = trainer.optimizers[0]
             params |= {"optimizer": type(optimizer).__name__, "lr": optimizer.defaults.get("lr")}
-        params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items() if k[0] != "_"}
+        params = {k: readable(v) for k, v in params.items() if k[0] != "_"}
         # Only the metric names matter here: their values are the scalars logged in on_test_end.
         # Lightning's log_hyperparams would also log placeholder values, so write the summaries directly.
         from torch.utils.tensorboard.summary import hparams  # needs tensorboard, as the logger does
@@ -105,6 +105,41 @@ class HparamsWithResults(pl.Callback):
         for summary in hparams(params, dict.fromkeys(self.METRICS, 0.0)):
             writer.add_summary(summary)
         self._written.add(logger.log_dir)
+
+
+def readable(value: object) -> float | str:
+    """An hparam as the HParams table should show it: TensorBoard prints numbers as floats (1.0000, 100.00),
+    so booleans become "true" / "false" and integers their digits; other floats stay numbers (sortable)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return value
+    return str(value)
+
+
+class DashboardLayout(pl.Callback):
+    """TensorBoard's Custom Scalars tab: loss (train and val in one chart), accuracy, and learning rate.
+
+    The Time Series tab sorts groups by name, so the charts people look at first end up below
+    ``epoch`` and ``hparams``; this layout puts them on one page, train and validation together.
+    """
+
+    LAYOUT = {
+        "training": {
+            "loss (train, val)": ["Multiline", [r"train/loss_epoch", r"val/loss"]],
+            "accuracy (train, val)": ["Multiline", [r"train/acc_epoch", r"val/acc"]],
+            "learning rate": ["Multiline", [r"lr-.*"]],
+        }
+    }
+
+    def __init__(self) -> None:
+        self._written: set[str] = set()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = trainer.logger
+        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero and logger.log_dir not in self._written:
+            logger.experiment.add_custom_scalars(self.LAYOUT)
+            self._written.add(logger.log_dir)
 
 
 class CheckpointOnInterrupt(pl.Callback):

@@ -14,7 +14,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transfer_lightning import report
-from transfer_lightning.callbacks import CheckpointOnInterrupt, HparamsWithResults, PredictionsCSV, TrainingSpeed
+from transfer_lightning.callbacks import (
+    CheckpointOnInterrupt,
+    DashboardLayout,
+    HparamsWithResults,
+    PredictionsCSV,
+    TrainingSpeed,
+)
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.features import FrozenFeatureCache
@@ -70,6 +76,7 @@ class TransferLightningCLI(LightningCLI):
                 "callbacks": [
                     TrainingSpeed(),
                     HparamsWithResults(),
+                    DashboardLayout(),
                     CheckpointOnInterrupt(),
                     PredictionsCSV(),
                     PlainProgress(),

@@ -84,7 +84,8 @@ class PlainProgress(pl.Callback):
 
 
 def _epoch(trainer: pl.Trainer) -> str:
-    return f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+    """Counted from 0, as Lightning's own progress bar and the checkpoint names count."""
+    return f"Epoch {trainer.current_epoch} ({trainer.current_epoch + 1} of {trainer.max_epochs})"
 
 
 def _metrics(trainer: pl.Trainer, names: tuple[str, ...]) -> str:

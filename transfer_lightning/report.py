@@ -53,9 +53,9 @@ class Run:
     def mode(self) -> str:
         if "freeze_backbone" not in self.hparams:
             return "?"
-        if not self.hparams["freeze_backbone"]:
+        if not _is_true(self.hparams["freeze_backbone"]):
             return "fine-tune"
-        return "frozen (BN drifts)" if self.hparams.get("update_bn_stats") else "frozen"
+        return "frozen (BN drifts)" if _is_true(self.hparams.get("update_bn_stats")) else "frozen"
 
     def best_val_acc(self) -> float | None:
         values = self.scalars.get("val/acc")
@@ -102,6 +102,11 @@ def read_run(run_dir: Path, root: Path | None = None) -> Run:
     if not run.epochs:
         run.notes.append("no finished epoch")
     return run
+
+
+def _is_true(value: object) -> bool:
+    """A boolean hparam: "true" as logged now, or True as runs of older versions logged it."""
+    return value is True or value == "true"
 
 
 def _read_hparams(events: EventAccumulator) -> dict[str, object]:
@@ -156,10 +161,10 @@ def plot_runs(runs: list[Run]) -> Figure:
             for tag, style, split in ((train_tag, "-", "train"), (val_tag, "--", "val")):
                 values = run.scalars.get(tag, [])
                 if values:
-                    epochs = range(1, len(values) + 1)
+                    epochs = range(len(values))  # from 0, as Lightning's bar, checkpoints and logs count
                     axis.plot(epochs, values, style, color=colours(index % 10), marker=".", label=f"{label} ({split})")
     for axis, (_, _, name) in zip(axes, CURVES, strict=True):
-        axis.set_xlabel("epoch")
+        axis.set_xlabel("epoch (from 0)")
         axis.set_ylabel(name)
         axis.set_title(f"{name} per epoch (train solid, val dashed)")
         axis.grid(alpha=0.3)
