@@ -4,7 +4,7 @@ An image is decoded with PIL (JPEG, PNG, WebP, BMP, TIFF, ...), turned upright b
 orientation, converted to RGB from any mode (grayscale, RGBA, palette, CMYK), and written as
 uint8 (3, H, W) into row ``i`` of ``images.npy``. Images of another size than the store's are
 resized so that they cover it, keeping their aspect ratio, and centre-cropped (torchvision's
-``Resize`` + ``CenterCrop``). Reading maps the file (``numpy.load(mmap_mode="c")``), so a batch
+``Resize`` + ``CenterCrop``). Reading maps the file read-only (``numpy.load(mmap_mode="r")``), so a batch
 reads only its own rows and a store larger than memory trains with bounded memory.
 
 A store is a folder ``<cache_dir>/<split>-<fingerprint>-<H>x<W>/`` holding ``images.npy``,
@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +176,13 @@ class ImageFolderStore:
                 f"Skipped {len(skipped)} image file(s) under {self.folder} that do not decode, e.g. "
                 f"{'; '.join(skipped[:3])}. Full list: {path / 'skipped.txt'}"
             )
-        # Copy-on-write map: pages are read from the file on first use and can be dropped again.
-        images = torch.from_numpy(np.load(path / "images.npy", mmap_mode="c"))
+        # A read-only shared map: pages are read from the file on first use and can be dropped again.
+        # (A copy-on-write map counts its whole size against the memory commit limit, so the kernel
+        # refuses one larger than RAM.) torch warns that the array is not writable: nothing writes
+        # to it, since every batch is gathered into a new tensor.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            images = torch.from_numpy(np.load(path / "images.npy", mmap_mode="r"))
         return StoredImages(ImageArrays(images, labels), torch.nonzero(labels >= 0).flatten(), skipped, path)
 
     def _header_sizes(self) -> list[tuple[int, int] | str]:
@@ -232,8 +238,9 @@ class ImageFolderStore:
 
     def _run(self, function, tasks: list[tuple], description: str) -> list:
         """``function(*task)`` for every task, in several processes for large trees; results concatenated."""
-        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-        progress = progress_bar(total=len(self.samples), desc=description, unit="img")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(cores, 8)
+        progress = progress_bar(total=sum(len(task[-1]) for task in tasks), desc=description, unit="img")
         results = []
         with progress:
             if workers < 2 or len(self.samples) < PARALLEL_MIN_IMAGES:
