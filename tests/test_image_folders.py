@@ -234,13 +234,23 @@ def test_class_balance_sampler_draws_classes_evenly(tmp_path, caplog):
     assert torch.bincount(drawn, minlength=4).tolist() == [45, 3, 3, 3]
 
 
-def test_class_balance_loss_weighs_the_training_loss(tmp_path):
+def test_class_balance_loss_weighs_the_training_loss(tmp_path, monkeypatch):
     root = unbalanced_folder(tmp_path / "data")
     datamodule = make_datamodule(root, tmp_path, val_size=0, class_balance="loss")
-    torch.testing.assert_close(datamodule.loss_weights, torch.tensor([54 / 180, 54 / 12, 54 / 12, 54 / 12]))
+    expected = torch.tensor([54 / 180, 54 / 12, 54 / 12, 54 / 12])
+    torch.testing.assert_close(datamodule.loss_weights, expected)
+    weights_used = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def recording_cross_entropy(logits, labels, weight=None, **kwargs):
+        weights_used.append(weight)
+        return cross_entropy(logits, labels, weight=weight, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording_cross_entropy)
     model = TransferClassifier(weights=None, num_classes=4, optimizer=SGD)
-    make_trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(model, datamodule)
-    torch.testing.assert_close(model.loss_weights, datamodule.loss_weights)
+    make_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(model, datamodule)
+    assert len(weights_used) == 1  # the one training step, weighted
+    torch.testing.assert_close(weights_used[0], expected)
     assert make_datamodule(root, tmp_path, val_size=0).loss_weights is None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning.pytorch as pl
@@ -89,7 +90,7 @@ class FrozenFeatureCache(pl.Callback):
         was_training = model.training
         model.eval()
         chunks = (chunk for chunk, _ in images.batches(self.batch_size))
-        total = -(-len(images) // self.batch_size)
+        total = math.ceil(len(images) / self.batch_size)
         features = []
         with trainer.precision_plugin.forward_context():
             description = f"Caching frozen features ({split})"

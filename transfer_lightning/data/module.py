@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -25,7 +25,6 @@ from transfer_lightning.data.datasets import (
 )
 from transfer_lightning.data.sources import (
     CIFAR10_CLASSES,
-    SplitFolders,
     download_cifar10,
     find_split_folders,
     image_folder_classes,
@@ -36,6 +35,14 @@ from transfer_lightning.data.transforms import NORMALIZATIONS, Normalization, Vi
 from transfer_lightning.errors import UserInputError
 
 ClassBalance = Literal["none", "sampler", "loss"]
+
+
+class SplitStores(NamedTuple):
+    """The stores of the train, val and test folders; ``None`` where the layout has no such folder."""
+
+    train: ImageFolderStore
+    val: ImageFolderStore | None
+    test: ImageFolderStore | None
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -101,6 +108,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self._stats_by_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
         #: How stored images become the network's input; set by :meth:`setup` (see ``prepare_batch``).
         self.view: View = "resize"
+        self._stores: SplitStores | None = None
         self.train_set: ImageTensorDataset | None = None
         self.val_set: ImageTensorDataset | None = None
         self.test_set: ImageTensorDataset | None = None
@@ -138,7 +146,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Download CIFAR-10, or decode the image folders into their stores (once per node)."""
         if self.folders is not None:
-            self._load_folders(self.folders)
+            stores, size = self._folder_stores()
+            for store in stores:
+                if store is not None:
+                    store.build(size)
         elif not (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir():
             download_cifar10(self.data_dir)
 
@@ -146,7 +157,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         if self.folders is not None:
-            train, val, test = self._load_folders(self.folders)
+            stores, size = self._folder_stores()
+            train, val, test = (self._map(store, size) for store in (stores.train, stores.val, stores.test))
             names = [str(folder) for folder in (self.folders.train, self.folders.val, self.folders.test)]
         else:
             train = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=True))
@@ -158,29 +170,37 @@ class ImageFolderDataModule(pl.LightningDataModule):
             "Training images per class: " + ", ".join(f"{n} {c}" for c, n in zip(self.class_names, counts, strict=True))
         )
 
-    def _load_folders(self, folders: SplitFolders) -> list[ImageTensorDataset | None]:
-        """The stores of every split folder, all at one size: the images' own if they share one, else the crop size."""
-        stores = [
-            ImageFolderStore(folder, self.class_names, self.cache_dir, self.hparams.skip_bad_images) if folder else None
-            for folder in (folders.train, folders.val, folders.test)
-        ]
-        sizes = {store.uniform_size() for store in stores if store is not None}
+    def _folder_stores(self) -> tuple[SplitStores, tuple[int, int]]:
+        """The store of every split folder, and the one size they all use: the images' own if they
+        share one that is not larger than needed, else image_size x 8/7 (sets :attr:`view` to match)."""
+        if self._stores is None:  # listed once, whether prepare_data ran in this process or not
+            stores = [
+                ImageFolderStore(folder, self.class_names, self.cache_dir, self.hparams.skip_bad_images)
+                if folder
+                else None
+                for folder in (self.folders.train, self.folders.val, self.folders.test)
+            ]
+            self._stores = SplitStores(*stores)
+        sizes = {store.uniform_size() for store in self._stores if store is not None}
         image_size = self.hparams.image_size
         shared = sizes.pop() if len(sizes) == 1 else None
         if shared is not None and (image_size is None or max(shared) <= stored_size(image_size)):
-            size, self.view = shared, "resize"
-        elif image_size is None:
+            self.view = "resize"
+            return self._stores, shared
+        if image_size is None:
             raise UserInputError(
                 f"The images under {self.data_dir} have different sizes. Set --data.image_size (e.g. 224): "
                 "each image is then resized (aspect ratio kept) and centre-cropped for the network."
             )
-        else:
-            size, self.view = (stored_size(image_size),) * 2, "crop"
-        datasets = []
-        for store in stores:
-            stored = store.load(size) if store is not None else None
-            datasets.append(ImageTensorDataset(stored.arrays, stored.rows) if stored is not None else None)
-        return datasets
+        self.view = "crop"
+        return self._stores, (stored_size(image_size),) * 2
+
+    @staticmethod
+    def _map(store: ImageFolderStore | None, size: tuple[int, int]) -> ImageTensorDataset | None:
+        if store is None:
+            return None
+        stored = store.load(size)
+        return ImageTensorDataset(stored.arrays, stored.rows)
 
     def _split(
         self,

@@ -47,11 +47,10 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 @dataclass(frozen=True)
 class StoredImages:
-    """A decoded store: its arrays (memory-mapped), the rows that hold images, and the files skipped."""
+    """A decoded store: its arrays (memory-mapped), the rows that hold images, and its folder."""
 
     arrays: ImageArrays
     rows: torch.Tensor
-    skipped: list[str]
     path: Path
 
 
@@ -164,11 +163,16 @@ class ImageFolderStore:
         sizes = {size for size in self._header_sizes() if isinstance(size, tuple)}
         return sizes.pop() if len(sizes) == 1 else None
 
-    def load(self, size: tuple[int, int]) -> StoredImages:
-        """The store of this tree at ``size`` (H, W): opened when it exists, else built first."""
+    def build(self, size: tuple[int, int]) -> Path:
+        """The folder of this tree's store at ``size`` (H, W), built first if it does not exist yet."""
         path = self.cache_dir / f"{self.key}-{size[0]}x{size[1]}"
         if not (path / "info.json").is_file():
             self._build(path, size)
+        return path
+
+    def load(self, size: tuple[int, int]) -> StoredImages:
+        """The store of this tree at ``size`` (H, W), memory-mapped (built first if need be)."""
+        path = self.build(size)
         labels = torch.from_numpy(np.load(path / "labels.npy"))
         skipped = (path / "skipped.txt").read_text().splitlines()
         if skipped:
@@ -183,7 +187,7 @@ class ImageFolderStore:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
             images = torch.from_numpy(np.load(path / "images.npy", mmap_mode="r"))
-        return StoredImages(ImageArrays(images, labels), torch.nonzero(labels >= 0).flatten(), skipped, path)
+        return StoredImages(ImageArrays(images, labels), torch.nonzero(labels >= 0).flatten(), path)
 
     def _header_sizes(self) -> list[tuple[int, int] | str]:
         if self._sizes is None:
