@@ -67,7 +67,9 @@ def test_table_cells_equal_what_was_logged(runs, capsys):
     for index in (0, 1):
         test_acc = clis[index].trainer.callback_metrics["test/acc"].item()
         assert rows[f"version_{index}"]["test acc"] == f"{100 * test_acc:.2f}%"
-    assert rows["version_2"]["test acc"] == "— (not tested)"
+        macro_f1 = clis[index].trainer.callback_metrics["test/f1_macro"].item()
+        assert rows[f"version_{index}"]["test macro-F1"] == f"{100 * macro_f1:.2f}%"
+    assert rows["version_2"]["test acc"] == "— (not tested)" and rows["version_2"]["test macro-F1"] == "—"
 
 
 def test_plot_has_one_line_per_run_and_split(runs, tmp_path, capsys):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,10 +15,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassAccuracy
 
 from transfer_lightning.backbones import create_network
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.evaluation import ClassificationMetrics
 
 
 class TransferClassifier(pl.LightningModule):
@@ -75,8 +78,7 @@ class TransferClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_class_acc = MulticlassAccuracy(num_classes, average="none")
-        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_metrics = ClassificationMetrics(num_classes)
 
     @property
     def head(self) -> nn.Linear:
@@ -185,21 +187,37 @@ class TransferClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         self.test_acc(logits, labels)
-        self.test_class_acc.update(logits, labels)
-        self.test_confusion.update(logits, labels)
+        self.test_metrics.update(logits, labels)
         self.log("test/loss", F.cross_entropy(logits, labels), sync_dist=True)
         self.log("test/acc", self.test_acc)
 
     def on_test_epoch_end(self) -> None:
-        for name, accuracy in zip(self.class_names, self.test_class_acc.compute(), strict=True):
-            self.log(f"test/acc_{name}", accuracy)
-        confusion = self.test_confusion.compute()
-        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            figure, _ = self.test_confusion.plot(confusion, labels=self.class_names)
+        """Per-class accuracy (classes with test images only), macro-F1, top-5, the confusion matrix
+        figure, and ``classification_report.md`` in the run folder, also printed."""
+        report, confusion = self.test_metrics.compute(self.class_names)
+        self.test_metrics.reset()
+        self.log("test/f1_macro", report.macro_f1)
+        if report.top_k_accuracy is not None:
+            self.log("test/acc_top5", report.top_k_accuracy)
+        for name, recall, present in zip(self.class_names, report.recall, report.present, strict=True):
+            if present:  # a class without test images has no accuracy, rather than 0%
+                self.log(f"test/acc_{name}", recall)
+        log_dir = self.trainer.log_dir  # a collective call under DDP: every process must make it
+        if not self.trainer.is_global_zero:
+            return
+        if isinstance(self.logger, TensorBoardLogger):
+            figure, _ = self.test_metrics.confusion.plot(confusion, labels=self.class_names)
             figure.set_size_inches(8, 8)
             self.logger.experiment.add_figure("test/confusion_matrix", figure, global_step=self.global_step)
-        self.test_class_acc.reset()
-        self.test_confusion.reset()
+        text = report.to_markdown()
+        if log_dir is not None:
+            path = Path(log_dir) / "classification_report.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.tmp")
+            partial.write_text(text)
+            os.replace(partial, path)
+            text += f"\n(saved as {path})"
+        rank_zero_info("\n" + text)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Class probabilities of each image, with its true label when the data has one."""

@@ -24,7 +24,18 @@ from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 from transfer_lightning.errors import UserInputError  # noqa: E402
 
 #: Table columns, in order.
-COLUMNS = ["run", "backbone", "mode", "optimizer", "epochs", "best val acc", "test acc", "wall time", "train images/s"]
+COLUMNS = [
+    "run",
+    "backbone",
+    "mode",
+    "optimizer",
+    "epochs",
+    "best val acc",
+    "test acc",
+    "test macro-F1",
+    "wall time",
+    "train images/s",
+]
 #: (tag of the training curve, tag of the validation curve, axis label) per plot panel.
 CURVES = [("train/loss_epoch", "val/loss", "loss"), ("train/acc_epoch", "val/acc", "accuracy")]
 
@@ -62,7 +73,13 @@ class Run:
         return max(values) if values else None
 
     def test_acc(self) -> float | None:
-        values = self.scalars.get("test/acc")
+        return self.last("test/acc")
+
+    def test_macro_f1(self) -> float | None:
+        return self.last("test/f1_macro")  # runs of version 0.1 did not log it
+
+    def last(self, tag: str) -> float | None:
+        values = self.scalars.get(tag)
         return values[-1] if values else None
 
     def images_per_sec(self) -> float | None:
@@ -139,6 +156,7 @@ def markdown_table(runs: list[Run]) -> str:
             str(run.epochs),
             _percent(run.best_val_acc()),
             test,
+            _percent(run.test_macro_f1()),
             _duration(run.wall_seconds),
             "—" if run.images_per_sec() is None else f"{run.images_per_sec():.0f}",
         ]
