@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from transfer_lightning.errors import UserInputError
+
 
 class TrainingSpeed(pl.Callback):
     """Logs ``train/images_per_sec`` each epoch: training images over the time spent training.
@@ -162,28 +164,41 @@ class CheckpointOnInterrupt(pl.Callback):
 class PredictionsCSV(BasePredictionWriter):
     """``predict`` writes ``predictions.csv`` into the run's folder, one row per image.
 
-    Columns: the image's index in the predicted set (the test set), its true class, the predicted
-    class and that prediction's probability. Under DDP each process writes its share to
-    ``predictions_rank<N>.csv``. The file is written to a temporary name and then renamed.
+    Columns: the image (its ``path`` relative to ``data.predict_dir``; or, predicting on the test
+    split, its ``index`` there and its ``true_class``), the predicted class and its probability, then
+    the ``top_k`` most probable classes and their probabilities. Under DDP each process writes its
+    share to ``predictions_rank<N>.csv``. The file is written to a temporary name and then renamed.
+
+    Args:
+        top_k: How many of the most probable classes to list (at most the number of classes).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, top_k: int = 5) -> None:
         super().__init__(write_interval="epoch")
+        if top_k < 1:
+            raise UserInputError(f"predictions.top_k must be at least 1, got {top_k}.")
+        self.top_k = top_k
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         names = pl_module.class_names
+        paths = getattr(trainer.datamodule, "predict_paths", None)
+        k = min(self.top_k, len(names))
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         path = Path(trainer.log_dir or ".") / f"predictions{suffix}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.tmp")
         with open(partial, "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["index", "true_class", "predicted_class", "probability"])
+            image_columns = ["path"] if paths is not None else ["index", "true_class"]
+            ranked_columns = [f"top{rank}_{what}" for rank in range(1, k + 1) for what in ("class", "probability")]
+            writer.writerow([*image_columns, "predicted_class", "probability", *ranked_columns])
             for output, indices in zip(predictions, batch_indices[0], strict=True):
-                confidence, predicted = output["probabilities"].max(dim=-1)
-                for index, label, guess, probability in zip(
-                    indices, output["labels"].tolist(), predicted.tolist(), confidence.tolist(), strict=True
+                top_probabilities, top_classes = output["probabilities"].topk(k, dim=-1)
+                for index, label, classes, probabilities in zip(
+                    indices, output["labels"].tolist(), top_classes.tolist(), top_probabilities.tolist(), strict=True
                 ):
-                    writer.writerow([index, names[label], names[guess], f"{probability:.4f}"])
+                    image = [paths[index]] if paths is not None else [index, names[label]]
+                    ranked = [x for c, p in zip(classes, probabilities, strict=True) for x in (names[c], f"{p:.6f}")]
+                    writer.writerow([*image, *ranked[:2], *ranked])
         os.replace(partial, path)
         rank_zero_info(f"Predictions: {path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import lazy_instance
@@ -13,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from transfer_lightning import report
+from transfer_lightning import checkpoints, report
 from transfer_lightning.callbacks import (
     CheckpointOnInterrupt,
     DashboardLayout,
@@ -38,9 +39,10 @@ SUBCOMMAND_HELP = {
     "fit": "Train, validate every epoch, keep the best and last checkpoints, then test the best.",
     "validate": "Evaluate a checkpoint (--ckpt_path) on the validation split.",
     "test": "Evaluate a checkpoint (--ckpt_path) on the test split, per class too.",
-    "predict": "Write predictions.csv for the test split with a checkpoint (--ckpt_path).",
+    "predict": "Write predictions.csv for new images (--data.predict_dir) or the test split, with --ckpt_path.",
 }
 REPORT_HELP = "Table and plot of finished runs from their TensorBoard events: report [LOGDIR ...] [--plot FILE]."
+EXPORT_HELP = "A stand-alone model file: export --ckpt_path CKPT --format onnx|pt2 --output FILE."
 
 
 def program_name() -> str:
@@ -78,7 +80,6 @@ class TransferLightningCLI(LightningCLI):
                     HparamsWithResults(),
                     DashboardLayout(),
                     CheckpointOnInterrupt(),
-                    PredictionsCSV(),
                     PlainProgress(),
                 ],
             },
@@ -97,13 +98,32 @@ class TransferLightningCLI(LightningCLI):
         except ValueError as error:
             raise UserInputError(f"seed_everything: {error}") from None
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's model hyperparameters here; a file that is not a
+        # checkpoint of ours must give one clear line, not an unpickling traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            checkpoints.read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         # With a checkpoint file, LightningCLI takes the model's hyperparameters from it and the
         # checkpoint's weights replace the pretrained ones: skip loading those (no download, and the
         # weights file may not exist on this machine).
         config = self.config.get(self.subcommand, {})
-        if config.get("ckpt_path") and Path(config["ckpt_path"]).is_file():
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
             config["model"]["weights"] = None
+            if self.subcommand != "fit":  # evaluating a checkpoint tracks no best checkpoints: nothing is lost
+                dirpath_changed = r"The dirpath has changed from .* won't be reloaded"
+                warnings.filterwarnings("ignore", message=dirpath_changed, category=UserWarning)
+        if self.subcommand == "predict" and config["data"]["predict_dir"]:
+            # New images: class names, image size and normalisation come from the checkpoint, not the data.
+            if not ckpt_path:
+                raise UserInputError("predict --data.predict_dir needs a trained model's checkpoint: --ckpt_path FILE.")
+            for key, value in checkpoints.data_settings(checkpoints.read_checkpoint(ckpt_path)).items():
+                config["data"][key] = value
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a value they reject is a config error, not a crash."""
@@ -122,8 +142,9 @@ class TransferLightningCLI(LightningCLI):
         subcommands = parser._subcommands_action
         for choice in subcommands._choices_actions:
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
-        # Listed for --help only: main() hands "report ..." to report.main before LightningCLI parses.
-        subcommands.add_subcommand("report", ShortErrorParser(description=REPORT_HELP), help=REPORT_HELP)
+        # Listed for --help only: main() hands these to their modules before LightningCLI parses.
+        for name, help_text in (("report", REPORT_HELP), ("export", EXPORT_HELP)):
+            subcommands.add_subcommand(name, ShortErrorParser(description=help_text), help=help_text)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -138,6 +159,7 @@ class TransferLightningCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(FrozenFeatureCache, "feature_cache")
+        parser.add_lightning_class_args(PredictionsCSV, "predictions")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -173,7 +195,7 @@ class TransferLightningCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; a :class:`UserInputError` is printed as one line and exits with status 2.
 
-    ``report`` is dispatched here: LightningCLI's subcommands are Trainer methods only.
+    ``report`` and ``export`` are dispatched here: LightningCLI's subcommands are Trainer methods only.
     """
     argv = sys.argv[1:] if args is None else args
     silence_noise()
@@ -184,6 +206,10 @@ def main(args: list[str] | None = None) -> None:
             )
         if argv[:1] == ["report"]:
             report.main(argv[1:])
+        elif argv[:1] == ["export"]:
+            from transfer_lightning import export  # imports torch.export and onnx only when asked
+
+            export.main(argv[1:])
         else:
             TransferLightningCLI(args=args)
     except (UserInputError, MisconfigurationException) as error:

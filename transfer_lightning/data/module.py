@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -31,7 +31,14 @@ from transfer_lightning.data.sources import (
     read_cifar10_batches,
 )
 from transfer_lightning.data.store import ImageFolderStore
-from transfer_lightning.data.transforms import NORMALIZATIONS, Normalization, View, prepare_batch, stored_size
+from transfer_lightning.data.transforms import (
+    NORMALIZATIONS,
+    Normalization,
+    Preprocessing,
+    View,
+    prepare_batch,
+    stored_size,
+)
 from transfer_lightning.errors import UserInputError
 
 ClassBalance = Literal["none", "sampler", "loss"]
@@ -78,6 +85,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         class_balance: none; sampler (draw training images with probability inversely proportional
             to their class's count); or loss (class-weighted cross-entropy in training).
         cache_dir: Where decoded stores are kept; default $XDG_CACHE_HOME/transfer_lightning.
+        predict_dir: A folder of new images (any nesting, unlabeled) or one image file for
+            ``predict``; null predicts on the test split. The images are prepared as in training,
+            by the :class:`Preprocessing` saved in the checkpoint, so the training data is not needed.
+        class_names: The class names in label order; null takes the class folder names (sorted) or
+            CIFAR-10's. ``predict --data.predict_dir`` sets them from the checkpoint.
     """
 
     def __init__(
@@ -95,14 +107,20 @@ class ImageFolderDataModule(pl.LightningDataModule):
         skip_bad_images: bool = False,
         class_balance: ClassBalance = "none",
         cache_dir: str | None = None,
+        predict_dir: str | None = None,
+        class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # class_names would clash with the model's hyperparameter of that name, which holds the resolved list.
+        self.save_hyperparameters(ignore=["class_names"])
         _check_arguments(batch_size, num_workers, val_size, image_size, crop_scale, normalization, class_balance)
         self.data_dir = Path(data_dir).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
+        self.predict_dir = Path(predict_dir).expanduser() if predict_dir else None
+        if self.predict_dir is not None and not self.predict_dir.exists():
+            raise UserInputError(f"data.predict_dir {predict_dir} does not exist: pass a folder of images or an image.")
         self.folders = find_split_folders(self.data_dir)
-        self.class_names = self._find_class_names(download)
+        self.class_names = self._find_class_names(download, class_names)
         mean, std = NORMALIZATIONS[normalization]
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         self._stats_by_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -112,6 +130,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.train_set: ImageTensorDataset | None = None
         self.val_set: ImageTensorDataset | None = None
         self.test_set: ImageTensorDataset | None = None
+        self.predict_set: ImageTensorDataset | None = None
+        #: Path of every image of :attr:`predict_set` as the CSV shows it (relative to ``predict_dir``).
+        self.predict_paths: list[str] | None = None
+        #: The preprocessing of the checkpoint being predicted with (see :meth:`load_state_dict`).
+        self._checkpoint_preprocessing: Preprocessing | None = None
 
     @property
     def num_classes(self) -> int:
@@ -131,9 +154,52 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return None
         return balancing_weights(self.train_set.labels, self.num_classes)
 
-    def _find_class_names(self, download: bool) -> list[str]:
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How an image file becomes the network's input at evaluation (saved in checkpoints)."""
+        if self.predict_dir is not None and self._checkpoint_preprocessing is not None:
+            return self._checkpoint_preprocessing
         if self.folders is not None:
-            return image_folder_classes(self.folders)
+            _, size = self._folder_stores()
+        elif (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir():
+            size = (32, 32)
+        else:
+            raise UserInputError(
+                "The checkpoint does not say how its images were prepared (it was saved by transfer_lightning "
+                "0.1) and there is no training data to tell: pass the training data's --data.data_dir and "
+                "--data.image_size too, or use a checkpoint saved by this version."
+            )
+        mean, std = NORMALIZATIONS[self.hparams.normalization]
+        return Preprocessing(size, self.view, self.hparams.image_size, mean, std)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What inference needs, saved in every checkpoint: class names and :attr:`preprocessing`."""
+        return {
+            "class_names": self.class_names,
+            "normalization": self.hparams.normalization,
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the checkpoint's preprocessing for ``predict_dir`` (the training data may be absent)."""
+        if "preprocessing" in state_dict:
+            self._checkpoint_preprocessing = Preprocessing.from_dict(state_dict["preprocessing"])
+
+    def _find_class_names(self, download: bool, class_names: list[str] | None) -> list[str]:
+        if self.predict_dir is not None and class_names is not None:
+            return list(class_names)  # predicting needs no training data
+        if self.folders is not None:
+            found = image_folder_classes(self.folders)
+            if class_names is not None and list(class_names) != found:
+                raise UserInputError(
+                    f"data.class_names {list(class_names)} differ from the class folders of {self.data_dir}: "
+                    f"{found}. Leave data.class_names unset to use the folders."
+                )
+            return found
+        if class_names is not None:
+            if len(class_names) != len(CIFAR10_CLASSES):
+                raise UserInputError(f"CIFAR-10 has 10 classes; data.class_names gives {len(class_names)}.")
+            return list(class_names)
         if (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir() or download:
             return list(CIFAR10_CLASSES)
         raise UserInputError(
@@ -145,6 +211,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download CIFAR-10, or decode the image folders into their stores (once per node)."""
+        if self.predict_dir is not None and self.trainer is not None and self.trainer.predicting:
+            return  # the images to predict on are decoded by predict_dataloader, once the checkpoint is loaded
         if self.folders is not None:
             stores, size = self._folder_stores()
             for store in stores:
@@ -154,7 +222,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             download_cifar10(self.data_dir)
 
     def setup(self, stage: str) -> None:
-        if self.train_set is not None:
+        if self.train_set is not None or (stage == "predict" and self.predict_dir is not None):
             return
         if self.folders is not None:
             stores, size = self._folder_stores()
@@ -242,7 +310,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
+        """The test split; or with ``predict_dir`` its images, decoded as the checkpoint's preprocessing says."""
+        if self.predict_dir is None:
+            return self._loader(self.test_set)
+        store = ImageFolderStore(self.predict_dir, None, self.cache_dir, skip_bad_images=True)
+        stored = store.load(self.preprocessing.stored_size)
+        self.predict_set = ImageTensorDataset(stored.arrays, stored.rows)
+        self.predict_paths = [
+            os.path.relpath(stored.files[row], self.predict_dir) if self.predict_dir.is_dir() else str(self.predict_dir)
+            for row in stored.rows.tolist()
+        ]
+        rank_zero_info(f"Predicting {len(self.predict_set)} images under {self.predict_dir}.")
+        return self._loader(self.predict_set)
 
     def _loader(self, dataset: ImageTensorDataset | None, shuffle: bool = False) -> DataLoader:
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
@@ -279,6 +358,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         images, labels = batch
         if images.dtype != torch.uint8:  # cached backbone features (features.py) arrive ready to use
             return batch
+        if self.predict_dir is not None and self.trainer is not None and self.trainer.predicting:
+            return self.preprocessing(images), labels  # new images, prepared as the checkpoint says
         training = self.trainer is not None and self.trainer.training
         return self.batch_transform(images, train=training), labels
 

@@ -8,7 +8,8 @@ resized so that they cover it, keeping their aspect ratio, and centre-cropped (t
 reads only its own rows and a store larger than memory trains with bounded memory.
 
 A store is a folder ``<cache_dir>/<split>-<fingerprint>-<H>x<W>/`` holding ``images.npy``,
-``labels.npy`` (-1 for a file skipped as undecodable), ``skipped.txt`` and ``info.json``. The
+``labels.npy`` (-1 for a file skipped as undecodable), ``files.json`` (the file of each row),
+``skipped.txt`` and ``info.json``. The
 fingerprint hashes the tree's path and every file's name, label, size and modification time, so a
 changed tree gets a new store. A store is built in a temporary folder and renamed into place: a
 crash never leaves half a store. Large trees are decoded by several processes.
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageOps
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from transfer_lightning.data.datasets import ImageArrays
 from transfer_lightning.errors import UserInputError
@@ -41,21 +42,41 @@ from transfer_lightning.logs import progress_bar
 PARALLEL_MIN_IMAGES = 2000
 #: Images per task handed to a decoding process.
 CHUNK = 256
+#: Skipped files named in the log (all of them are in the store's skipped.txt).
+SKIPPED_SHOWN = 10
 #: Errors a broken image file raises in PIL.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
 class StoredImages:
-    """A decoded store: its arrays (memory-mapped), the rows that hold images, and its folder."""
+    """A decoded store: its arrays (memory-mapped), the rows that hold images, its folder, and the
+    file of every row (``None`` for stores built by transfer_lightning 0.1, which did not list them)."""
 
     arrays: ImageArrays
     rows: torch.Tensor
     path: Path
+    files: list[str] | None
 
 
-def list_images(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
-    """(path, class index) of every image file under ``folder/<class>/``, sorted (torchvision's ImageFolder)."""
+def list_images(folder: Path, classes: list[str] | None) -> list[tuple[str, int]]:
+    """(path, class index) of every image file under ``folder/<class>/``, sorted (torchvision's ImageFolder).
+
+    With ``classes`` None: (path, 0) of every image file under ``folder`` at any depth, or of
+    ``folder`` itself when it is an image file (unlabeled images to predict on).
+    """
+    if classes is None:
+        if folder.is_file():
+            return [(str(folder), 0)]
+        paths = sorted(
+            os.path.join(parent, name)
+            for parent, _, names in os.walk(folder, followlinks=True)
+            for name in names
+            if has_file_allowed_extension(name, IMG_EXTENSIONS)
+        )
+        if not paths:
+            raise UserInputError(f"No image files ({', '.join(IMG_EXTENSIONS)}) under {folder}.")
+        return [(path, 0) for path in paths]
     try:
         return make_dataset(folder, {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as error:
@@ -139,14 +160,15 @@ class ImageFolderStore:
     """The images of one class-folder tree, and its decoded stores under ``cache_dir``.
 
     Args:
-        folder: A folder of class folders.
-        classes: The class names (folder names), in label order.
+        folder: A folder of class folders; with ``classes`` None, any folder of images or one image file.
+        classes: The class names (folder names), in label order; None for unlabeled images at any
+            depth (all get label 0).
         cache_dir: Where stores are kept.
         skip_bad_images: Skip files that do not decode (listed in the store's skipped.txt)
             instead of stopping with the path of the first.
     """
 
-    def __init__(self, folder: Path, classes: list[str], cache_dir: Path, skip_bad_images: bool = False) -> None:
+    def __init__(self, folder: Path, classes: list[str] | None, cache_dir: Path, skip_bad_images: bool = False) -> None:
         self.folder, self.cache_dir, self.skip_bad_images = folder, cache_dir, skip_bad_images
         self.samples = list_images(folder, classes)
         self.key = f"{folder.name}-{fingerprint(folder, self.samples)}"
@@ -177,8 +199,10 @@ class ImageFolderStore:
         skipped = (path / "skipped.txt").read_text().splitlines()
         if skipped:
             rank_zero_info(
-                f"Skipped {len(skipped)} image file(s) under {self.folder} that do not decode, e.g. "
-                f"{'; '.join(skipped[:3])}. Full list: {path / 'skipped.txt'}"
+                f"Skipped {len(skipped)} image file(s) under {self.folder} that do not decode:\n  "
+                + "\n  ".join(skipped[:SKIPPED_SHOWN])
+                + (f"\n  ... {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else "")
+                + f"\nFull list: {path / 'skipped.txt'}"
             )
         # A read-only shared map: pages are read from the file on first use and can be dropped again.
         # (A copy-on-write map counts its whole size against the memory commit limit, so the kernel
@@ -187,7 +211,8 @@ class ImageFolderStore:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
             images = torch.from_numpy(np.load(path / "images.npy", mmap_mode="r"))
-        return StoredImages(ImageArrays(images, labels), torch.nonzero(labels >= 0).flatten(), path)
+        files = json.loads((path / "files.json").read_text()) if (path / "files.json").is_file() else None
+        return StoredImages(ImageArrays(images, labels), torch.nonzero(labels >= 0).flatten(), path, files)
 
     def _header_sizes(self) -> list[tuple[int, int] | str]:
         if self._sizes is None:
@@ -219,6 +244,7 @@ class ImageFolderStore:
             np.save(temporary / "labels.npy", labels)
             skipped = [f"{self.samples[i][0]}: {error}" for i, error in sorted(bad.items())]
             (temporary / "skipped.txt").write_text("".join(line + "\n" for line in skipped))
+            (temporary / "files.json").write_text(json.dumps([self.samples[i][0] for i in good]))
             info = {"source": str(self.folder.resolve()), "images": len(good), "size": list(size)}
             info["uniform_size"] = list(sizes.pop()) if len(sizes) == 1 else None
             (temporary / "info.json").write_text(json.dumps(info, indent=1))

@@ -7,7 +7,8 @@ through Python or PIL per epoch (the idea of KellerJordan/cifar10-airbench and f
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -122,3 +123,63 @@ def prepare_batch(
                 batch, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=downscale
             )
     return (batch - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes the network's input at evaluation, exactly as in training.
+
+    1. Decode (RGB, EXIF-upright), resize keeping the aspect ratio until ``stored_size`` (H, W) is
+       covered, and take the centre ``stored_size`` (:func:`~transfer_lightning.data.store.decode_image`).
+    2. :func:`prepare_batch` without augmentation: the centre ``image_size`` square (``view`` crop)
+       or a resize of the whole image to ``image_size`` (``view`` resize), then ``mean`` and ``std``.
+
+    Saved in every checkpoint, so that ``predict`` and ``export`` need neither a config nor the training data.
+    """
+
+    stored_size: tuple[int, int]
+    view: View
+    image_size: int | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def caller_size(self) -> tuple[int, int]:
+        """(H, W) of the uint8 images an exported model takes: what step 1 gives, centre-cropped in crop view."""
+        if self.view == "crop" and self.image_size is not None:
+            return (self.image_size, self.image_size)
+        return tuple(self.stored_size)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """uint8 (N, 3, H, W) images from step 1 (or of :attr:`caller_size`) -> the network's input."""
+        mean = torch.tensor(self.mean, device=images.device)
+        std = torch.tensor(self.std, device=images.device)
+        return prepare_batch(images, mean, std, augment=False, image_size=self.image_size, view=self.view)
+
+    def describe(self) -> str:
+        """Step 1 for a caller of an exported model, in words."""
+        height, width = self.caller_size
+        if tuple(self.stored_size) == (height, width):
+            return (
+                f"Resize each RGB image keeping its aspect ratio so that it covers {height}x{width} (bilinear, "
+                f"antialiased, as PIL's resize), then take the centre {height}x{width}; uint8, channels first."
+            )
+        return (
+            f"Resize each RGB image keeping its aspect ratio so that it covers {self.stored_size[0]}x"
+            f"{self.stored_size[1]} (bilinear, antialiased, as PIL's resize; torchvision's "
+            f"Resize({min(self.stored_size)}) for a square), then take the centre {height}x{width} "
+            f"(CenterCrop({height})); uint8, channels first."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
+        return cls(
+            stored_size=tuple(values["stored_size"]),
+            view=values["view"],
+            image_size=values["image_size"],
+            mean=tuple(values["mean"]),
+            std=tuple(values["std"]),
+        )
