@@ -1,0 +1,196 @@
+"""``python -m transfer_lightning export``: a trained checkpoint as a stand-alone model file.
+
+The file takes a batch of RGB ``uint8`` images ``(N, 3, H, W)`` at the trained size and returns
+class probabilities ``(N, classes)``; scaling, normalisation and any resize to the network's input
+size happen inside. Resizing photos of any size to ``H x W`` stays with the caller, because training
+decoded them with PIL's antialiased resize, which torch's ``interpolate`` matches only to a few grey
+levels. ``FILE.json`` beside the model says how (and holds the class names).
+
+Formats: ``pt2`` (``torch.export``, loaded with ``torch.export.load(FILE).module()``) and ``onnx``
+(``torch.onnx`` with the ``[export]`` extra). Every export is checked: the written file and the
+Lightning model must give the same probabilities (within :data:`TOLERANCE`) on a few images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from transfer_lightning import __version__, checkpoints
+from transfer_lightning.data.transforms import Preprocessing, prepare_batch
+from transfer_lightning.errors import UserInputError
+from transfer_lightning.model import TransferClassifier
+
+Format = Literal["onnx", "pt2"]
+FORMATS: tuple[Format, ...] = ("onnx", "pt2")
+#: Largest difference of any probability between the exported file and the Lightning model (fp32).
+TOLERANCE = 1e-4
+#: Packages of the [export] extra that the ONNX format needs: onnxscript to export, onnxruntime to check.
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+
+
+class ExportedClassifier(nn.Module):
+    """uint8 RGB images ``(N, 3, H, W)`` -> class probabilities ``(N, classes)``, as evaluation in training."""
+
+    def __init__(self, network: nn.Module, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.network = network
+        self.image_size, self.view = preprocessing.image_size, preprocessing.view
+        self.register_buffer("mean", torch.tensor(preprocessing.mean))
+        self.register_buffer("std", torch.tensor(preprocessing.std))
+
+    def forward(self, images: Tensor) -> Tensor:
+        inputs = prepare_batch(images, self.mean, self.std, augment=False, image_size=self.image_size, view=self.view)
+        return self.network(inputs).softmax(dim=-1)
+
+
+def load_classifier(ckpt_path: str | Path) -> tuple[TransferClassifier, Preprocessing]:
+    """The checkpoint's model (CPU, eval mode) and how its images were prepared."""
+    checkpoint = checkpoints.read_checkpoint(ckpt_path)
+    preprocessing = checkpoints.preprocessing(checkpoint, ckpt_path)
+    accepted = inspect.signature(TransferClassifier).parameters  # not Lightning's bookkeeping (_instantiator)
+    hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key in accepted}
+    model = TransferClassifier(**{**hparams, "weights": None, "compile": False})
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), preprocessing
+
+
+def export(ckpt_path: str | Path, output: str | Path, format: Format | None = None) -> Path:
+    """Write the model of ``ckpt_path`` to ``output`` (and ``output.json``), checked; returns ``output``.
+
+    ``format`` defaults to the suffix of ``output``. Nothing is left at ``output`` when the check fails.
+    """
+    output = Path(output)
+    format = format or output.suffix.lstrip(".")
+    if format not in FORMATS:
+        raise UserInputError(f"Unknown export format {format!r}: use --format onnx or --format pt2.")
+    if format == "onnx":
+        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UserInputError(
+                f"ONNX export needs {', '.join(missing)}: install the export extra (pip install -e '.[export]')."
+            )
+    model, preprocessing = load_classifier(ckpt_path)
+    exported = ExportedClassifier(model.network, preprocessing).eval()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    try:
+        written = partial / output.name
+        (_write_onnx if format == "onnx" else _write_pt2)(exported, preprocessing, written)
+        difference = check(written, format, model, preprocessing)
+        description = describe(model, preprocessing, format, ckpt_path, difference)
+        (partial / "model.json").write_text(json.dumps(description, indent=1) + "\n")
+        os.replace(written, output)
+        os.replace(partial / "model.json", f"{output}.json")
+    finally:
+        for leftover in partial.iterdir():
+            leftover.unlink()
+        partial.rmdir()
+    return output
+
+
+def example_images(preprocessing: Preprocessing, count: int, seed: int = 0) -> Tensor:
+    """``count`` random uint8 images of the size an exported model takes."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, *preprocessing.caller_size), dtype=torch.uint8, generator=generator)
+
+
+def _write_pt2(module: ExportedClassifier, preprocessing: Preprocessing, path: Path) -> None:
+    program = torch.export.export(module, (example_images(preprocessing, 2),), dynamic_shapes=_dynamic_batch())
+    torch.export.save(program, path)
+
+
+def _write_onnx(module: ExportedClassifier, preprocessing: Preprocessing, path: Path) -> None:
+    torch.onnx.export(
+        module,
+        (example_images(preprocessing, 2),),
+        path,
+        input_names=["images"],
+        output_names=["probabilities"],
+        dynamic_shapes=_dynamic_batch(),
+        dynamo=True,
+        external_data=False,  # one self-contained file (ResNet18 and MobileNetV2 are far below protobuf's 2 GB)
+        verbose=False,
+    )
+
+
+def _dynamic_batch() -> dict[str, dict[int, torch.export.Dim]]:
+    return {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
+
+
+@torch.no_grad()
+def check(path: Path, format: Format, model: TransferClassifier, preprocessing: Preprocessing) -> float:
+    """Largest probability difference between the file at ``path`` and ``model``; fails above :data:`TOLERANCE`."""
+    images = example_images(preprocessing, 3, seed=1)  # another batch size than the one exported with
+    expected = model(preprocessing(images)).softmax(dim=-1)
+    got = run_exported(path, format, images)
+    difference = float((got - expected).abs().max())
+    if got.shape != expected.shape or not difference <= TOLERANCE:
+        raise UserInputError(
+            f"The exported {format} model does not match the checkpoint: probabilities differ by up to "
+            f"{difference:.2e} (allowed {TOLERANCE:.0e}). This is a bug: please report it with the backbone name."
+        )
+    return difference
+
+
+def run_exported(path: Path, format: Format, images: Tensor) -> Tensor:
+    """Probabilities of the exported model at ``path`` for uint8 ``images``, run as a user would run it."""
+    if format == "pt2":
+        with torch.inference_mode():
+            return torch.export.load(path).module()(images)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+
+def describe(
+    model: TransferClassifier, preprocessing: Preprocessing, format: Format, ckpt_path: str | Path, difference: float
+) -> dict:
+    """What ``FILE.json`` says: the classes, the input and output, and what the caller must do first."""
+    height, width = preprocessing.caller_size
+    return {
+        "format": format,
+        "classes": model.class_names,
+        "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, height, width], "channels": "RGB"},
+        "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(model.class_names)]},
+        "preprocessing": preprocessing.describe(),
+        "resize_to_cover": list(preprocessing.stored_size),
+        "center_crop": [height, width],
+        "inside_the_model": {
+            "scale": "divide by 255",
+            "mean": list(preprocessing.mean),
+            "std": list(preprocessing.std),
+            "network_input_size": preprocessing.image_size or list(preprocessing.stored_size),
+        },
+        "backbone": model.hparams.backbone,
+        "checkpoint": str(ckpt_path),
+        "checked": {"images": 3, "max_probability_difference": difference, "tolerance": TOLERANCE},
+        "transfer_lightning_version": __version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m transfer_lightning export",
+        description="Write a trained checkpoint as a model file that runs without this package: "
+        "uint8 RGB images (N, 3, H, W) in, class probabilities out; FILE.json says how to prepare images.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit (lightning_logs/.../*.ckpt)")
+    parser.add_argument("--format", choices=FORMATS, help="onnx or pt2 (torch.export); default: the suffix of --output")
+    parser.add_argument("--output", help="file to write; default: the checkpoint's path with the format's suffix")
+    args = parser.parse_args(argv)
+    if args.output is None and args.format is None:
+        parser.error("give --format onnx|pt2, or an --output file ending in .onnx or .pt2")
+    output = args.output or str(Path(args.ckpt_path).with_suffix(f".{args.format}"))
+    written = export(args.ckpt_path, output, args.format)
+    print(f"Wrote {written} and {written}.json (checked against the checkpoint).")
