@@ -304,3 +304,15 @@ def test_the_readme_snippets_run_without_this_package_and_agree_with_predict(tra
     for probabilities in results:
         assert CLASSES[int(probabilities.argmax())] == row["predicted_class"]
         assert float(probabilities.max()) == pytest.approx(float(row["probability"]), abs=1e-4)
+
+
+def test_export_of_a_cifar_run_upsamples_inside_the_model(cifar_batches, run_dir):
+    """Images of one size (CIFAR-10's 32 px) trained at --data.image_size 48: the file takes 32 px, resizes inside."""
+    args = [f"--data.data_dir={cifar_batches}", "--data.image_size=48", "--data.val_size=20", "--data.batch_size=20"]
+    main(["fit", *args, "--model.weights=null", "--trainer.max_epochs=1", "--test_after_fit=false", *QUIET])
+    checkpoint = next(run_dir.rglob("last.ckpt"))
+    output = export.export(checkpoint, run_dir / "cifar.pt2")  # checked against the checkpoint inside
+    description = json.loads(Path(f"{output}.json").read_text())
+    assert description["input"]["shape"] == ["N", 3, 32, 32] and description["resize_to_cover"] == [32, 32]
+    assert description["inside_the_model"]["network_input_size"] == 48
+    assert description["classes"][:2] == ["airplane", "automobile"]
