@@ -172,7 +172,12 @@ class TransferLightningCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        """``--ckpt_path last``: the newest ``last.ckpt`` of any earlier run under this logger's folder."""
+        """Log the learning rate as often as the scheduler steps; resolve ``--ckpt_path last``: the newest
+        ``last.ckpt`` of any earlier run under this logger's folder."""
+        if self.model.hparams.scheduler_interval == "step":
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, LearningRateMonitor) and callback.logging_interval == "epoch":
+                    callback.logging_interval = "step"
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last" or self.trainer.logger is None:
             return

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +22,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from transfer_lightning.backbones import create_network
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.evaluation import ClassificationMetrics
+
+#: Layers whose parameters ``no_weight_decay_on_norm_and_bias`` exempts from weight decay.
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 class TransferClassifier(pl.LightningModule):
@@ -42,7 +47,15 @@ class TransferClassifier(pl.LightningModule):
         compile: torch.compile the network before training (slow start, faster steps on GPU).
         optimizer: Optimizer class and arguments (class_path: torch.optim.SGD, ...); it receives
             only the trainable parameters.
-        scheduler: Learning-rate scheduler, stepped once per epoch; null keeps the rate constant.
+        scheduler: Learning-rate scheduler; null keeps the rate constant. A scheduler that takes
+            ``total_steps`` (OneCycleLR, :class:`~transfer_lightning.schedules.WarmupCosineLR`) gets
+            the whole run's count when the config leaves it unset.
+        scheduler_interval: Step the scheduler once per ``epoch`` (the reference recipe) or once per
+            optimizer ``step`` (warmup and one-cycle schedules); the learning rate is logged as often.
+        label_smoothing: Label smoothing of the training loss (0 = none; 0.1 is common). Validation
+            and test losses stay plain cross-entropy, comparable between runs.
+        no_weight_decay_on_norm_and_bias: Exempt normalisation layers and biases from the optimizer's
+            weight decay (their own parameter group), as most fine-tuning recipes do.
     """
 
     def __init__(
@@ -57,10 +70,17 @@ class TransferClassifier(pl.LightningModule):
         compile: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        label_smoothing: float = 0.0,
+        no_weight_decay_on_norm_and_bias: bool = False,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise UserInputError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
+        if scheduler_interval not in ("epoch", "step"):
+            raise UserInputError(f"scheduler_interval must be epoch or step, got {scheduler_interval!r}.")
+        if not 0 <= label_smoothing < 1:
+            raise UserInputError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.network, self.head_name = create_network(backbone, weights, num_classes)
         self.class_names = class_names or [str(i) for i in range(num_classes)]
@@ -170,7 +190,7 @@ class TransferClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self.logits(images)
-        loss = F.cross_entropy(logits, labels, weight=self.loss_weights)
+        loss = F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
@@ -226,7 +246,7 @@ class TransferClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         try:
-            optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+            optimizer = self.optimizer_factory(self.parameter_groups())
         except (TypeError, ValueError) as error:
             raise UserInputError(
                 f"model.optimizer rejected its arguments: {error}. Fix model.optimizer.init_args."
@@ -236,15 +256,46 @@ class TransferClassifier(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         try:
-            scheduler = self.scheduler_factory(optimizer)
+            scheduler = self.scheduler_factory(optimizer, **self._scheduler_length())
         except (TypeError, ValueError) as error:
             raise UserInputError(
                 f"model.scheduler rejected its arguments: {error}. Fix model.scheduler.init_args."
             ) from None
+        interval = self.hparams.scheduler_interval
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"},
         }
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters; with ``no_weight_decay_on_norm_and_bias`` normalisation layers and
+        biases form a second group with ``weight_decay`` 0."""
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        if not self.hparams.no_weight_decay_on_norm_and_bias:
+            return [{"params": [p for _, p in trainable]}]
+        exempt = {id(p) for module in self.modules() if isinstance(module, NORM_LAYERS) for p in module.parameters()}
+        exempt |= {id(p) for name, p in trainable if name.endswith(".bias")}
+        decayed = [p for _, p in trainable if id(p) not in exempt]
+        return [{"params": decayed}, {"params": [p for _, p in trainable if id(p) in exempt], "weight_decay": 0.0}]
+
+    def _scheduler_length(self) -> dict[str, int]:
+        """``total_steps`` for a scheduler that takes it and was not given it (nor OneCycleLR's epochs)."""
+        factory = self.scheduler_factory
+        if isinstance(factory, functools.partial):  # what LightningCLI builds: the class with every argument bound
+            arguments = factory.keywords
+        else:
+            arguments = {name: p.default for name, p in inspect.signature(factory).parameters.items()}
+        unset = lambda name: name in arguments and arguments[name] is None  # noqa: E731
+        given_epochs = "epochs" in arguments and not unset("epochs")  # OneCycleLR(epochs, steps_per_epoch)
+        if not unset("total_steps") or given_epochs:
+            return {}
+        if self.hparams.scheduler_interval == "step":
+            return {"total_steps": int(self.trainer.estimated_stepping_batches)}
+        if self.trainer.max_epochs is None or self.trainer.max_epochs < 1:
+            raise UserInputError(
+                "The scheduler needs total_steps: set trainer.max_epochs or model.scheduler's total_steps."
+            )
+        return {"total_steps": self.trainer.max_epochs}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another backbone or class count with a clear message."""
