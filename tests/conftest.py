@@ -115,3 +115,9 @@ def write_photo_folder(root: Path, splits: dict[str, int], classes: tuple[str, .
             exif[0x0112] = 6  # stored sideways: turn 90 degrees clockwise to view
             photo(label, (72, 40), generator).save(folder / "phone.jpg", exif=exif)
     return root
+
+
+@pytest.fixture(autouse=True)
+def private_cache_home(tmp_path_factory, monkeypatch):
+    """Decoded stores and features of commands run without --data.cache_dir go to a temporary folder, not ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))

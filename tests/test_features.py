@@ -101,3 +101,51 @@ def test_batches_are_pinned_only_for_a_gpu(image_folder, tmp_path):
     assert not datamodule.train_dataloader().pin_memory
     datamodule.trainer = SimpleNamespace(accelerator=CUDAAccelerator(), world_size=1, global_rank=0)
     assert datamodule.train_dataloader().pin_memory
+
+
+def test_stored_features_are_reused_and_rebuilt_when_an_input_changes(image_folder, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO)
+    first, datamodule, first_record = fit_frozen(image_folder, tmp_path, "resnet18", cache=True)
+    stored = sorted((tmp_path / "cache" / "features").glob("*.pt"))
+    assert len(stored) == 2  # train and val
+
+    # A second run (another learning rate would do too) never touches the backbone.
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone ran although the stored features fit")
+
+    monkeypatch.setattr(FrozenFeatureCache, "compute", no_backbone)
+    second, _, second_record = fit_frozen(image_folder, tmp_path, "resnet18", cache=True)
+    assert "reusing the stored features of train_set" in caplog.text
+    for key, value in head_state(first).items():
+        torch.testing.assert_close(value, head_state(second)[key])
+    assert second_record.val_acc == first_record.val_acc
+    monkeypatch.undo()
+
+    # The file name changes with the weights, the images of the split, and the transform.
+    cache = FrozenFeatureCache()
+    trainer = SimpleNamespace(precision="32-true")
+    datamodule.setup("fit")
+    model = TransferClassifier(weights=None, num_classes=4, freeze_backbone=True)
+    base = cache.stored_path(model, datamodule, datamodule.train_set, trainer)
+    other_weights = TransferClassifier(weights=None, num_classes=4, freeze_backbone=True)
+    assert cache.stored_path(other_weights, datamodule, datamodule.train_set, trainer) != base
+    other_split = datamodule_for(image_folder, tmp_path, split_seed=1)
+    other_split.setup("fit")
+    assert cache.stored_path(model, other_split, other_split.train_set, trainer) != base
+    other_transform = datamodule_for(image_folder, tmp_path, normalization="cifar10")
+    other_transform.setup("fit")
+    assert cache.stored_path(model, other_transform, other_transform.train_set, trainer) != base
+    assert cache.stored_path(model, datamodule, datamodule.train_set, SimpleNamespace(precision="bf16-mixed")) != base
+    assert FrozenFeatureCache(precision="bf16").stored_path(model, datamodule, datamodule.train_set, trainer) != base
+    assert cache.stored_path(model, datamodule, datamodule.train_set, trainer) == base  # and only then
+
+
+def test_bf16_features_are_close_to_fp32(image_folder, tmp_path):
+    datamodule = datamodule_for(image_folder, tmp_path)
+    datamodule.setup("fit")
+    model = TransferClassifier(weights=None, num_classes=4, freeze_backbone=True).eval()
+    trainer = SimpleNamespace(precision="32-true", is_global_zero=True)
+    exact = FrozenFeatureCache(precision="fp32").compute(model, datamodule, datamodule.val_set, "val", trainer)
+    fast = FrozenFeatureCache(precision="bf16").compute(model, datamodule, datamodule.val_set, "val", trainer)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # bf16 did run
+    torch.testing.assert_close(fast, exact, atol=0.05 * exact.abs().max().item(), rtol=0.05)

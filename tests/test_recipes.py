@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
+from tests.test_model import datamodule_for, make_trainer
 from transfer_lightning.cli import TransferLightningCLI
+from transfer_lightning.data.transforms import Preprocessing
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.export import ExportedClassifier
+from transfer_lightning.features import FrozenFeatureCache
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.report import read_run
 from transfer_lightning.schedules import WarmupCosineLR
@@ -107,3 +114,124 @@ def test_no_weight_decay_on_norm_and_bias(freeze):
 
     plain = TransferClassifier(backbone="mobilenet_v2", weights=None, num_classes=3, freeze_backbone=freeze)
     assert len(plain.configure_optimizers().param_groups) == 1
+
+
+# --- gradual unfreezing --------------------------------------------------------------------------
+
+
+class RecordEpochs(pl.Callback):
+    """Per training epoch: whether the backbone trains, its BatchNorm mode, and each group's learning rate."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            conv = pl_module.network.conv1.weight
+            self.epochs[trainer.current_epoch] = {
+                "trains": conv.requires_grad,
+                "bn_training": pl_module.network.bn1.training,
+                "lrs": {group["name"]: group["lr"] for group in trainer.optimizers[0].param_groups},
+                "conv": conv.detach().clone(),
+            }
+
+
+def unfreezing_run(image_folder, tmp_path, max_epochs: int = 4, ckpt_path: str | None = None):
+    pl.seed_everything(3)
+    model = TransferClassifier(
+        weights=None,
+        num_classes=4,
+        freeze_backbone=True,
+        unfreeze_at_epoch=2,
+        backbone_lr_scale=0.1,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+        scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+    )
+    recorder = RecordEpochs()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    trainer = make_trainer(tmp_path, max_epochs=max_epochs, enable_checkpointing=True, limit_val_batches=1)
+    trainer.callbacks.extend([recorder, checkpoints])
+    trainer.fit(model, datamodule_for(image_folder, tmp_path), ckpt_path=ckpt_path)
+    return model, recorder
+
+
+def test_gradual_unfreezing_at_the_set_epoch_with_the_set_learning_rates(image_folder, tmp_path):
+    model, record = unfreezing_run(image_folder, tmp_path)
+    epochs = record.epochs
+    assert [epochs[e]["trains"] for e in range(4)] == [False, False, True, True]
+    assert [epochs[e]["bn_training"] for e in range(4)] == [False, False, True, True]
+    for epoch in range(4):  # the same two groups throughout; the backbone at 0.1 x the head, both scheduled
+        assert epochs[epoch]["lrs"] == pytest.approx({"head": 0.1 * 0.5**epoch, "backbone": 0.01 * 0.5**epoch})
+    assert torch.equal(epochs[0]["conv"], epochs[2]["conv"])  # frozen until epoch 2
+    assert not torch.equal(epochs[2]["conv"], epochs[3]["conv"])  # trained from epoch 2 on
+    assert not torch.equal(epochs[3]["conv"], model.network.conv1.weight)
+
+
+@pytest.mark.parametrize("checkpoint", ["epoch=0.ckpt", "epoch=2.ckpt"], ids=["before-unfreezing", "after"])
+def test_resuming_continues_frozen_or_unfrozen_as_the_uninterrupted_run(image_folder, tmp_path, checkpoint):
+    uninterrupted, full = unfreezing_run(image_folder, tmp_path / "full")
+    resumed, rest = unfreezing_run(
+        image_folder, tmp_path / "resumed", ckpt_path=str(tmp_path / "full" / "ckpt" / checkpoint)
+    )
+    first = int(checkpoint[6]) + 1
+    assert sorted(rest.epochs) == list(range(first, 4))
+    for epoch in rest.epochs:
+        for key in ("trains", "bn_training"):
+            assert rest.epochs[epoch][key] == full.epochs[epoch][key], (epoch, key)
+        assert rest.epochs[epoch]["lrs"] == pytest.approx(full.epochs[epoch]["lrs"])
+        torch.testing.assert_close(rest.epochs[epoch]["conv"], full.epochs[epoch]["conv"])
+    for key, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
+
+
+def test_unfreezing_needs_a_frozen_backbone():
+    with pytest.raises(UserInputError, match="freeze_backbone"):
+        TransferClassifier(weights=None, unfreeze_at_epoch=2)
+
+
+# --- flip test-time augmentation -----------------------------------------------------------------
+
+
+def test_tta_flip_averages_the_probabilities_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = TransferClassifier(weights=None, num_classes=4, tta_flip=True).eval()
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = (model(images).softmax(-1) + model(images.flip(-1)).softmax(-1)) / 2
+        got = model.evaluation_logits(images).softmax(-1)
+        plain = TransferClassifier(weights=None, num_classes=4).eval()
+        plain.load_state_dict(model.state_dict())
+        assert torch.allclose(plain.evaluation_logits(images), model(images))  # off: the plain logits
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, model(images).softmax(-1))
+
+    # Exported models average the same way.
+    preprocessing = Preprocessing((32, 32), "resize", None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    uint8 = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        exported = ExportedClassifier(model.network, preprocessing, tta_flip=True).eval()(uint8)
+        lightning = model.evaluation_logits(preprocessing(uint8)).softmax(-1)
+    torch.testing.assert_close(exported, lightning)
+
+
+def test_feature_cache_is_off_with_tta_flip(image_folder, tmp_path):
+    model = TransferClassifier(weights=None, num_classes=4, freeze_backbone=True, tta_flip=True)
+    assert "tta_flip" in FrozenFeatureCache().reason_not_to_cache(model, datamodule_for(image_folder, tmp_path))
+
+
+# --- recipe configs ------------------------------------------------------------------------------
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
+def test_recipe_configs_run_and_comment_every_setting(recipe, small_run_args, run_dir):
+    settings = [line for line in recipe.read_text().splitlines() if ":" in line and not line.lstrip().startswith("#")]
+    uncommented = [line for line in settings if line.split(":", 1)[1].strip() and "#" not in line]
+    assert not uncommented, f"settings without a comment in {recipe.name}: {uncommented}"
+    shrink = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    shrink += ["--trainer.limit_test_batches=0.5", "--data.image_size=64"]
+    if "warmup_steps" in recipe.read_text():  # 4 optimizer steps in all here
+        shrink.append("--model.scheduler.warmup_steps=1")
+    cli = TransferLightningCLI(args=["fit", f"--config={recipe}", *small_run_args, *shrink])
+    assert cli.trainer.current_epoch == 2 and 0 <= cli.trainer.callback_metrics["test/acc"] <= 1

@@ -41,16 +41,19 @@ ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 class ExportedClassifier(nn.Module):
     """uint8 RGB images ``(N, 3, H, W)`` -> class probabilities ``(N, classes)``, as evaluation in training."""
 
-    def __init__(self, network: nn.Module, preprocessing: Preprocessing) -> None:
+    def __init__(self, network: nn.Module, preprocessing: Preprocessing, tta_flip: bool = False) -> None:
         super().__init__()
-        self.network = network
+        self.network, self.tta_flip = network, tta_flip
         self.image_size, self.view = preprocessing.image_size, preprocessing.view
         self.register_buffer("mean", torch.tensor(preprocessing.mean))
         self.register_buffer("std", torch.tensor(preprocessing.std))
 
     def forward(self, images: Tensor) -> Tensor:
         inputs = prepare_batch(images, self.mean, self.std, augment=False, image_size=self.image_size, view=self.view)
-        return self.network(inputs).softmax(dim=-1)
+        probabilities = self.network(inputs).softmax(dim=-1)
+        if self.tta_flip:  # as the model's tta_flip: the mean with the mirror image's probabilities
+            probabilities = (probabilities + self.network(inputs.flip(-1)).softmax(dim=-1)) / 2
+        return probabilities
 
 
 def load_classifier(ckpt_path: str | Path) -> tuple[TransferClassifier, Preprocessing]:
@@ -80,7 +83,7 @@ def export(ckpt_path: str | Path, output: str | Path, format: Format | None = No
                 f"ONNX export needs {', '.join(missing)}: install the export extra (pip install -e '.[export]')."
             )
     model, preprocessing = load_classifier(ckpt_path)
-    exported = ExportedClassifier(model.network, preprocessing).eval()
+    exported = ExportedClassifier(model.network, preprocessing, model.hparams.tta_flip).eval()
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:
@@ -131,7 +134,7 @@ def _dynamic_batch() -> dict[str, dict[int, torch.export.Dim]]:
 def check(path: Path, format: Format, model: TransferClassifier, preprocessing: Preprocessing) -> float:
     """Largest probability difference between the file at ``path`` and ``model``; fails above :data:`TOLERANCE`."""
     images = example_images(preprocessing, 3, seed=1)  # another batch size than the one exported with
-    expected = model(preprocessing(images)).softmax(dim=-1)
+    expected = model.evaluation_logits(preprocessing(images)).softmax(dim=-1)
     got = run_exported(path, format, images)
     difference = float((got - expected).abs().max())
     if got.shape != expected.shape or not difference <= TOLERANCE:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transfer_lightning.backbones import create_network
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.evaluation import ClassificationMetrics
+from transfer_lightning.finetuning import GradualUnfreezing
 
 #: Layers whose parameters ``no_weight_decay_on_norm_and_bias`` exempts from weight decay.
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -56,6 +58,12 @@ class TransferClassifier(pl.LightningModule):
             and test losses stay plain cross-entropy, comparable between runs.
         no_weight_decay_on_norm_and_bias: Exempt normalisation layers and biases from the optimizer's
             weight decay (their own parameter group), as most fine-tuning recipes do.
+        unfreeze_at_epoch: With freeze_backbone, train the whole network from this epoch (counted
+            from 0) on: gradual unfreezing. BatchNorm stays in eval mode until then, and trains after.
+        backbone_lr_scale: With unfreeze_at_epoch, the backbone's learning rate is the head's times
+            this (discriminative learning rates). Its parameter group exists from the start, frozen.
+        tta_flip: Test-time augmentation in validation, test, predict and exported models: average
+            the class probabilities of each image and its mirror image (twice the evaluation work).
     """
 
     def __init__(
@@ -73,6 +81,9 @@ class TransferClassifier(pl.LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         label_smoothing: float = 0.0,
         no_weight_decay_on_norm_and_bias: bool = False,
+        unfreeze_at_epoch: int | None = None,
+        backbone_lr_scale: float = 0.1,
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -81,11 +92,20 @@ class TransferClassifier(pl.LightningModule):
             raise UserInputError(f"scheduler_interval must be epoch or step, got {scheduler_interval!r}.")
         if not 0 <= label_smoothing < 1:
             raise UserInputError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        if unfreeze_at_epoch is not None and (not freeze_backbone or unfreeze_at_epoch < 0):
+            raise UserInputError(
+                f"unfreeze_at_epoch {unfreeze_at_epoch} needs freeze_backbone: true and an epoch >= 0 "
+                "(the backbone is frozen until then)."
+            )
+        if backbone_lr_scale <= 0:
+            raise UserInputError(f"backbone_lr_scale must be positive, got {backbone_lr_scale}.")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.network, self.head_name = create_network(backbone, weights, num_classes)
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        #: Whether the backbone is frozen now (with unfreeze_at_epoch it is until that epoch).
+        self.backbone_frozen = False
         if freeze_backbone:
             self.freeze_backbone()
         #: Set by :class:`~transfer_lightning.features.FrozenFeatureCache` while batches hold the
@@ -108,6 +128,7 @@ class TransferClassifier(pl.LightningModule):
         """Set requires_grad False on every parameter outside the head."""
         self.network.requires_grad_(False)
         self.head.requires_grad_(True)
+        self.backbone_frozen = True
 
     @property
     def classifier_block(self) -> nn.Module:
@@ -131,16 +152,22 @@ class TransferClassifier(pl.LightningModule):
     def train(self, mode: bool = True) -> TransferClassifier:
         """Switch modes as usual, but keep a frozen backbone's BatchNorm layers in eval mode."""
         super().train(mode)
-        if mode and self.hparams.freeze_backbone and not self.hparams.update_bn_stats:
+        if mode and self.backbone_frozen and not self.hparams.update_bn_stats:
             for batchnorm in self.backbone_batchnorms():
                 batchnorm.eval()
         return self
 
     def on_fit_start(self) -> None:
-        if self.hparams.freeze_backbone and not self.hparams.update_bn_stats:
+        if self.backbone_frozen and not self.hparams.update_bn_stats:
+            until = self.hparams.unfreeze_at_epoch
+            when = (
+                f"until the backbone is unfrozen at epoch {until}"
+                if until is not None
+                else "(set model.update_bn_stats true to let them drift)"
+            )
             rank_zero_info(
                 f"Frozen backbone: its {len(self.backbone_batchnorms())} BatchNorm layers stay in eval mode, so their "
-                "running statistics never change (set model.update_bn_stats true to let them drift)."
+                f"running statistics do not change {when}."
             )
             # Lightning warns about any module in eval mode at the start of training: here that is the point.
             eval_mode = r"Found \d+ module\(s\) in eval mode"
@@ -187,6 +214,15 @@ class TransferClassifier(pl.LightningModule):
         """Class scores for a batch of images, or of cached features (see :attr:`inputs_are_features`)."""
         return self.classifier_block(inputs) if self.inputs_are_features else self(inputs)
 
+    def evaluation_logits(self, inputs: Tensor) -> Tensor:
+        """Class scores for evaluation; with ``tta_flip`` the log of the mean probabilities of each
+        image and its mirror image (so softmax, accuracy and cross-entropy all see the average)."""
+        logits = self.logits(inputs)
+        if not self.hparams.tta_flip:
+            return logits
+        both = torch.stack([logits.log_softmax(dim=-1), self.logits(inputs.flip(-1)).log_softmax(dim=-1)])
+        return torch.logsumexp(both, dim=0) - math.log(2)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self.logits(images)
@@ -198,14 +234,14 @@ class TransferClassifier(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        logits = self.logits(images)
+        logits = self.evaluation_logits(images)
         self.val_acc(logits, labels)
         self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True, prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        logits = self(images)
+        logits = self.evaluation_logits(images)
         self.test_acc(logits, labels)
         self.test_metrics.update(logits, labels)
         self.log("test/loss", F.cross_entropy(logits, labels), sync_dist=True)
@@ -242,7 +278,7 @@ class TransferClassifier(pl.LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Class probabilities of each image, with its true label when the data has one."""
         images, labels = batch
-        return {"probabilities": self(images).softmax(dim=-1), "labels": labels}
+        return {"probabilities": self.evaluation_logits(images).softmax(dim=-1), "labels": labels}
 
     def configure_optimizers(self) -> Any:
         try:
@@ -253,6 +289,9 @@ class TransferClassifier(pl.LightningModule):
             ) from None
         if any(group["lr"] <= 0 for group in optimizer.param_groups):
             raise UserInputError(f"The learning rate must be positive, got {optimizer.param_groups[0]['lr']}.")
+        for group in optimizer.param_groups:
+            if group.get("name", "").startswith("backbone"):
+                group["lr"] *= self.hparams.backbone_lr_scale
         if self.scheduler_factory is None:
             return optimizer
         try:
@@ -268,15 +307,35 @@ class TransferClassifier(pl.LightningModule):
         }
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The trainable parameters; with ``no_weight_decay_on_norm_and_bias`` normalisation layers and
-        biases form a second group with ``weight_decay`` 0."""
-        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        if not self.hparams.no_weight_decay_on_norm_and_bias:
-            return [{"params": [p for _, p in trainable]}]
-        exempt = {id(p) for module in self.modules() if isinstance(module, NORM_LAYERS) for p in module.parameters()}
-        exempt |= {id(p) for name, p in trainable if name.endswith(".bias")}
-        decayed = [p for _, p in trainable if id(p) not in exempt]
-        return [{"params": decayed}, {"params": [p for _, p in trainable if id(p) in exempt], "weight_decay": 0.0}]
+        """The parameters to optimize, in named groups when there are several.
+
+        With ``unfreeze_at_epoch``: ``head`` and ``backbone`` (frozen for now; its learning rate is
+        scaled in :meth:`configure_optimizers`). With ``no_weight_decay_on_norm_and_bias``: each also
+        split into decayed weights and ``... no decay`` (normalisation layers and biases, weight decay 0).
+        """
+        unfreezes = self.hparams.unfreeze_at_epoch is not None
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad or unfreezes]
+        if unfreezes:
+            head = {id(p) for p in self.head.parameters()}
+            parts = {
+                "head": [(n, p) for n, p in named if id(p) in head],
+                "backbone": [(n, p) for n, p in named if id(p) not in head],
+            }
+        else:
+            parts = {"all": named}
+        groups = []
+        if self.hparams.no_weight_decay_on_norm_and_bias:
+            norms = {id(p) for module in self.modules() if isinstance(module, NORM_LAYERS) for p in module.parameters()}
+            exempt = lambda name, p: id(p) in norms or name.endswith(".bias")  # noqa: E731
+            for part, params in parts.items():
+                groups.append({"params": [p for n, p in params if not exempt(n, p)], "name": part})
+                no_decay = [p for n, p in params if exempt(n, p)]
+                groups.append({"params": no_decay, "weight_decay": 0.0, "name": f"{part} no decay"})
+        else:
+            groups = [{"params": [p for _, p in params], "name": part} for part, params in parts.items()]
+        if len(groups) == 1:
+            del groups[0]["name"]  # one group: LearningRateMonitor logs it as lr-<Optimizer>, as always
+        return groups
 
     def _scheduler_length(self) -> dict[str, int]:
         """``total_steps`` for a scheduler that takes it and was not given it (nor OneCycleLR's epochs)."""
@@ -296,6 +355,13 @@ class TransferClassifier(pl.LightningModule):
                 "The scheduler needs total_steps: set trainer.max_epochs or model.scheduler's total_steps."
             )
         return {"total_steps": self.trainer.max_epochs}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Gradual unfreezing, when ``unfreeze_at_epoch`` is set."""
+        attached = self._trainer is not None and any(isinstance(c, GradualUnfreezing) for c in self.trainer.callbacks)
+        if self.hparams.unfreeze_at_epoch is None or attached:  # attached by an earlier fit of this trainer
+            return []
+        return [GradualUnfreezing(self.hparams.unfreeze_at_epoch)]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another backbone or class count with a clear message."""

@@ -57,7 +57,7 @@ class Run:
     @property
     def optimizer(self) -> str:
         # LearningRateMonitor's tag (lr-SGD) names it too, for runs whose hyperparameters lack it.
-        lr_tags = [tag.removeprefix("lr-") for tag in self.scalars if tag.startswith("lr-")]
+        lr_tags = [tag.removeprefix("lr-").split("/")[0] for tag in self.scalars if tag.startswith("lr-")]
         return str(self.hparams.get("optimizer") or next(iter(lr_tags), "?"))
 
     @property
@@ -66,6 +66,8 @@ class Run:
             return "?"
         if not _is_true(self.hparams["freeze_backbone"]):
             return "fine-tune"
+        if self.hparams.get("unfreeze_at_epoch") not in (None, "None"):
+            return f"unfrozen at epoch {self.hparams['unfreeze_at_epoch']}"
         return "frozen (BN drifts)" if _is_true(self.hparams.get("update_bn_stats")) else "frozen"
 
     def best_val_acc(self) -> float | None:

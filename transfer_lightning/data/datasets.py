@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -25,11 +26,23 @@ class ImageTensorDataset(Dataset):
 
     A batch is one indexing operation (``__getitems__``), not a Python call per image. Over a
     memory-mapped store only the rows of the batch are read, so a split larger than memory works.
+    ``source`` names where the arrays came from (a store folder, CIFAR-10's files), for
+    :meth:`fingerprint`; empty for arrays made in memory.
     """
 
-    def __init__(self, arrays: ImageArrays, indices: Tensor | None = None) -> None:
+    def __init__(self, arrays: ImageArrays, indices: Tensor | None = None, source: str = "") -> None:
         self.arrays = arrays
         self.indices = indices
+        self.source = source
+
+    def fingerprint(self) -> str | None:
+        """A hash of which images these are (source and rows); ``None`` when the source is unnamed."""
+        if not self.source:
+            return None
+        digest = hashlib.sha256(self.source.encode())
+        rows = self.indices if self.indices is not None else torch.arange(len(self.arrays.labels))
+        digest.update(rows.to(torch.int64).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.arrays.labels) if self.indices is None else len(self.indices)
@@ -51,7 +64,7 @@ class ImageTensorDataset(Dataset):
 
     def subset(self, positions: Tensor) -> ImageTensorDataset:
         """The images at ``positions`` of this dataset, without copying any."""
-        return ImageTensorDataset(self.arrays, self.rows(positions))
+        return ImageTensorDataset(self.arrays, self.rows(positions), self.source)
 
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """(images, labels) of consecutive positions, ``batch_size`` at a time."""

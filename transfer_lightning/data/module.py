@@ -25,6 +25,7 @@ from transfer_lightning.data.datasets import (
 )
 from transfer_lightning.data.sources import (
     CIFAR10_CLASSES,
+    cifar10_source,
     download_cifar10,
     find_split_folders,
     image_folder_classes,
@@ -229,8 +230,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
             train, val, test = (self._map(store, size) for store in (stores.train, stores.val, stores.test))
             names = [str(folder) for folder in (self.folders.train, self.folders.val, self.folders.test)]
         else:
-            train = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=True))
-            test = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=False))
+            source = cifar10_source(self.data_dir)
+            train = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=True), source=f"{source} train")
+            test = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=False), source=f"{source} test")
             val, names = None, [f"{self.data_dir} (CIFAR-10 training batches)", None, f"{self.data_dir} (test batch)"]
         self.train_set, self.val_set, self.test_set = self._split(train, val, test, names)
         counts = torch.bincount(self.train_set.labels, minlength=self.num_classes).tolist()
@@ -268,7 +270,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if store is None:
             return None
         stored = store.load(size)
-        return ImageTensorDataset(stored.arrays, stored.rows)
+        return ImageTensorDataset(stored.arrays, stored.rows, source=str(stored.path.resolve()))
 
     def _split(
         self,

@@ -95,6 +95,13 @@ def read_cifar10_batches(root: Path, train: bool) -> ImageArrays:
     return ImageArrays(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))
 
 
+def cifar10_source(root: Path) -> str:
+    """Names CIFAR-10's files under ``root`` with their sizes and modification times (changes when they do)."""
+    folder = root / torchvision.datasets.CIFAR10.base_folder
+    stats = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(folder.iterdir())]
+    return f"cifar10 {folder.resolve()} {stats}"
+
+
 def download_cifar10(root: Path) -> None:
     """Fetch and verify CIFAR-10 with torchvision; offline, remove what the attempt made and say what to do."""
     made = next((folder for folder in [*reversed(root.parents), root] if not folder.exists()), None)

@@ -1,0 +1,39 @@
+"""Gradual unfreezing: train the new head on a frozen backbone first, then the whole network."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim import Optimizer
+
+
+class GradualUnfreezing(BaseFinetuning):
+    """Keeps the backbone of a :class:`~transfer_lightning.model.TransferClassifier` frozen (BatchNorm
+    in eval mode) until epoch ``unfreeze_at_epoch``, then trains it too.
+
+    The model creates the backbone's parameter group(s) in ``configure_optimizers`` already, at
+    ``head lr x backbone_lr_scale``, while they are frozen: a frozen parameter has no gradient, so
+    the optimizer skips it. Unfreezing then only switches ``requires_grad`` on and BatchNorm to
+    training mode. So the optimizer has the same groups before and after, a scheduler sets the
+    backbone's learning rate from the start, and a checkpoint from before or after the unfreeze
+    epoch resumes with the groups it was saved with (Lightning issues 6891 and 8502 come from
+    adding a group mid-run). The state is decided from the epoch number at every epoch start, so a
+    run resumed after the unfreeze epoch is unfrozen again (Lightning issue 21901).
+
+    The model adds this callback itself (``configure_callbacks``) when ``model.unfreeze_at_epoch`` is set.
+    """
+
+    def __init__(self, unfreeze_at_epoch: int) -> None:
+        super().__init__()
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        pl_module.freeze_backbone()
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        if epoch >= self.unfreeze_at_epoch and pl_module.backbone_frozen:
+            self.make_trainable(pl_module.network)
+            pl_module.backbone_frozen = False
+            pl_module.train()  # BatchNorm layers of the backbone now train too
+            rank_zero_info(f"Epoch {epoch}: the backbone is unfrozen and trained from now on.")
