@@ -136,6 +136,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.predict_paths: list[str] | None = None
         #: The preprocessing of the checkpoint being predicted with (see :meth:`load_state_dict`).
         self._checkpoint_preprocessing: Preprocessing | None = None
+        #: How :attr:`predict_set` is prepared, resolved once by :meth:`predict_dataloader`.
+        self._predict_preprocessing: Preprocessing | None = None
 
     @property
     def num_classes(self) -> int:
@@ -316,7 +318,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if self.predict_dir is None:
             return self._loader(self.test_set)
         store = ImageFolderStore(self.predict_dir, None, self.cache_dir, skip_bad_images=True)
-        stored = store.load(self.preprocessing.stored_size)
+        self._predict_preprocessing = self.preprocessing
+        stored = store.load(self._predict_preprocessing.stored_size)
         self.predict_set = ImageTensorDataset(stored.arrays, stored.rows)
         self.predict_paths = [
             os.path.relpath(stored.files[row], self.predict_dir) if self.predict_dir.is_dir() else str(self.predict_dir)
@@ -360,8 +363,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         images, labels = batch
         if images.dtype != torch.uint8:  # cached backbone features (features.py) arrive ready to use
             return batch
-        if self.predict_dir is not None and self.trainer is not None and self.trainer.predicting:
-            return self.preprocessing(images), labels  # new images, prepared as the checkpoint says
+        if self._predict_preprocessing is not None and self.trainer is not None and self.trainer.predicting:
+            return self._predict_preprocessing(images), labels  # new images, prepared as the checkpoint says
         training = self.trainer is not None and self.trainer.training
         return self.batch_transform(images, train=training), labels
 
