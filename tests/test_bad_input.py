@@ -118,3 +118,16 @@ def test_a_checkpoint_brings_its_own_backbone_and_needs_no_weights_file(small_ru
     )
     assert cli.model.hparams.backbone == "resnet18"
     assert 0 <= cli.trainer.callback_metrics["test/acc"] <= 1
+
+
+def test_atomic_path_replaces_whole_files_and_leaves_nothing_on_error(tmp_path):
+    from transfer_lightning.files import atomic_path
+
+    target = tmp_path / "out" / "report.md"
+    with atomic_path(target) as partial:
+        partial.write_text("first")
+    with pytest.raises(RuntimeError), atomic_path(target) as partial:
+        partial.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["report.md"]

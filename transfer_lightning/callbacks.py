@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.files import atomic_path
 
 
 class TrainingSpeed(pl.Callback):
@@ -185,9 +186,7 @@ class PredictionsCSV(BasePredictionWriter):
         k = min(self.top_k, len(names))
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         path = Path(trainer.log_dir or ".") / f"predictions{suffix}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.tmp")
-        with open(partial, "w", newline="") as file:
+        with atomic_path(path) as partial, open(partial, "w", newline="") as file:
             writer = csv.writer(file)
             image_columns = ["path"] if paths is not None else ["index", "true_class"]
             ranked_columns = [f"top{rank}_{what}" for rank in range(1, k + 1) for what in ("class", "probability")]
@@ -200,5 +199,4 @@ class PredictionsCSV(BasePredictionWriter):
                     image = [paths[index]] if paths is not None else [index, names[label]]
                     ranked = [x for c, p in zip(classes, probabilities, strict=True) for x in (names[c], f"{p:.6f}")]
                     writer.writerow([*image, *ranked[:2], *ranked])
-        os.replace(partial, path)
         rank_zero_info(f"Predictions: {path}")

@@ -1,8 +1,8 @@
 """What a checkpoint carries for inference, read without the training data or its config.
 
 Every checkpoint holds the model's hyperparameters (``backbone``, ``class_names``, ...), the data
-module's (``image_size``, ``normalization``, ...) and the data module's state: the class names and
-the :class:`~transfer_lightning.data.transforms.Preprocessing` that turns an image file into the
+module's (``image_size``, ``normalization``, ...) and the data module's state: the
+:class:`~transfer_lightning.data.transforms.Preprocessing` that turns an image file into the
 network's input. Checkpoints of transfer_lightning 0.1 lack that state; what can be recovered from
 their hyperparameters is, and the rest fails with a message that says what to pass instead.
 """

@@ -17,8 +17,6 @@ import argparse
 import importlib.util
 import inspect
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +26,7 @@ from torch import Tensor, nn
 from transfer_lightning import __version__, checkpoints
 from transfer_lightning.data.transforms import Preprocessing, prepare_batch
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.files import atomic_path
 from transfer_lightning.model import TransferClassifier
 
 Format = Literal["onnx", "pt2"]
@@ -84,20 +83,11 @@ def export(ckpt_path: str | Path, output: str | Path, format: Format | None = No
             )
     model, preprocessing = load_classifier(ckpt_path)
     exported = ExportedClassifier(model.network, preprocessing, model.hparams.tta_flip).eval()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
-    try:
-        written = partial / output.name
+    with atomic_path(output) as written, atomic_path(f"{output}.json") as json_file:  # both, or neither
         (_write_onnx if format == "onnx" else _write_pt2)(exported, preprocessing, written)
         difference = check(written, format, model, preprocessing)
         description = describe(model, preprocessing, format, ckpt_path, difference)
-        (partial / "model.json").write_text(json.dumps(description, indent=1) + "\n")
-        os.replace(written, output)
-        os.replace(partial / "model.json", f"{output}.json")
-    finally:
-        for leftover in partial.iterdir():
-            leftover.unlink()
-        partial.rmdir()
+        json_file.write_text(json.dumps(description, indent=1) + "\n")
     return output
 
 

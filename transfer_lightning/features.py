@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -17,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from transfer_lightning.data import ImageArrays, ImageFolderDataModule, ImageTensorDataset
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.files import atomic_path
 from transfer_lightning.logs import progress_bar
 from transfer_lightning.model import TransferClassifier
 
@@ -133,10 +133,8 @@ class FrozenFeatureCache(pl.Callback):
             return torch.load(path, map_location="cpu", weights_only=True)["features"]
         features = self.compute(model, datamodule, images, split, trainer)
         if path is not None and trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save({"features": features}, partial)
-            os.replace(partial, path)  # never half a file under the final name
+            with atomic_path(path) as partial:
+                torch.save({"features": features}, partial)
             rank_zero_info(f"Frozen-feature cache: stored the features of {split} in {path}.")
         return features
 

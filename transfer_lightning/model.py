@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transfer_lightning.backbones import create_network
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.evaluation import ClassificationMetrics
+from transfer_lightning.files import atomic_path
 from transfer_lightning.finetuning import GradualUnfreezing
 
 #: Layers whose parameters ``no_weight_decay_on_norm_and_bias`` exempts from weight decay.
@@ -268,10 +268,8 @@ class TransferClassifier(pl.LightningModule):
         text = report.to_markdown()
         if log_dir is not None:
             path = Path(log_dir) / "classification_report.md"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.tmp")
-            partial.write_text(text)
-            os.replace(partial, path)
+            with atomic_path(path) as partial:
+                partial.write_text(text)
             text += f"\n(saved as {path})"
         rank_zero_info("\n" + text)
 

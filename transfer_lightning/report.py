@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
 from transfer_lightning.errors import UserInputError  # noqa: E402
+from transfer_lightning.files import atomic_path  # noqa: E402
 
 #: Table columns, in order.
 COLUMNS = [
@@ -222,10 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(runs))
     plot_path = args.plot or args.log_dirs[0] / "report.png"
     figure = plot_runs(runs)
-    partial = plot_path.with_name(f".{plot_path.name}.tmp")
-    figure.savefig(partial, dpi=90, format="png")
+    with atomic_path(plot_path) as partial:  # never leave half a PNG behind
+        figure.savefig(partial, dpi=90, format="png")
     plt.close(figure)
-    os.replace(partial, plot_path)  # never leave half a PNG behind
     print(f"\nCurves: {plot_path}")
 
 

@@ -176,12 +176,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return Preprocessing(size, self.view, self.hparams.image_size, mean, std)
 
     def state_dict(self) -> dict[str, Any]:
-        """What inference needs, saved in every checkpoint: class names and :attr:`preprocessing`."""
-        return {
-            "class_names": self.class_names,
-            "normalization": self.hparams.normalization,
-            "preprocessing": self.preprocessing.to_dict(),
-        }
+        """Saved in every checkpoint: :attr:`preprocessing`, which the hyperparameters alone do not
+        determine (the stored size depends on the images). Class names are the model's hyperparameters."""
+        return {"preprocessing": self.preprocessing.to_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take the checkpoint's preprocessing for ``predict_dir`` (the training data may be absent)."""
