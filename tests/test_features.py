@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,8 +14,10 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 
 from tests.test_model import SGD, datamodule_for, head_state, make_trainer
 from transfer_lightning.cli import TransferLightningCLI
+from transfer_lightning.errors import UserInputError
 from transfer_lightning.features import FrozenFeatureCache
 from transfer_lightning.model import TransferClassifier
+from transfer_lightning.runtime import missing_onnx_packages
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "feature_extractor_sgd.yaml"
 
@@ -24,10 +27,14 @@ class RecordInputs(pl.Callback):
 
     def __init__(self) -> None:
         self.features_seen: set[bool] = set()
+        self.test_features_seen: set[bool] = set()
         self.val_acc: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.features_seen.add(pl_module.inputs_are_features)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.test_features_seen.add(pl_module.inputs_are_features)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
@@ -149,3 +156,55 @@ def test_bf16_features_are_close_to_fp32(image_folder, tmp_path):
     fast = FrozenFeatureCache(precision="bf16").compute(model, datamodule, datamodule.val_set, "val", trainer)
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # bf16 did run
     torch.testing.assert_close(fast, exact, atol=0.05 * exact.abs().max().item(), rtol=0.05)
+
+
+def test_test_set_is_scored_on_features_and_given_back(image_folder, tmp_path):
+    results, records = {}, {}
+    for cache in (True, False):
+        model, datamodule, _ = fit_frozen(image_folder, tmp_path, "resnet18", cache=cache)
+        images_before = datamodule.test_set.arrays.images
+        records[cache] = RecordInputs()
+        trainer = make_trainer(tmp_path, callbacks=[FrozenFeatureCache(enabled=cache), records[cache]])
+        results[cache] = trainer.test(model, datamodule, verbose=False)[0]
+        assert datamodule.test_set.arrays.images is images_before and not model.inputs_are_features
+    assert records[True].test_features_seen == {True} and records[False].test_features_seen == {False}
+    assert results[True]["test/acc"] == pytest.approx(results[False]["test/acc"], abs=0.003)
+    assert results[True]["test/loss"] == pytest.approx(results[False]["test/loss"], rel=1e-3)
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 3  # train, val and test
+
+
+@pytest.mark.skipif(missing_onnx_packages(), reason="the [export] extra is not installed")
+def test_onnxruntime_features_match_torch_and_get_their_own_file(image_folder, tmp_path):
+    datamodule = datamodule_for(image_folder, tmp_path)
+    datamodule.setup("fit")
+    model = TransferClassifier(weights=None, num_classes=4, freeze_backbone=True).eval()
+    trainer = SimpleNamespace(precision="32-true", is_global_zero=True)
+    torch_cache = FrozenFeatureCache(engine="torch", precision="fp32")
+    onnx_cache = FrozenFeatureCache(engine="onnxruntime", precision="fp32")
+    exact = torch_cache.compute(model, datamodule, datamodule.val_set, "val", trainer)
+    fast = onnx_cache.compute(model, datamodule, datamodule.val_set, "val", trainer)
+    assert exact.shape == fast.shape == (20, 512) and exact.abs().max() > 1
+    torch.testing.assert_close(fast, exact, atol=1e-4, rtol=1e-4)
+    stored = torch_cache.stored_path(model, datamodule, datamodule.val_set, trainer)
+    assert onnx_cache.stored_path(model, datamodule, datamodule.val_set, trainer) != stored
+
+
+def test_feature_engine_auto_and_its_errors(image_folder, tmp_path, monkeypatch):
+    model = TransferClassifier(weights=None, num_classes=4, freeze_backbone=True)
+    fp32, bf16 = SimpleNamespace(precision="32-true"), SimpleNamespace(precision="bf16-mixed")
+    onnx_installed = not missing_onnx_packages()
+    assert FrozenFeatureCache(engine="auto")._engine(model, fp32) == ("onnxruntime" if onnx_installed else "torch")
+    assert FrozenFeatureCache(engine="auto")._engine(model, bf16) == "torch"  # onnxruntime runs fp32 only
+    assert FrozenFeatureCache(engine="auto", precision="bf16")._engine(model, fp32) == "torch"
+    if onnx_installed:
+        with pytest.raises(UserInputError, match="--feature_cache.precision fp32"):
+            FrozenFeatureCache(engine="onnxruntime")._engine(model, bf16)
+    with pytest.raises(UserInputError, match="engine must be torch, onnxruntime or auto"):
+        FrozenFeatureCache(engine="tensorrt")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "onnxruntime" else real_find_spec(n))
+    with pytest.raises(
+        UserInputError, match=r"needs onnxruntime: install the export extra \(pip install -e '.\[export\]'\)"
+    ):
+        FrozenFeatureCache(engine="onnxruntime")
+    assert FrozenFeatureCache(engine="auto")._engine(model, fp32) == "torch"

@@ -14,7 +14,6 @@ Lightning model must give the same probabilities (within :data:`TOLERANCE`) on a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 from pathlib import Path
@@ -28,13 +27,12 @@ from transfer_lightning.data.transforms import Preprocessing, prepare_batch
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
 from transfer_lightning.model import TransferClassifier
+from transfer_lightning.runtime import dynamic_batch, inference_session, missing_onnx_packages, write_onnx
 
 Format = Literal["onnx", "pt2"]
 FORMATS: tuple[Format, ...] = ("onnx", "pt2")
 #: Largest difference of any probability between the exported file and the Lightning model (fp32).
 TOLERANCE = 1e-4
-#: Packages of the [export] extra that the ONNX format needs: onnxscript to export, onnxruntime to check.
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 class ExportedClassifier(nn.Module):
@@ -76,7 +74,7 @@ def export(ckpt_path: str | Path, output: str | Path, format: Format | None = No
     if format not in FORMATS:
         raise UserInputError(f"Unknown export format {format!r}: use --format onnx or --format pt2.")
     if format == "onnx":
-        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        missing = missing_onnx_packages()
         if missing:
             raise UserInputError(
                 f"ONNX export needs {', '.join(missing)}: install the export extra (pip install -e '.[export]')."
@@ -98,26 +96,12 @@ def example_images(preprocessing: Preprocessing, count: int, seed: int = 0) -> T
 
 
 def _write_pt2(module: ExportedClassifier, preprocessing: Preprocessing, path: Path) -> None:
-    program = torch.export.export(module, (example_images(preprocessing, 2),), dynamic_shapes=_dynamic_batch())
+    program = torch.export.export(module, (example_images(preprocessing, 2),), dynamic_shapes=dynamic_batch())
     torch.export.save(program, path)
 
 
 def _write_onnx(module: ExportedClassifier, preprocessing: Preprocessing, path: Path) -> None:
-    torch.onnx.export(
-        module,
-        (example_images(preprocessing, 2),),
-        path,
-        input_names=["images"],
-        output_names=["probabilities"],
-        dynamic_shapes=_dynamic_batch(),
-        dynamo=True,
-        external_data=False,  # one self-contained file (ResNet18 and MobileNetV2 are far below protobuf's 2 GB)
-        verbose=False,
-    )
-
-
-def _dynamic_batch() -> dict[str, dict[int, torch.export.Dim]]:
-    return {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    write_onnx(module, example_images(preprocessing, 2), path, "images", "probabilities")
 
 
 @torch.no_grad()
@@ -140,9 +124,7 @@ def run_exported(path: Path, format: Format, images: Tensor) -> Tensor:
     if format == "pt2":
         with torch.inference_mode():
             return torch.export.load(path).module()(images)
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = inference_session(path)
     return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
 

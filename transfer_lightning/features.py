@@ -13,14 +13,19 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 from transfer_lightning.data import ImageArrays, ImageFolderDataModule, ImageTensorDataset
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
 from transfer_lightning.logs import progress_bar
 from transfer_lightning.model import TransferClassifier
+from transfer_lightning.runtime import OnnxFeatureExtractor, missing_onnx_packages
 
 FeaturePrecision = Literal["trainer", "bf16", "fp32"]
+FeatureEngine = Literal["torch", "onnxruntime", "auto"]
+#: Largest difference between onnxruntime's and torch's features, relative to the largest feature.
+ONNX_TOLERANCE = 1e-4
 
 
 class FrozenFeatureCache(pl.Callback):
@@ -30,22 +35,26 @@ class FrozenFeatureCache(pl.Callback):
     mode) maps an image to the same features in every epoch, so recomputing them is wasted work.
     At the start of ``fit`` this computes the inputs of the model's classifier block (pooled
     features) for the training and validation sets, with a progress bar, and trains only that block
-    on them; the test set is still run through the whole network. The cache is skipped, with a
-    log line saying why, when random augmentation is on, when BatchNorm statistics are set to
-    drift, or when the backbone is trained. Under DDP every process computes the features of the
-    whole set.
+    on them; ``test`` does the same for the test set. The cache is skipped, with a log line saying
+    why, when the backbone is trained (or unfrozen later), with flip TTA, and in training when
+    random augmentation or progressive resizing is on or BatchNorm statistics are set to drift.
+    Under DDP every process computes the features of the whole set.
 
     With ``store``, features are saved under ``cache_dir`` in a file named by a hash of the
     backbone's weights (every tensor), the images (their store or files, and which rows form the
-    split), the input transform and the precision. A later run that changes only the head, its
+    split), the input transform, the precision and the engine. A later run that changes only the head, its
     optimizer, learning rate or epochs finds the file and skips the backbone (the log says so); a
     change to any of those inputs gives a new file.
 
     Args:
         enabled: Use the cache when it is valid.
         batch_size: Images per forward pass while computing the features.
-        precision: trainer (the trainer's precision), bf16 (bfloat16 autocast: 1.6-2.2x faster on
-            this project's CPU, see docs/performance.md) or fp32.
+        precision: trainer (the trainer's precision), bf16 (bfloat16 autocast; 7x slower on CPUs
+            without bf16 instructions, see docs/performance.md) or fp32.
+        engine: torch, onnxruntime (the backbone exported to ONNX and run by onnxruntime on the
+            CPU in fp32: 3-5x faster than torch on this project's CPUs; needs the [export] extra),
+            or auto (onnxruntime when the model is on the CPU, the precision is fp32 and the
+            extra is installed; else torch).
         store: Keep features on disk and reuse them.
         cache_dir: Where stored features go; default: the data module's cache_dir/features.
     """
@@ -57,24 +66,51 @@ class FrozenFeatureCache(pl.Callback):
         precision: FeaturePrecision = "trainer",
         store: bool = True,
         cache_dir: str | None = None,
+        engine: FeatureEngine = "torch",
     ) -> None:
         if precision not in ("trainer", "bf16", "fp32"):
             raise UserInputError(f"feature_cache.precision must be trainer, bf16 or fp32, got {precision!r}.")
+        if engine not in ("torch", "onnxruntime", "auto"):
+            raise UserInputError(f"feature_cache.engine must be torch, onnxruntime or auto, got {engine!r}.")
+        if engine == "onnxruntime" and missing_onnx_packages():
+            raise UserInputError(
+                f"feature_cache.engine onnxruntime needs {', '.join(missing_onnx_packages())}: install the export "
+                "extra (pip install -e '.[export]'), or use --feature_cache.engine torch."
+            )
         self.enabled = enabled
         self.batch_size = batch_size
         self.precision = precision
         self.store = store
         self.cache_dir = cache_dir
+        self.engine = engine
         self._image_sets: dict[str, ImageTensorDataset] = {}
+        self._test_arrays: tuple[ImageTensorDataset, ImageArrays, Tensor | None] | None = None
+        #: The onnxruntime engine's exported backbone, with the digest of the weights and input shape it is for.
+        self._onnx: tuple[str, OnnxFeatureExtractor] | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        reason = self.reason_not_to_cache(pl_module, datamodule)
-        if reason:
-            if self.enabled and isinstance(pl_module, TransferClassifier) and pl_module.hparams.freeze_backbone:
-                rank_zero_info(f"Frozen-feature cache off: {reason}.")
+        if self._usable(pl_module, trainer.datamodule, training=True):
+            self._use_features(trainer, pl_module, ("train_set", "val_set"))
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Test on features too. The test loop built its DataLoader before this hook, so the features
+        go into the dataset object that loader holds; :meth:`on_test_end` puts the images back."""
+        if not self._usable(pl_module, trainer.datamodule, training=False):
             return
-        self._use_features(trainer, pl_module, ("train_set", "val_set"))
+        images = trainer.datamodule.test_set
+        start = time.perf_counter()
+        features = self.features(pl_module, trainer.datamodule, images, "test", trainer)
+        self._test_arrays = (images, images.arrays, images.indices)
+        images.arrays, images.indices = ImageArrays(features, images.labels), None
+        pl_module.inputs_are_features = True
+        elapsed = time.perf_counter() - start
+        rank_zero_info(f"Frozen-feature cache: features of {len(images)} test images ready in {elapsed:.1f} s.")
+
+    def _usable(self, pl_module: pl.LightningModule, datamodule: object, training: bool) -> bool:
+        reason = self.reason_not_to_cache(pl_module, datamodule, training)
+        if reason and self.enabled and isinstance(pl_module, TransferClassifier) and pl_module.hparams.freeze_backbone:
+            rank_zero_info(f"Frozen-feature cache off: {reason}.")
+        return reason is None
 
     def _use_features(self, trainer: pl.Trainer, model: TransferClassifier, splits: tuple[str, ...]) -> None:
         """Replace the data module's image sets of ``splits`` by their features, stored or computed now."""
@@ -95,13 +131,22 @@ class FrozenFeatureCache(pl.Callback):
         for split, images in self._image_sets.items():
             setattr(trainer.datamodule, split, images)
         self._image_sets.clear()
+        self.on_test_end(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._test_arrays is not None:
+            images, images.arrays, images.indices = self._test_arrays
+            self._test_arrays = None
         if isinstance(pl_module, TransferClassifier):
             pl_module.inputs_are_features = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.on_fit_end(trainer, pl_module)
 
-    def reason_not_to_cache(self, pl_module: pl.LightningModule, datamodule: object) -> str | None:
+    def reason_not_to_cache(
+        self, pl_module: pl.LightningModule, datamodule: object, training: bool = True
+    ) -> str | None:
+        """Why features cannot stand in for the images (``None`` when they can); ``training`` for fit."""
         if not self.enabled:
             return "disabled (--feature_cache.enabled false)"
         if not isinstance(pl_module, TransferClassifier) or not isinstance(datamodule, ImageFolderDataModule):
@@ -112,10 +157,12 @@ class FrozenFeatureCache(pl.Callback):
             return "tta_flip mirrors the validation images, not their features"
         if pl_module.hparams.unfreeze_at_epoch is not None:
             return f"the backbone is unfrozen at epoch {pl_module.hparams.unfreeze_at_epoch}"
-        if pl_module.hparams.update_bn_stats:
+        if training and pl_module.hparams.update_bn_stats:
             return "update_bn_stats lets the backbone's BatchNorm statistics change every step"
-        if datamodule.hparams.augment:
+        if training and datamodule.hparams.augment:
             return "random augmentation changes the images every epoch"
+        if training and datamodule.hparams.image_size_schedule:
+            return "data.image_size_schedule changes the training images' size"
         return None
 
     def features(
@@ -151,18 +198,28 @@ class FrozenFeatureCache(pl.Callback):
             "channels_last": model.hparams.channels_last,
             "preprocessing": datamodule.preprocessing.to_dict(),
             "precision": self._precision_name(trainer),
+            "engine": self._engine(model, trainer),
         }
         digest.update(json.dumps(inputs, sort_keys=True).encode())
-        block = model.head_name.split(".")[0] + "."
-        for name, tensor in sorted(model.network.state_dict().items()):
-            if not name.startswith(block):
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(backbone_digest(model).encode())
         root = Path(self.cache_dir).expanduser() if self.cache_dir else datamodule.cache_dir / "features"
         return root / f"{model.hparams.backbone}-{digest.hexdigest()[:20]}.pt"
 
     def _precision_name(self, trainer: pl.Trainer) -> str:
         return f"trainer {trainer.precision}" if self.precision == "trainer" else self.precision
+
+    def _engine(self, model: TransferClassifier, trainer: pl.Trainer) -> Literal["torch", "onnxruntime"]:
+        """The engine that computes the features: ``auto`` resolved, explicit choices checked."""
+        fp32 = self.precision == "fp32" or (self.precision == "trainer" and trainer.precision in ("32-true", "32"))
+        if self.engine == "torch":
+            return "torch"
+        if self.engine == "onnxruntime":
+            if not fp32:
+                raise UserInputError(
+                    "feature_cache.engine onnxruntime computes in fp32: set --feature_cache.precision fp32."
+                )
+            return "onnxruntime"
+        return "onnxruntime" if fp32 and model.device.type == "cpu" and not missing_onnx_packages() else "torch"
 
     def _precision_context(self, trainer: pl.Trainer, device: torch.device) -> contextlib.AbstractContextManager:
         if self.precision == "trainer":
@@ -179,16 +236,53 @@ class FrozenFeatureCache(pl.Callback):
         split: str,
         trainer: pl.Trainer,
     ) -> torch.Tensor:
-        """Classifier-block inputs of the ``images`` of a split, in eval mode, in :attr:`precision`."""
+        """Classifier-block inputs of the ``images`` of a split, in eval mode, by the chosen engine and precision."""
         was_training = model.training
         model.eval()
         chunks = (chunk for chunk, _ in images.batches(self.batch_size))
         total = math.ceil(len(images) / self.batch_size)
-        features = []
-        with self._precision_context(trainer, model.device):
-            description = f"Caching frozen features ({split})"
+        engine = self._engine(model, trainer)
+        # One tensor filled in place: a list of small per-batch results, kept while large batches come and
+        # go, fragments glibc's heap so badly that memory grew by a batch of images per batch (20 GB at 192 px).
+        features, start = None, 0
+        with self._precision_context(trainer, model.device) if engine == "torch" else contextlib.nullcontext():
+            description = f"Caching frozen features ({split}, {engine})"
             for chunk in progress_bar(chunks, total=total, desc=description, disable=not trainer.is_global_zero):
                 batch = datamodule.batch_transform(chunk.to(model.device, non_blocking=True), train=False)
-                features.append(model.classifier_inputs(batch).float().cpu())
+                extractor = self._onnx_extractor(model, batch) if engine == "onnxruntime" else model.classifier_inputs
+                output = extractor(batch)
+                if features is None:
+                    features = torch.empty(len(images), *output.shape[1:])
+                features[start : start + len(output)] = output
+                start += len(output)
         model.train(was_training)
-        return torch.cat(features)
+        return features
+
+    def _onnx_extractor(self, model: TransferClassifier, batch: Tensor) -> OnnxFeatureExtractor:
+        """The backbone in onnxruntime, checked against torch on the first images of ``batch``.
+
+        Exported once per backbone and input size: ``fit`` and the ``test`` after it share it."""
+        key = f"{backbone_digest(model)} {tuple(batch.shape[1:])}"
+        if self._onnx is not None and self._onnx[0] == key:
+            return self._onnx[1]
+        extractor = OnnxFeatureExtractor(model.network, model.head_name.split(".")[0], batch)
+        expected = model.classifier_inputs(batch[:4]).float().cpu()
+        difference = float((extractor(batch[:4]) - expected).abs().max())
+        if not difference <= ONNX_TOLERANCE * max(1.0, float(expected.abs().max())):
+            raise RuntimeError(
+                f"onnxruntime's features differ from torch's by {difference:.2e}. This is a bug: please report it "
+                "with the backbone name, and use --feature_cache.engine torch meanwhile."
+            )
+        self._onnx = (key, extractor)
+        return extractor
+
+
+def backbone_digest(model: TransferClassifier) -> str:
+    """SHA-256 of every tensor of ``model``'s network outside its classifier block (weights and buffers)."""
+    digest = hashlib.sha256()
+    block = model.head_name.split(".")[0] + "."
+    for name, tensor in sorted(model.network.state_dict().items()):
+        if not name.startswith(block):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
