@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
-from tests.conftest import write_photo_folder
 from tests.test_model import datamodule_for, make_trainer
 from transfer_lightning.cli import TransferLightningCLI
 from transfer_lightning.data.transforms import Preprocessing
@@ -236,60 +235,3 @@ def test_recipe_configs_run_and_comment_every_setting(recipe, small_run_args, ru
         shrink.append("--model.scheduler.warmup_steps=1")
     cli = TransferLightningCLI(args=["fit", f"--config={recipe}", *small_run_args, *shrink])
     assert cli.trainer.current_epoch == 2 and 0 <= cli.trainer.callback_metrics["test/acc"] <= 1
-
-
-class RecordSizes(pl.Callback):
-    """The side of the network's input images in each training epoch and in validation."""
-
-    def __init__(self) -> None:
-        self.train: dict[int, set[int]] = {}
-        self.val: set[int] = set()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.train.setdefault(trainer.current_epoch, set()).add(batch[0].shape[-1])
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.val.add(batch[0].shape[-1])
-
-
-def test_progressive_resizing_trains_each_epoch_at_its_size_and_validates_at_the_final_one(image_folder, tmp_path):
-    sizes = RecordSizes()
-    datamodule = datamodule_for(
-        image_folder, tmp_path, image_size=40, image_size_schedule={"0": 24, 2: 32}, augment=True
-    )
-    trainer = make_trainer(tmp_path, max_epochs=4, limit_train_batches=2, limit_val_batches=1, callbacks=[sizes])
-    trainer.fit(TransferClassifier(weights=None, num_classes=4), datamodule)
-    assert sizes.train == {0: {24}, 1: {24}, 2: {32}, 3: {32}} and sizes.val == {40}
-    assert datamodule.preprocessing.image_size == 40  # what predict and export use
-
-
-def test_progressive_resizing_of_photos_shrinks_the_centre_crop_rather_than_zooming_in(tmp_path):
-    photos = write_photo_folder(tmp_path / "photos", {"train": 6, "val": 2})
-    datamodule = datamodule_for(photos, tmp_path, image_size=48, image_size_schedule={0: 24})
-    datamodule.setup("fit")
-    assert datamodule.view == "crop"
-    images = next(iter(datamodule.train_dataloader()))[0]
-    small = datamodule.batch_transform(images, train=True)
-    full = datamodule.batch_transform(images, train=False)
-    assert small.shape[-1] == 24 and full.shape[-1] == 48
-    torch.testing.assert_close(small, F.interpolate(full, size=(24, 24), mode="bilinear", antialias=True))
-
-
-@pytest.mark.parametrize(
-    ("arguments", "message"),
-    [
-        ({"image_size_schedule": {0: 24}}, "needs image_size"),
-        ({"image_size": 32, "image_size_schedule": {0: 0}}, "maps epochs"),
-        ({"image_size": 32, "image_size_schedule": {-1: 24}}, "maps epochs"),
-    ],
-)
-def test_bad_progressive_resizing_schedules_are_clear_errors(image_folder, tmp_path, arguments, message):
-    with pytest.raises(UserInputError, match=message):
-        datamodule_for(image_folder, tmp_path, **arguments)
-
-
-def test_feature_cache_is_off_with_progressive_resizing(image_folder, tmp_path):
-    model = TransferClassifier(weights=None, num_classes=4, freeze_backbone=True)
-    datamodule = datamodule_for(image_folder, tmp_path, image_size=32, image_size_schedule={0: 24})
-    assert "image_size_schedule" in FrozenFeatureCache().reason_not_to_cache(model, datamodule)
-    assert FrozenFeatureCache().reason_not_to_cache(model, datamodule, training=False) is None

@@ -37,7 +37,7 @@ class FrozenFeatureCache(pl.Callback):
     features) for the training and validation sets, with a progress bar, and trains only that block
     on them; ``test`` does the same for the test set. The cache is skipped, with a log line saying
     why, when the backbone is trained (or unfrozen later), with flip TTA, and in training when
-    random augmentation or progressive resizing is on or BatchNorm statistics are set to drift.
+    random augmentation is on or BatchNorm statistics are set to drift.
     Under DDP every process computes the features of the whole set.
 
     With ``store``, features are saved under ``cache_dir`` in a file named by a hash of the
@@ -135,7 +135,8 @@ class FrozenFeatureCache(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._test_arrays is not None:
-            images, images.arrays, images.indices = self._test_arrays
+            images, arrays, indices = self._test_arrays
+            images.arrays, images.indices = arrays, indices
             self._test_arrays = None
         if isinstance(pl_module, TransferClassifier):
             pl_module.inputs_are_features = False
@@ -161,8 +162,6 @@ class FrozenFeatureCache(pl.Callback):
             return "update_bn_stats lets the backbone's BatchNorm statistics change every step"
         if training and datamodule.hparams.augment:
             return "random augmentation changes the images every epoch"
-        if training and datamodule.hparams.image_size_schedule:
-            return "data.image_size_schedule changes the training images' size"
         return None
 
     def features(

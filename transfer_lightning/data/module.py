@@ -38,7 +38,6 @@ from transfer_lightning.data.transforms import (
     Preprocessing,
     View,
     prepare_batch,
-    resize_batch,
     stored_size,
 )
 from transfer_lightning.errors import UserInputError
@@ -81,10 +80,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
             4-pixel padded random crop and a flip; for resized images a random resized crop and a flip.
         image_size: Side of the square images the network gets (e.g. 64, 128, 224); null keeps the
             images' own size, which needs images of one size.
-        image_size_schedule: Progressive resizing: training image side by epoch, e.g. ``{0: 64, 6: 128}``
-            trains epochs 0-5 at 64 px and the rest at 128. An epoch uses the entry of the largest
-            epoch not after it (``image_size`` before the first). Validation, test and predict stay
-            at ``image_size``, so checkpoints are compared and kept at the size they are used at.
         crop_scale: Area range (fractions of the image) of the random resized crop.
         skip_bad_images: Skip image files that do not decode (logged, and listed in the store's
             skipped.txt) instead of stopping at the first.
@@ -109,7 +104,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         normalization: Normalization = "imagenet",
         augment: bool = False,
         image_size: int | None = None,
-        image_size_schedule: dict[int, int] | None = None,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         skip_bad_images: bool = False,
         class_balance: ClassBalance = "none",
@@ -121,9 +115,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         # class_names would clash with the model's hyperparameter of that name, which holds the resolved list.
         self.save_hyperparameters(ignore=["class_names"])
         _check_arguments(batch_size, num_workers, val_size, image_size, crop_scale, normalization, class_balance)
-        _check_schedule(image_size_schedule, image_size)
-        # YAML and the command line may give the epochs as strings.
-        self.image_size_schedule = {int(epoch): size for epoch, size in (image_size_schedule or {}).items()}
         self.data_dir = Path(data_dir).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
         self.predict_dir = Path(predict_dir).expanduser() if predict_dir else None
@@ -379,26 +370,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if images.device not in self._stats_by_device:  # copy mean and std to a GPU once, not per batch
             self._stats_by_device[images.device] = (self.mean.to(images.device), self.std.to(images.device))
         mean, std = self._stats_by_device[images.device]
-        augment = self.hparams.augment and train
-        size = self.train_image_size() if train else self.hparams.image_size
-        # A centre crop at a scheduled smaller size would zoom in, not shrink: crop at image_size, then resize.
-        resample = self.view == "crop" and not augment and size != self.hparams.image_size
-        batch = prepare_batch(
+        return prepare_batch(
             images,
             mean,
             std,
-            augment=augment,
-            image_size=self.hparams.image_size if resample else size,
+            augment=self.hparams.augment and train,
+            image_size=self.hparams.image_size,
             view=self.view,
             crop_scale=tuple(self.hparams.crop_scale),
         )
-        return resize_batch(batch, size) if resample else batch
-
-    def train_image_size(self) -> int | None:
-        """The side of this epoch's training images: ``image_size_schedule`` at the trainer's epoch."""
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        started = [first for first in self.image_size_schedule if first <= epoch]
-        return self.image_size_schedule[max(started)] if started else self.hparams.image_size
 
 
 #: The earlier name, kept so that existing code and configs work.
@@ -428,18 +408,6 @@ def _check_arguments(
         raise UserInputError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}.")
     if class_balance not in ("none", "sampler", "loss"):
         raise UserInputError(f"class_balance must be none, sampler or loss, got {class_balance!r}.")
-
-
-def _check_schedule(schedule: dict[int, int] | None, image_size: int | None) -> None:
-    if not schedule:
-        return
-    if image_size is None:
-        raise UserInputError("image_size_schedule needs image_size, the size validation and test run at.")
-    if any(int(epoch) < 0 for epoch in schedule) or any(size < 1 for size in schedule.values()):
-        raise UserInputError(
-            f"image_size_schedule maps epochs (0 or more) to image sides (1 or more), got {dict(schedule)}; "
-            "e.g. {0: 64, 6: 128}."
-        )
 
 
 def _default_cache_dir() -> Path:

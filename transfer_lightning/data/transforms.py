@@ -92,14 +92,6 @@ def center_crop(images: Tensor, size: int) -> Tensor:
     return images[..., top : top + size, left : left + size]
 
 
-def resize_batch(images: Tensor, size: int) -> Tensor:
-    """A float batch resized to ``size`` x ``size``: bilinear, antialiased when shrinking (as PIL)."""
-    if images.shape[-2:] == (size, size):
-        return images
-    shrink = size < min(images.shape[-2:])
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-
-
 def prepare_batch(
     images: Tensor,
     mean: Tensor,
@@ -125,8 +117,11 @@ def prepare_batch(
         if augment:
             images = random_flip(random_crop(images, padding=4))
         batch = images.float().div_(255)
-        if image_size is not None:
-            batch = resize_batch(batch, image_size)
+        if image_size is not None and batch.shape[-2:] != (image_size, image_size):
+            downscale = image_size < min(batch.shape[-2:])
+            batch = F.interpolate(
+                batch, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=downscale
+            )
     return (batch - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
