@@ -243,12 +243,13 @@ class FrozenFeatureCache(pl.Callback):
         engine = self._engine(model, trainer)
         # One tensor filled in place: a list of small per-batch results, kept while large batches come and
         # go, fragments glibc's heap so badly that memory grew by a batch of images per batch (20 GB at 192 px).
-        features, start = None, 0
+        features, start, extractor = None, 0, model.classifier_inputs
         with self._precision_context(trainer, model.device) if engine == "torch" else contextlib.nullcontext():
             description = f"Caching frozen features ({split}, {engine})"
             for chunk in progress_bar(chunks, total=total, desc=description, disable=not trainer.is_global_zero):
                 batch = datamodule.batch_transform(chunk.to(model.device, non_blocking=True), train=False)
-                extractor = self._onnx_extractor(model, batch) if engine == "onnxruntime" else model.classifier_inputs
+                if engine == "onnxruntime" and features is None:  # the export needs an example batch
+                    extractor = self._onnx_extractor(model, batch)
                 output = extractor(batch)
                 if features is None:
                     features = torch.empty(len(images), *output.shape[1:])
