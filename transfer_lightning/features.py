@@ -42,9 +42,9 @@ class FrozenFeatureCache(pl.Callback):
 
     With ``store``, features are saved under ``cache_dir`` in a file named by a hash of the
     backbone's weights (every tensor), the images (their store or files, and which rows form the
-    split), the input transform, the precision and the engine. A later run that changes only the head, its
-    optimizer, learning rate or epochs finds the file and skips the backbone (the log says so); a
-    change to any of those inputs gives a new file.
+    split), the input transform, the precision and the engine. A later run that changes only the
+    head, its optimizer, learning rate or epochs finds the file and skips the backbone (the log
+    says so); a change to any of those inputs gives a new file.
 
     Args:
         enabled: Use the cache when it is valid.
@@ -52,7 +52,7 @@ class FrozenFeatureCache(pl.Callback):
         precision: trainer (the trainer's precision), bf16 (bfloat16 autocast; 7x slower on CPUs
             without bf16 instructions, see docs/performance.md) or fp32.
         engine: torch, onnxruntime (the backbone exported to ONNX and run by onnxruntime on the
-            CPU in fp32: 3-5x faster than torch on this project's CPUs; needs the [export] extra),
+            CPU in fp32: about 3x torch's images/s on this project's CPUs; needs the [export] extra),
             or auto (onnxruntime when the model is on the CPU, the precision is fp32 and the
             extra is installed; else torch).
         store: Keep features on disk and reuse them.

@@ -1,4 +1,4 @@
-"""onnxruntime for the backbone's forward pass: 3-5x the images per second of eager torch on CPUs.
+"""onnxruntime for the backbone's forward pass: about 3x the images/s of eager torch on CPUs.
 
 Measured with ``benchmarks/feature_speed.py`` (docs/performance.md): MobileNetV2 at 224 px, fp32,
 same outputs within 1e-5. The ``[export]`` extra provides the packages.
