@@ -22,6 +22,7 @@ from transfer_lightning.model import TransferClassifier
 from transfer_lightning.report import read_run
 from transfer_lightning.schedules import WarmupCosineLR
 
+SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 STEPS = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1"]
 STEPS += ["--test_after_fit=false", "--model.optimizer=SGD", "--model.optimizer.lr=0.1"]
 
@@ -144,7 +145,7 @@ def unfreezing_run(image_folder, tmp_path, max_epochs: int = 4, ckpt_path: str |
         freeze_backbone=True,
         unfreeze_at_epoch=2,
         backbone_lr_scale=0.1,
-        optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+        optimizer=SGD,
         scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
     )
     recorder = RecordEpochs()
@@ -187,6 +188,52 @@ def test_resuming_continues_frozen_or_unfrozen_as_the_uninterrupted_run(image_fo
 def test_unfreezing_needs_a_frozen_backbone():
     with pytest.raises(UserInputError, match="freeze_backbone"):
         TransferClassifier(weights=None, unfreeze_at_epoch=2)
+
+
+# --- partial fine-tuning -------------------------------------------------------------------------
+
+
+def module_state(model: TransferClassifier, prefix: str) -> dict[str, torch.Tensor]:
+    """The weights and BatchNorm buffers of the network's modules named ``prefix...``, copied."""
+    return {k: v.clone() for k, v in model.network.state_dict().items() if k.startswith(prefix)}
+
+
+def test_trainable_from_freezes_the_modules_before_it(image_folder, tmp_path):
+    model = TransferClassifier(weights=None, num_classes=4, trainable_from="layer3", optimizer=SGD)
+    assert model.always_frozen == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
+    early, late = module_state(model, "layer2"), module_state(model, "layer3")
+    stem = module_state(model, "bn1")
+    make_trainer(tmp_path).fit(model, datamodule_for(image_folder, tmp_path))
+
+    # Before layer3 nothing moved, running statistics included (BatchNorm in eval mode); from it on all trained.
+    for before, prefix in ((early, "layer2"), (stem, "bn1")):
+        after = module_state(model, prefix)
+        assert all(torch.equal(value, after[key]) for key, value in before.items()), prefix
+    after = module_state(model, "layer3")
+    assert all(not torch.equal(value, after[key]) for key, value in late.items() if "num_batches" not in key)
+    assert not model.network.layer2[0].bn1.training and model.network.layer3[0].bn1.training
+    optimized = {id(p) for group in model.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not any(id(p) in optimized for p in model.network.layer2.parameters())
+
+
+def test_gradual_unfreezing_stops_at_trainable_from(image_folder, tmp_path):
+    model = TransferClassifier(
+        weights=None, num_classes=4, freeze_backbone=True, unfreeze_at_epoch=1, trainable_from="layer4", optimizer=SGD
+    )
+    make_trainer(tmp_path).fit(model, datamodule_for(image_folder, tmp_path))
+    assert all(p.requires_grad for p in model.network.layer4.parameters())
+    assert not any(p.requires_grad for p in model.network.layer3.parameters())
+    assert [bn.training for bn in (model.network.layer3[1].bn2, model.network.layer4[0].bn1)] == [False, True]
+    groups = {group["name"]: group["params"] for group in model.trainer.optimizers[0].param_groups}
+    assert {id(p) for p in groups["backbone"]} == {id(p) for p in model.network.layer4.parameters()}
+
+
+def test_bad_trainable_from_is_a_clear_error():
+    with pytest.raises(UserInputError, match="'layer5' is not a module of the network. Did you mean layer4"):
+        TransferClassifier(weights=None, trainable_from="layer5")
+    with pytest.raises(UserInputError, match="freeze_backbone: true trains only the head"):
+        TransferClassifier(weights=None, freeze_backbone=True, trainable_from="layer4")
 
 
 # --- flip test-time augmentation -----------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 class GradualUnfreezing(BaseFinetuning):
     """Keeps the backbone of a :class:`~transfer_lightning.model.TransferClassifier` frozen (BatchNorm
-    in eval mode) until epoch ``unfreeze_at_epoch``, then trains it too.
+    in eval mode) until epoch ``unfreeze_at_epoch``, then trains it too (from ``trainable_from`` on).
 
     The model creates the backbone's parameter group(s) in ``configure_optimizers`` already, at
     ``head lr x backbone_lr_scale``, while they are frozen: a frozen parameter has no gradient, so
@@ -33,7 +33,7 @@ class GradualUnfreezing(BaseFinetuning):
 
     def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         if epoch >= self.unfreeze_at_epoch and pl_module.backbone_frozen:
-            self.make_trainable(pl_module.network)
-            pl_module.backbone_frozen = False
+            # Not BaseFinetuning.make_trainable: the modules before model.trainable_from stay frozen.
+            pl_module.unfreeze_backbone()
             pl_module.train()  # BatchNorm layers of the backbone now train too
             rank_zero_info(f"Epoch {epoch}: the backbone is unfrozen and trained from now on.")

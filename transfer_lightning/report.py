@@ -64,10 +64,12 @@ class Run:
     def mode(self) -> str:
         if "freeze_backbone" not in self.hparams:
             return "?"
+        start = self.hparams.get("trainable_from")
+        after = "" if start in (None, "None") else f" from {start}"
         if not _is_true(self.hparams["freeze_backbone"]):
-            return "fine-tune"
+            return f"fine-tune{after}"
         if self.hparams.get("unfreeze_at_epoch") not in (None, "None"):
-            return f"unfrozen at epoch {self.hparams['unfreeze_at_epoch']}"
+            return f"unfrozen{after} at epoch {self.hparams['unfreeze_at_epoch']}"
         return "frozen (BN drifts)" if _is_true(self.hparams.get("update_bn_stats")) else "frozen"
 
     def best_val_acc(self) -> float | None:
