@@ -8,21 +8,24 @@ docs/results.md, not here.
 
     python benchmarks/finetune_speed.py --backbone mobilenet_v2 --image_size 96 \
         --trainable_from features.4 features.7 features.11
+    python benchmarks/finetune_speed.py --image_size 96 --profile   # where a whole-network step goes
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from transfer_lightning.model import TransferClassifier
 
 
-def images_per_second(model: TransferClassifier, batch_size: int, image_size: int, steps: int) -> float:
-    """Training images/s over ``steps`` steps, after one warm-up step."""
+def training_step(model: TransferClassifier, batch_size: int, image_size: int) -> Callable[[], None]:
+    """One SGD step on a fixed random batch, as a function."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     images = torch.randn(batch_size, 3, image_size, image_size)
     labels = torch.randint(0, model.hparams.num_classes, (batch_size,))
@@ -33,6 +36,12 @@ def images_per_second(model: TransferClassifier, batch_size: int, image_size: in
         F.cross_entropy(model(images), labels).backward()
         optimizer.step()
 
+    return step
+
+
+def images_per_second(model: TransferClassifier, batch_size: int, image_size: int, steps: int) -> float:
+    """Training images/s over ``steps`` steps, after one warm-up step."""
+    step = training_step(model, batch_size, image_size)
     step()
     start = time.perf_counter()
     for _ in range(steps):
@@ -47,7 +56,19 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--trainable_from", nargs="+", default=["features.4", "features.7"])
+    parser.add_argument("--profile", action="store_true", help="print torch's profile of whole-network steps instead")
     args = parser.parse_args()
+
+    if args.profile:
+        model = TransferClassifier(args.backbone, weights=None, num_classes=10)
+        model.setup("fit")
+        step = training_step(model, args.batch_size, args.image_size)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(2):
+                step()
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        return
 
     rows, baseline = [], None
     for start in [None, *args.trainable_from]:

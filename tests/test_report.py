@@ -11,11 +11,12 @@ from transfer_lightning.cli import TransferLightningCLI, main
 from transfer_lightning.report import COLUMNS, find_runs, plot_runs, read_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PARTIAL = "--model.trainable_from=layer3"  # the third run fine-tunes from layer3 on
 
 
 @pytest.fixture(scope="module")
 def runs(image_folder, tmp_path_factory):
-    """Three runs in one lightning_logs: frozen SGD (tested), fine-tune Adam (tested), one never tested."""
+    """Three runs in one lightning_logs: frozen SGD (tested), fine-tune Adam (tested), SGD from layer3 (not tested)."""
     root = tmp_path_factory.mktemp("report")
     common = [
         f"--data.data_dir={image_folder}",
@@ -34,7 +35,7 @@ def runs(image_folder, tmp_path_factory):
         TransferLightningCLI(args=["fit", f"--config={CONFIGS / 'feature_extractor_sgd.yaml'}", *common]),
         TransferLightningCLI(args=["fit", f"--config={CONFIGS / 'finetune_adam.yaml'}", *common]),
         TransferLightningCLI(
-            args=["fit", f"--config={CONFIGS / 'finetune_sgd.yaml'}", *common, "--test_after_fit=false"]
+            args=["fit", f"--config={CONFIGS / 'finetune_sgd.yaml'}", *common, "--test_after_fit=false", PARTIAL]
         ),
     ]
     return root / "lightning_logs", clis
@@ -52,7 +53,7 @@ def test_table_cells_equal_what_was_logged(runs, capsys):
     main(["report", str(log_dir)])
     rows = table_rows(capsys.readouterr().out)
     assert list(rows) == ["version_0", "version_1", "version_2"]
-    expected_modes = ["frozen", "fine-tune", "fine-tune"]
+    expected_modes = ["frozen", "fine-tune", "fine-tune from layer3"]
     expected_optimizers = ["SGD", "Adam", "SGD"]
     for index, cli in enumerate(clis):
         row = rows[f"version_{index}"]
