@@ -115,7 +115,7 @@ class TransferClassifier(pl.LightningModule):
             )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.network, self.head_name = create_network(backbone, weights, num_classes)
-        #: Names of the top-level modules before ``trainable_from``: frozen for the whole run.
+        #: Names of the outermost modules before ``trainable_from``: frozen for the whole run.
         self.always_frozen = modules_before(self.network, trainable_from) if trainable_from else []
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.optimizer_factory = optimizer
