@@ -118,6 +118,19 @@ def test_checkpoint_of_another_backbone_or_class_count_is_refused(image_folder, 
         make_trainer(tmp_path).test(other_classes, datamodule, ckpt_path=str(checkpoint))
 
 
+def test_resuming_with_other_optimizer_groups_is_refused_but_testing_is_not(image_folder, tmp_path):
+    datamodule = datamodule_for(image_folder, tmp_path)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=1)
+    trainer.fit(TransferClassifier(weights=None, num_classes=4, trainable_from="layer3", optimizer=SGD), datamodule)
+    checkpoint = tmp_path / "partial.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    whole = TransferClassifier(weights=None, num_classes=4, optimizer=SGD)
+    with pytest.raises(UserInputError, match="trained with trainable_from='layer3'"):
+        make_trainer(tmp_path, max_epochs=2).fit(whole, datamodule, ckpt_path=str(checkpoint))
+    make_trainer(tmp_path, limit_test_batches=1).test(whole, datamodule, ckpt_path=str(checkpoint))
+
+
 def test_class_names_must_match_num_classes():
     with pytest.raises(UserInputError, match="3 class_names given for num_classes=4"):
         TransferClassifier(weights=None, num_classes=4, class_names=["a", "b", "c"])

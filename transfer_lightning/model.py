@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
@@ -25,6 +26,9 @@ from transfer_lightning.errors import UserInputError
 from transfer_lightning.evaluation import ClassificationMetrics
 from transfer_lightning.files import atomic_path
 from transfer_lightning.finetuning import GradualUnfreezing
+
+#: Settings that decide the optimizer's parameter groups: a resumed fit must keep the checkpoint's.
+PARAMETER_GROUP_HPARAMS = ["freeze_backbone", "trainable_from", "unfreeze_at_epoch", "no_weight_decay_on_norm_and_bias"]
 
 #: Layers whose parameters ``no_weight_decay_on_norm_and_bias`` exempts from weight decay.
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -397,9 +401,13 @@ class TransferClassifier(pl.LightningModule):
         return [GradualUnfreezing(self.hparams.unfreeze_at_epoch)]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another backbone or class count with a clear message."""
+        """Refuse a checkpoint of another backbone or class count with a clear message; when resuming
+        ``fit``, also one whose settings made other optimizer parameter groups than this model's."""
         saved = checkpoint.get("hyper_parameters", {})
-        for key in ("backbone", "num_classes"):
+        keys = ["backbone", "num_classes"]
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            keys += PARAMETER_GROUP_HPARAMS
+        for key in keys:
             if key in saved and saved[key] != self.hparams[key]:
                 raise UserInputError(
                     f"The checkpoint was trained with {key}={saved[key]!r}, "
