@@ -3,8 +3,9 @@
 Runs SGD training steps (forward, loss, backward, update) of a :class:`TransferClassifier` on
 random batches for the whole network and for each ``--trainable_from`` module, and prints
 training images/s and the speed-up over the whole network. The frozen modules before
-``trainable_from`` run forward only, in eval mode. Accuracy is measured by the recipe runs in
-docs/results.md, not here.
+``trainable_from`` run forward only, in eval mode; the last columns run them as a run does, with
+their BatchNorm layers folded into the convolutions (``transfer_lightning.finetuning.run_folded``).
+Accuracy is measured by the recipe runs in docs/results.md, not here.
 
     python benchmarks/finetune_speed.py --backbone mobilenet_v2 --image_size 96 \
         --trainable_from features.4 features.7 features.11
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from transfer_lightning.finetuning import run_folded
 from transfer_lightning.model import TransferClassifier
 
 
@@ -77,11 +79,15 @@ def main() -> None:
         speed = images_per_second(model, args.batch_size, args.image_size, args.steps)
         baseline = baseline or speed
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        name = start or "(whole network)"
-        rows.append(f"| {name} | {trainable / 1e6:.2f} M | {speed:.1f} | x{speed / baseline:.2f} |")
+        row = f"| {start or '(whole network)'} | {trainable / 1e6:.2f} M | {speed:.1f} | x{speed / baseline:.2f} |"
+        if start:
+            run_folded(model.network.get_submodule(name) for name in model.always_frozen)
+            folded = images_per_second(model, args.batch_size, args.image_size, args.steps)
+            row += f" {folded:.1f} | x{folded / baseline:.2f} |"
+        rows.append(row)
     print(f"{args.backbone} at {args.image_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads")
-    print("| trainable_from | trainable parameters | training images/s | x whole network |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| trainable_from | trainable parameters | training images/s | x whole network | BN folded | x whole network |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
 
 

@@ -217,6 +217,59 @@ def test_trainable_from_freezes_the_modules_before_it(image_folder, tmp_path):
     assert not any(id(p) in optimized for p in model.network.layer2.parameters())
 
 
+class FoldedForward(pl.Callback):
+    """Records, per stage, which network modules run a replaced (BatchNorm-folded) forward."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, set[str]] = {}
+
+    def record(self, stage: str, pl_module: TransferClassifier) -> None:
+        replaced = {name for name, module in pl_module.network.named_modules() if "forward" in module.__dict__}
+        self.seen.setdefault(stage, set()).update(replaced)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.record("train", pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.record("val", pl_module)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.record("test", pl_module)
+
+
+def test_modules_before_trainable_from_run_with_batchnorm_folded(image_folder, tmp_path):
+    model = TransferClassifier(weights=None, num_classes=4, trainable_from="layer3", optimizer=SGD)
+    folded = FoldedForward()
+    trainer = make_trainer(tmp_path, callbacks=[folded])
+    datamodule = datamodule_for(image_folder, tmp_path)
+    trainer.fit(model, datamodule)
+    trainer.test(model, datamodule)
+    # layer1 and layer2 hold conv-BN pairs; conv1 and bn1 are separate modules, with nothing to fold inside.
+    assert folded.seen == {stage: {"layer1", "layer2"} for stage in ("train", "val", "test")}
+    assert not any("forward" in module.__dict__ for module in model.modules())  # undone after each stage
+
+    # The folded forward computes the same function, and state_dict keys are untouched.
+    images = torch.rand(6, 3, 32, 32)
+    model.eval()
+    keys = model.state_dict().keys()
+    with torch.no_grad():
+        plain = model(images)
+        model.on_test_start()
+        assert isinstance(model.network.layer1.forward.__self__, torch.fx.GraphModule)
+        assert model.state_dict().keys() == keys
+        torch.testing.assert_close(model(images), plain, rtol=1e-4, atol=1e-5)
+        model.on_test_end()
+
+
+def test_no_folding_while_frozen_batchnorm_statistics_move(image_folder, tmp_path):
+    model = TransferClassifier(
+        weights=None, num_classes=4, trainable_from="layer3", update_bn_stats=True, optimizer=SGD
+    )
+    folded = FoldedForward()
+    make_trainer(tmp_path, callbacks=[folded]).fit(model, datamodule_for(image_folder, tmp_path))
+    assert folded.seen["train"] == set()
+
+
 def test_gradual_unfreezing_stops_at_trainable_from(image_folder, tmp_path):
     model = TransferClassifier(
         weights=None, num_classes=4, freeze_backbone=True, unfreeze_at_epoch=1, trainable_from="layer4", optimizer=SGD

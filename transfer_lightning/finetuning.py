@@ -1,10 +1,16 @@
-"""Gradual unfreezing: train the new head on a frozen backbone first, then the whole network."""
+"""Frozen parts of the network: gradual unfreezing, and BatchNorm folded into the frozen convolutions."""
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+from torch.fx.proxy import TraceError
 from torch.optim import Optimizer
 
 
@@ -37,3 +43,28 @@ class GradualUnfreezing(BaseFinetuning):
             pl_module.unfreeze_backbone()
             pl_module.train()  # BatchNorm layers of the backbone now train too
             rank_zero_info(f"Epoch {epoch}: the backbone is unfrozen and trained from now on.")
+
+
+def run_folded(modules: Iterable[nn.Module]) -> None:
+    """Make each module run an eval-mode copy of itself whose BatchNorm layers are folded into the
+    convolutions before them (torch.fx's conv-BN fusion), until :func:`run_unfolded`.
+
+    Only for modules that stay frozen, with BatchNorm in eval mode, for as long as this lasts: the
+    copy computes the same function from today's weights and statistics, without the BatchNorm
+    passes (1.7x faster for MobileNetV2's features.0-6 at 128 px on a CPU, benchmarks/finetune_speed.py).
+    Only ``forward`` is replaced, so parameters, state_dict keys and checkpoints stay as they are.
+    """
+    for module in modules:
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            continue
+        try:
+            folded = fuse(copy.deepcopy(module).eval(), inplace=True)
+        except TraceError:  # data-dependent control flow that torch.fx cannot trace: run it as it is
+            continue
+        module.forward = folded.forward
+
+
+def run_unfolded(modules: Iterable[nn.Module]) -> None:
+    """Undo :func:`run_folded`: the modules run their own forward again."""
+    for module in modules:
+        module.__dict__.pop("forward", None)

@@ -25,7 +25,7 @@ from transfer_lightning.backbones import create_network
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.evaluation import ClassificationMetrics
 from transfer_lightning.files import atomic_path
-from transfer_lightning.finetuning import GradualUnfreezing
+from transfer_lightning.finetuning import GradualUnfreezing, run_folded, run_unfolded
 
 #: Settings that decide the optimizer's parameter groups: a resumed fit must keep the checkpoint's.
 PARAMETER_GROUP_HPARAMS = ["freeze_backbone", "trainable_from", "unfreeze_at_epoch", "no_weight_decay_on_norm_and_bias"]
@@ -209,6 +209,22 @@ class TransferClassifier(pl.LightningModule):
             # Lightning warns about any module in eval mode at the start of training: here that is the point.
             eval_mode = r"Found \d+ module\(s\) in eval mode"
             warnings.filterwarnings("ignore", message=eval_mode, category=PossibleUserWarning)
+
+    def on_train_start(self) -> None:
+        """Run the modules before ``trainable_from`` with their BatchNorms folded in (see :func:`run_folded`).
+
+        Also at the start of test and predict, after Lightning has loaded the checkpoint's weights.
+        Not with ``update_bn_stats`` in training (their statistics move), nor with ``compile``.
+        """
+        moving_statistics = self.hparams.update_bn_stats and self.trainer.training
+        if not moving_statistics and not self.hparams.compile:
+            run_folded(self.network.get_submodule(name) for name in self.always_frozen)
+
+    def on_train_end(self) -> None:
+        run_unfolded(self.network.get_submodule(name) for name in self.always_frozen)
+
+    on_test_start = on_predict_start = on_train_start
+    on_test_end = on_predict_end = on_train_end
 
     def on_train_epoch_start(self) -> None:
         # A new module starts in train mode and recent Lightning versions keep whatever mode they find
