@@ -86,7 +86,8 @@ def main() -> None:
             row += f" {folded:.1f} | x{folded / baseline:.2f} |"
         rows.append(row)
     print(f"{args.backbone} at {args.image_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads")
-    print("| trainable_from | trainable parameters | training images/s | x whole network | BN folded | x whole network |")
+    print("| trainable_from | trainable parameters | training images/s | x whole network", end=" ")
+    print("| BN folded | x whole network |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
 

@@ -66,9 +66,10 @@ class TransferClassifier(pl.LightningModule):
         trainable_from: Partial fine-tuning: train the network only from this module on (its dotted
             name: ``features.7`` of mobilenet_v2, ``layer3`` of resnet18). The modules registered
             before it, which in torchvision's models are the ones that run before it, stay frozen with
-            BatchNorm in eval mode, so they need no backward pass: from ``features.7``, mobilenet_v2
-            trains 2.8x (96 px) to 3.4x (128 px) the images/s of the whole network on a 2-core CPU
-            (docs/performance.md). Early layers detect edges and textures, which transfer as they are.
+            BatchNorm in eval mode, so they need no backward pass, and run with their BatchNorm folded
+            into the convolutions: from ``features.7``, mobilenet_v2 trains 2.9x (96 px) to 4.6x
+            (128 px) the images/s of the whole network on a 2-core CPU (docs/performance.md). Early
+            layers detect edges and textures, which transfer as they are.
         unfreeze_at_epoch: With freeze_backbone, train the whole network (from trainable_from on, when
             set) from this epoch (counted from 0) on: gradual unfreezing. BatchNorm stays in eval mode
             until then, and trains after.
