@@ -248,7 +248,16 @@ def test_modules_before_trainable_from_run_with_batchnorm_folded(image_folder, t
     assert folded.seen == {stage: {"layer1", "layer2"} for stage in ("train", "val", "test")}
     assert not any("forward" in module.__dict__ for module in model.modules())  # undone after each stage
 
-    # The folded forward computes the same function, and state_dict keys are untouched.
+    # The folded forward computes the same function, and state_dict keys are untouched. Statistics
+    # and affine parameters away from BatchNorm's initial identity, so that a wrong fold shows.
+    generator = torch.Generator().manual_seed(0)
+    for batchnorm in model.backbone_batchnorms():
+        for tensor, (low, high) in zip(
+            (batchnorm.running_mean, batchnorm.running_var, batchnorm.weight.data, batchnorm.bias.data),
+            ((-1, 1), (0.5, 2), (0.5, 1.5), (-1, 1)),
+            strict=True,
+        ):
+            tensor.copy_(torch.empty_like(tensor).uniform_(low, high, generator=generator))
     images = torch.rand(6, 3, 32, 32)
     model.eval()
     keys = model.state_dict().keys()
