@@ -18,6 +18,7 @@ from transfer_lightning.data.transforms import Preprocessing
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.export import ExportedClassifier
 from transfer_lightning.features import FrozenFeatureCache
+from transfer_lightning.finetuning import run_folded
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.report import read_run
 from transfer_lightning.schedules import WarmupCosineLR
@@ -268,6 +269,15 @@ def test_modules_before_trainable_from_run_with_batchnorm_folded(image_folder, t
         assert model.state_dict().keys() == keys
         torch.testing.assert_close(model(images), plain, rtol=1e-4, atol=1e-5)
         model.on_test_end()
+
+
+def test_folding_again_folds_the_current_weights():
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    images = torch.rand(2, 3, 8, 8)
+    run_folded([block])
+    block[1].running_mean.fill_(1.0)  # e.g. weights loaded after a stage that ended in an error
+    run_folded([block])
+    torch.testing.assert_close(block(images), torch.nn.Sequential.forward(block, images), rtol=1e-4, atol=1e-5)
 
 
 def test_no_folding_while_frozen_batchnorm_statistics_move(image_folder, tmp_path):
