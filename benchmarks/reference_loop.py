@@ -55,7 +55,8 @@ class ReferenceResult:
 
 
 def reference_model(backbone: str, weights: str | None, num_classes: int, frozen: bool) -> nn.Module:
-    network, head_name = create_network(backbone, weights, num_classes)
+    network, parts = create_network(backbone, weights, num_classes)
+    head_name = parts.head
     if frozen:
         for name, parameter in network.named_parameters():
             parameter.requires_grad = name.startswith(head_name + ".")

@@ -17,8 +17,8 @@ from transfer_lightning.errors import UserInputError
     ("backbone", "head", "in_features"), [("resnet18", "fc", 512), ("mobilenet_v2", "classifier.1", 1280)]
 )
 def test_head_is_replaced(backbone, head, in_features):
-    network, head_name = create_network(backbone, None, 7)
-    assert head_name == head
+    network, parts = create_network(backbone, None, 7)
+    assert (parts.head, parts.classifier_block) == (head, head.split(".")[0])
     layer = network.get_submodule(head)
     assert (layer.in_features, layer.out_features) == (in_features, 7)
     assert network(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
@@ -44,7 +44,7 @@ def test_shared_mobilenet_v2_features_load():
     network, head = create_network("mobilenet_v2", str(SHARED_MOBILENET), 10)
     state = torch.load(SHARED_MOBILENET, weights_only=True)
     assert all(torch.equal(network.state_dict()[key], value) for key, value in state.items())
-    assert head == "classifier.1"
+    assert head.head == "classifier.1"
 
 
 def test_weights_of_another_architecture_are_a_clear_error(tmp_path):

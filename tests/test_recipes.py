@@ -18,7 +18,7 @@ from transfer_lightning.data.transforms import Preprocessing
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.export import ExportedClassifier
 from transfer_lightning.features import FrozenFeatureCache
-from transfer_lightning.finetuning import run_folded
+from transfer_lightning.finetuning import FrozenBatchNorm, run_folded
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.report import read_run
 from transfer_lightning.schedules import WarmupCosineLR
@@ -264,11 +264,11 @@ def test_modules_before_trainable_from_run_with_batchnorm_folded(image_folder, t
     keys = model.state_dict().keys()
     with torch.no_grad():
         plain = model(images)
-        model.on_test_start()
+        FrozenBatchNorm().on_test_start(trainer, model)
         assert isinstance(model.network.layer1.forward.__self__, torch.fx.GraphModule)
         assert model.state_dict().keys() == keys
         torch.testing.assert_close(model(images), plain, rtol=1e-4, atol=1e-5)
-        model.on_test_end()
+        FrozenBatchNorm().on_test_end(trainer, model)
 
 
 def test_folding_again_folds_the_current_weights():

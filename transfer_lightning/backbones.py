@@ -10,6 +10,7 @@ import difflib
 import os
 import urllib.error
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,19 +22,40 @@ from transfer_lightning.errors import UserInputError
 #: Buffers that older state_dicts may lack; torchvision's own loaders ignore them too.
 _OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
 
+#: Builder arguments per backbone. Inception v3 and GoogLeNet return auxiliary outputs in training
+#: (GoogLeNet even without weights); torchvision's reference adds their auxiliary losses only when
+#: training from scratch. Transfer trains the main head alone, so the auxiliary heads are not built.
+_BUILD_ARGUMENTS = {"inception_v3": {"aux_logits": False}, "googlenet": {"aux_logits": False}}
+
+
+@dataclass(frozen=True)
+class NetworkParts:
+    """Where the parts of a built network are, and what its weights say about their inputs.
+
+    Attributes:
+        head: Dotted name of the new ``Linear`` head (``"fc"``, ``"classifier.1"``, ``"heads.head"``).
+        classifier_block: The top-level module that holds the head (``"fc"``, ``"classifier"``): what
+            the frozen-feature cache trains on the backbone's pooled features.
+        min_size: Smallest (H, W) input, from the torchvision weights' metadata (``None`` if unknown).
+    """
+
+    head: str
+    classifier_block: str
+    min_size: tuple[int, int] | None
+
 
 def available_backbones() -> list[str]:
     """Names of torchvision's image classification models (``resnet18``, ``mobilenet_v2``, ...)."""
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def create_network(backbone: str, weights: str | None, num_classes: int) -> tuple[nn.Module, str]:
+def create_network(backbone: str, weights: str | None, num_classes: int) -> tuple[nn.Module, NetworkParts]:
     """Build ``backbone`` with ``weights`` and a new ``Linear(in_features, num_classes)`` head.
 
     ``weights`` is a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), ``None`` for random
     initialisation, or the path of a local ``state_dict`` (with or without the classifier).
 
-    Returns the network and the dotted name of its head (``"fc"``, ``"classifier.1"``).
+    Returns the network and its :class:`NetworkParts`.
     Raises :class:`UserInputError` for an unknown backbone, unknown weights, an unusable file, or a
     failed download.
     """
@@ -49,7 +71,9 @@ def create_network(backbone: str, weights: str | None, num_classes: int) -> tupl
         head_name = find_head(network, backbone)
     old_head = network.get_submodule(head_name)
     network.set_submodule(head_name, nn.Linear(old_head.in_features, num_classes))
-    return network, head_name
+    default_weights = getattr(torchvision.models.get_model_weights(backbone), "DEFAULT", None)
+    min_size = default_weights.meta.get("min_size") if default_weights is not None else None
+    return network, NetworkParts(head_name, head_name.split(".")[0], tuple(min_size) if min_size else None)
 
 
 def find_head(network: nn.Module, backbone: str = "this model") -> str:
@@ -81,7 +105,7 @@ def _check_backbone_name(backbone: str) -> None:
 
 def _build(backbone: str, weights: torchvision.models.WeightsEnum | None) -> nn.Module:
     try:
-        return torchvision.models.get_model(backbone, weights=weights)
+        return torchvision.models.get_model(backbone, weights=weights, **_BUILD_ARGUMENTS.get(backbone, {}))
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         if weights is None:
             raise

@@ -200,3 +200,31 @@ class PredictionsCSV(BasePredictionWriter):
                     ranked = [x for c, p in zip(classes, probabilities, strict=True) for x in (names[c], f"{p:.6f}")]
                     writer.writerow([*image, *ranked[:2], *ranked])
         rank_zero_info(f"Predictions: {path}")
+
+
+class ClassificationReportFiles(pl.Callback):
+    """After ``test``: the classification report printed and saved as ``classification_report.md`` in
+    the run folder, and the confusion matrix as a TensorBoard figure.
+
+    Reads the report that the model's ``on_test_epoch_end`` left in ``test_report``. The model adds
+    this callback itself (``configure_callbacks``).
+    """
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(pl_module, "test_report", None) is None:
+            return
+        report, confusion = pl_module.test_report
+        log_dir = trainer.log_dir  # a collective call under DDP: every process must make it
+        if not trainer.is_global_zero:
+            return
+        if isinstance(trainer.logger, TensorBoardLogger):
+            figure, _ = pl_module.test_metrics.confusion.plot(confusion, labels=report.class_names)
+            figure.set_size_inches(8, 8)
+            trainer.logger.experiment.add_figure("test/confusion_matrix", figure, global_step=trainer.global_step)
+        text = report.to_markdown()
+        if log_dir is not None:
+            path = Path(log_dir) / "classification_report.md"
+            with atomic_path(path) as partial:
+                partial.write_text(text)
+            text += f"\n(saved as {path})"
+        rank_zero_info("\n" + text)

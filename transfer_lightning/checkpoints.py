@@ -1,10 +1,11 @@
-"""What a checkpoint carries for inference, read without the training data or its config.
+"""What a checkpoint carries, read without the training data or its config, and whether it fits a model.
 
 Every checkpoint holds the model's hyperparameters (``backbone``, ``class_names``, ...), the data
 module's (``image_size``, ``normalization``, ...) and the data module's state: the
 :class:`~transfer_lightning.data.transforms.Preprocessing` that turns an image file into the
-network's input. Checkpoints of transfer_lightning 0.1 lack that state; what can be recovered from
-their hyperparameters is, and the rest fails with a message that says what to pass instead.
+network's input. Checkpoints saved before that state was recorded (before 2026-11-28) lack it; what
+can be recovered from their hyperparameters is, and the rest fails with a message that says what
+to pass instead.
 """
 
 from __future__ import annotations
@@ -39,6 +40,31 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+#: Model settings that decide the optimizer's parameter groups: a resumed fit must keep the checkpoint's.
+PARAMETER_GROUP_HPARAMS = ["freeze_backbone", "trainable_from", "unfreeze_at_epoch", "no_weight_decay_on_norm_and_bias"]
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], resuming_fit: bool) -> None:
+    """Refuse a checkpoint whose hyperparameters ``saved`` were of another backbone or class count than
+    ``current``'s; when ``resuming_fit``, also one whose optimizer parameter groups would differ."""
+    keys = ["backbone", "num_classes"] + (PARAMETER_GROUP_HPARAMS if resuming_fit else [])
+    for key in keys:
+        if key in saved and key in current and saved[key] != current[key]:
+            raise UserInputError(
+                f"The checkpoint was trained with {key}={saved[key]!r}, but this model has {key}={current[key]!r}. "
+                f"Use a config with {key}: {saved[key]!r}, or another checkpoint."
+            )
+
+
+def model_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The model's hyperparameters as this version takes them (``backbone_lr_scale`` was 0.1 even
+    without ``unfreeze_at_epoch`` in checkpoints before 2026-12-01; it now means "not set" there)."""
+    hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key != "_instantiator"}
+    if hparams.get("unfreeze_at_epoch") is None:
+        hparams.pop("backbone_lr_scale", None)
+    return hparams
+
+
 def class_names(checkpoint: dict[str, Any]) -> list[str]:
     """The class names in label order (their numbers for checkpoints that were trained without names)."""
     hparams = checkpoint["hyper_parameters"]
@@ -53,11 +79,11 @@ def data_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def preprocessing(checkpoint: dict[str, Any], path: str | Path) -> Preprocessing:
-    """How images were prepared for the network; checkpoints of version 0.1 do not say."""
+    """How images were prepared for the network; checkpoints saved before 2026-11-28 do not say."""
     saved = checkpoint.get(ImageFolderDataModule.__qualname__, {})  # where Lightning keeps its state_dict()
     if "preprocessing" not in saved:
         raise UserInputError(
-            f"{path} was saved by transfer_lightning 0.1 and does not record how its images were prepared. "
+            f"{path} was saved by an older transfer_lightning and does not record how its images were prepared. "
             "Train it again with this version, or resume it for one more epoch (fit --ckpt_path ... "
             "--trainer.max_epochs N+1) to get a checkpoint that does."
         )

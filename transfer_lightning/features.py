@@ -265,7 +265,7 @@ class FrozenFeatureCache(pl.Callback):
         key = f"{backbone_digest(model)} {tuple(batch.shape[1:])}"
         if self._onnx is not None and self._onnx[0] == key:
             return self._onnx[1]
-        extractor = OnnxFeatureExtractor(model.network, model.head_name.split(".")[0], batch)
+        extractor = OnnxFeatureExtractor(model.network, model.parts.classifier_block, batch)
         expected = model.classifier_inputs(batch[:4]).float().cpu()
         difference = float((extractor(batch[:4]) - expected).abs().max())
         if not difference <= ONNX_TOLERANCE * max(1.0, float(expected.abs().max())):
@@ -280,7 +280,7 @@ class FrozenFeatureCache(pl.Callback):
 def backbone_digest(model: TransferClassifier) -> str:
     """SHA-256 of every tensor of ``model``'s network outside its classifier block (weights and buffers)."""
     digest = hashlib.sha256()
-    block = model.head_name.split(".")[0] + "."
+    block = model.parts.classifier_block + "."
     for name, tensor in sorted(model.network.state_dict().items()):
         if not name.startswith(block):
             digest.update(name.encode())

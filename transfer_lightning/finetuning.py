@@ -1,17 +1,114 @@
-"""Frozen parts of the network: gradual unfreezing, and BatchNorm folded into the frozen convolutions."""
+"""Frozen parts of the network: which they are, BatchNorm kept in eval mode and folded into the
+frozen convolutions, and gradual unfreezing.
+
+The helpers take the network (or the LightningModule) as an argument, as Lightning's
+``BaseFinetuning`` static methods do, and never import the model.
+"""
 
 from __future__ import annotations
 
 import copy
+import difflib
+import warnings
 from collections.abc import Iterable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 from torch.fx.proxy import TraceError
 from torch.optim import Optimizer
+
+from transfer_lightning.errors import UserInputError
+
+
+def batchnorms(module: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def modules_before(network: nn.Module, name: str) -> list[str]:
+    """Names of the outermost modules of ``network`` registered before module ``name``, which
+    are, in torchvision's models, the ones that run before it (``conv1``, ``bn1``, ``layer1`` ...)."""
+    names = [n for n, _ in network.named_modules() if n]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        top = [n for n in names if n.count(".") <= 1][:12]
+        hint = f"Did you mean {', '.join(close)}?" if close else f"Its modules include {', '.join(top)}."
+        raise UserInputError(f"model.trainable_from {name!r} is not a module of the network. {hint}")
+    before = []
+    for candidate in names[: names.index(name)]:
+        is_parent = name.startswith(candidate + ".")
+        inside_earlier = any(candidate.startswith(outer + ".") for outer in before)
+        if not is_parent and not inside_earlier:
+            before.append(candidate)
+    return before
+
+
+def parameters_of_enclosing_modules(network: nn.Module, name: str) -> list[str]:
+    """Names of the parameters held directly by the modules that enclose module ``name`` (the network
+    included): ViT's ``class_token`` and ``encoder.pos_embedding``. They belong to no module before
+    ``name``, yet in torchvision's models they are used before it (the token and position embedding
+    are added to the patches), so partial fine-tuning freezes them with those modules."""
+    parts = name.split(".")
+    enclosing = [".".join(parts[:depth]) for depth in range(len(parts))]
+    return [
+        f"{outer}.{parameter}" if outer else parameter
+        for outer in enclosing
+        for parameter, _ in network.get_submodule(outer).named_parameters(recurse=False)
+    ]
+
+
+class FrozenBatchNorm(pl.Callback):
+    """Runs the frozen part of a :class:`~transfer_lightning.model.TransferClassifier` as frozen.
+
+    The model keeps the BatchNorm layers of its frozen part in eval mode whenever it is put into
+    training mode (its ``train``); this callback applies that rule at every epoch start (recent
+    Lightning versions keep whatever mode they find), says so once at the start of ``fit``, and
+    runs the modules before ``trainable_from`` with their BatchNorm folded in (:func:`run_folded`)
+    from the start of training, test and predict, after Lightning has loaded a checkpoint's
+    weights. No folding with ``update_bn_stats`` in training (the statistics move) or ``compile``.
+    The model adds this callback itself (``configure_callbacks``).
+    """
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        frozen = pl_module.frozen_batchnorms()
+        if not frozen or pl_module.hparams.update_bn_stats:
+            return
+        until = pl_module.hparams.unfreeze_at_epoch
+        part = "backbone" if pl_module.backbone_frozen else f"part before {pl_module.hparams.trainable_from}"
+        when = (
+            f"until the backbone is unfrozen at epoch {until}"
+            if pl_module.backbone_frozen and until is not None
+            else "(set model.update_bn_stats true to let them drift)"
+        )
+        rank_zero_info(
+            f"Frozen {part}: its {len(frozen)} BatchNorm layers stay in eval mode, so their "
+            f"running statistics do not change {when}."
+        )
+        # Lightning warns about any module in eval mode at the start of training: here that is the point.
+        eval_mode = r"Found \d+ module\(s\) in eval mode"
+        warnings.filterwarnings("ignore", message=eval_mode, category=PossibleUserWarning)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.train()  # the model's train() keeps the frozen BatchNorm layers in eval mode
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        moving_statistics = pl_module.hparams.update_bn_stats and trainer.training
+        if not moving_statistics and not pl_module.hparams.compile:
+            run_folded(self._always_frozen(pl_module))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_unfolded(self._always_frozen(pl_module))
+
+    on_test_start = on_predict_start = on_train_start
+    on_test_end = on_predict_end = on_train_end
+
+    @staticmethod
+    def _always_frozen(pl_module: pl.LightningModule) -> list[nn.Module]:
+        return [pl_module.network.get_submodule(name) for name in pl_module.always_frozen]
 
 
 class GradualUnfreezing(BaseFinetuning):

@@ -80,7 +80,7 @@ class Run:
         return self.last("test/acc")
 
     def test_macro_f1(self) -> float | None:
-        return self.last("test/f1_macro")  # runs of version 0.1 did not log it
+        return self.last("test/f1_macro")  # runs before 2026-11-28 did not log it
 
     def last(self, tag: str) -> float | None:
         values = self.scalars.get(tag)

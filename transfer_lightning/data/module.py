@@ -168,8 +168,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             size = (32, 32)
         else:
             raise UserInputError(
-                "The checkpoint does not say how its images were prepared (it was saved by transfer_lightning "
-                "0.1) and there is no training data to tell: pass the training data's --data.data_dir and "
+                "The checkpoint does not say how its images were prepared (it was saved before 2026-11-28) and "
+                "there is no training data to tell: pass the training data's --data.data_dir and "
                 "--data.image_size too, or use a checkpoint saved by this version."
             )
         mean, std = NORMALIZATIONS[self.hparams.normalization]

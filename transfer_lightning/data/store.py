@@ -51,7 +51,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 @dataclass(frozen=True)
 class StoredImages:
     """A decoded store: its arrays (memory-mapped), the rows that hold images, its folder, and the
-    file of every row (``None`` for stores built by transfer_lightning 0.1, which did not list them)."""
+    file of every row (``None`` for stores built before 2026-11-28, which did not list them)."""
 
     arrays: ImageArrays
     rows: torch.Tensor
