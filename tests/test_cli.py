@@ -140,7 +140,7 @@ def test_missing_data_is_one_clear_error(small_run_args, run_dir, capsys):
         main(["fit", f"--config={CONFIGS[0]}", *small_run_args, "--data.data_dir=nowhere", "--data.download=false"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
-    assert "No data in nowhere" in error and "cifar-10-batches-py" in error and "train/<class>" in error
+    assert "data.data_dir nowhere does not exist" in error and "cifar-10-batches-py" in error and "train/<class>" in error
     assert "Traceback" not in error
 
 
@@ -150,10 +150,11 @@ def test_offline_download_is_one_clear_error(small_run_args, run_dir, capsys, mo
 
     monkeypatch.setattr("torchvision.datasets.utils.download_url", no_network)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", f"--config={CONFIGS[0]}", *small_run_args, "--data.data_dir=fresh", "--trainer.fast_dev_run=true"])
+        main(["fit", f"--config={CONFIGS[0]}", *small_run_args, "--data.data_dir=null", "--trainer.fast_dev_run=true"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "Could not download CIFAR-10" in error and "image-folder tree" in error
+    assert not (run_dir / "data").exists()  # the default folder, made by the attempt, is removed again
 
 
 def test_unknown_backbone_is_one_clear_error(small_run_args, run_dir, capsys):

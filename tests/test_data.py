@@ -56,7 +56,7 @@ def test_split_is_repeatable_for_a_seed_and_changes_with_it():
 
 @pytest.mark.parametrize("val_size", [120, 500])
 def test_val_size_larger_than_training_set_is_a_clear_error(image_folder, tmp_path, val_size):
-    with pytest.raises(UserInputError, match="val_size must be between 1 and 119"):
+    with pytest.raises(UserInputError, match=rf"val_size {val_size} holds out .* has 120: set --data.val_size to a fraction"):
         make_datamodule(image_folder, tmp_path, val_size=val_size)
 
 
@@ -121,8 +121,12 @@ def test_train_and_test_with_different_classes_is_a_clear_error(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(UserInputError, match="No data in .*cifar-10-batches-py.*train/<class>"):
+    with pytest.raises(UserInputError, match="data_dir .*nothing does not exist.*cifar-10-batches-py"):
         CIFAR10DataModule(data_dir=str(tmp_path / "nothing"), download=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    with pytest.raises(UserInputError, match="No data in .*cifar-10-batches-py.*train/<class>"):
+        CIFAR10DataModule(data_dir=str(tmp_path / "notes"))
 
 
 @pytest.mark.parametrize("bad", [{"batch_size": 0}, {"val_size": -1}, {"image_size": 0}, {"num_workers": -2}])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import PHOTO_SIZES, photo, write_photo_folder
 from transfer_lightning import checkpoints, export
@@ -112,7 +113,7 @@ def test_predict_takes_a_single_file_and_a_top_k(trained, new_images, run_dir):
 def test_predict_dir_mistakes_are_one_clear_error(trained, run_dir, capsys):
     for args, message in [
         ([f"--data.predict_dir={run_dir / 'nowhere'}", f"--ckpt_path={trained / 'last.ckpt'}"], "does not exist"),
-        ([f"--data.predict_dir={run_dir}"], "needs a trained model's checkpoint"),
+        ([f"--data.predict_dir={run_dir}"], "predict scores a trained model: pass --ckpt_path"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["predict", *args, *QUIET])
@@ -291,7 +292,9 @@ def test_the_readme_snippets_run_without_this_package_and_agree_with_predict(tra
     onnx_snippet, torch_snippet = (block.split("\n", 1)[1] for block in section.split("```python")[1:3])
     onnx_snippet, torch_snippet = (block[: block.index("```")] for block in (onnx_snippet, torch_snippet))
     assert "transfer_lightning" not in onnx_snippet + torch_snippet
-    photo(1, (90, 61), torch.Generator().manual_seed(3)).save(run_dir / "photo.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, as phones do: without exif_transpose the snippet sees another image
+    photo(1, (90, 61), torch.Generator().manual_seed(3)).save(run_dir / "photo.jpg", exif=exif)
     for format in ("onnx", "pt2"):
         export.export(trained / "last.ckpt", run_dir / f"model.{format}")
 
@@ -300,6 +303,10 @@ def test_the_readme_snippets_run_without_this_package_and_agree_with_predict(tra
     for snippet in (onnx_snippet, torch_snippet):  # the README's own code, run as a reader would
         exec(snippet, namespace)
         results.append(torch.as_tensor(namespace["probabilities"]).flatten())
+    # What the snippet feeds the model is exactly what predict decodes: the upright photo, resized and cropped.
+    preprocessing = checkpoints.preprocessing(checkpoints.read_checkpoint(trained / "last.ckpt"), "last.ckpt")
+    decoded = torch.from_numpy(decode_image(str(run_dir / "photo.jpg"), preprocessing.stored_size))
+    assert torch.equal(torch.from_numpy(namespace["pixels"][0]), center_crop(decoded, preprocessing.caller_size[0]))
     (row,) = predict(trained, run_dir / "photo.jpg", run_dir, *QUIET)
     for probabilities in results:
         assert CLASSES[int(probabilities.argmax())] == row["predicted_class"]

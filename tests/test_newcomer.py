@@ -11,6 +11,7 @@ import yaml
 
 from transfer_lightning.cli import main
 from transfer_lightning.data import ImageFolderDataModule
+from transfer_lightning.data.sources import download_cifar10
 from transfer_lightning.errors import UserInputError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
@@ -42,22 +43,28 @@ def test_print_config_without_a_subcommand_says_to_put_one_first(capsys):
     assert "Put a subcommand first: python -m transfer_lightning fit" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("folder_existed", [False, True])
-def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, folder_existed):
+@pytest.mark.parametrize("where", ["default folder", "empty folder", "folder with a file"])
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, where):
     def offline(cls, root, train, download):
         Path(root).mkdir(parents=True, exist_ok=True)
         (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"half a download")
         raise urllib.error.URLError("no network")
 
-    root = tmp_path / "new" / "data"
-    if folder_existed:
-        root.mkdir(parents=True)
-        (root / "mine.txt").write_text("the user's file")
-    datamodule = ImageFolderDataModule(data_dir=str(root))
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "__new__", offline)
+    root = tmp_path / "new" / "data"
+    if where != "default folder":
+        root.mkdir(parents=True)
+    if where == "folder with a file":
+        (root / "mine.txt").write_text("the user's file")
+        with pytest.raises(UserInputError, match="Offline.*configs/overrides/shared_mobilenet_v2.yaml"):
+            download_cifar10(root)  # the data module never downloads into it (test_traps.py); the function cleans up
+        assert [path.name for path in root.iterdir()] == ["mine.txt"]
+        return
+    datamodule = ImageFolderDataModule(data_dir=None if where == "default folder" else str(root))
     with pytest.raises(UserInputError, match="Offline.*configs/overrides/shared_mobilenet_v2.yaml"):
         datamodule.prepare_data()
-    if folder_existed:
-        assert [path.name for path in root.iterdir()] == ["mine.txt"]
+    if where == "default folder":
+        assert list(tmp_path.iterdir()) == []  # ./data, made by the attempt, is gone again
     else:
-        assert list(tmp_path.iterdir()) == []
+        assert list(root.iterdir()) == []

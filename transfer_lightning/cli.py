@@ -41,6 +41,8 @@ SUBCOMMAND_HELP = {
     "test": "Evaluate a checkpoint (--ckpt_path) on the test split, per class too.",
     "predict": "Write predictions.csv for new images (--data.predict_dir) or the test split, with --ckpt_path.",
 }
+#: Subcommands that evaluate a trained checkpoint.
+EVALUATING = ("validate", "test", "predict")
 REPORT_HELP = "Table and plot of finished runs from their TensorBoard events: report [LOGDIR ...] [--plot FILE]."
 EXPORT_HELP = "A stand-alone model file: export --ckpt_path CKPT --format onnx|pt2 --output FILE."
 
@@ -99,13 +101,26 @@ class TransferLightningCLI(LightningCLI):
             raise UserInputError(f"seed_everything: {error}") from None
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads the checkpoint's model hyperparameters here; a file that is not a
-        # checkpoint of ours must give one clear line, not an unpickling traceback.
+        """Take the model's hyperparameters from ``--ckpt_path``, as LightningCLI does, after checking it.
+
+        ``validate``, ``test`` and ``predict`` need a checkpoint (without one they would score a random
+        new head); a path that does not exist, or a file that is not a checkpoint of ours, is one clear
+        line, not Lightning's traceback. ``fit --ckpt_path last`` is resolved in :meth:`before_fit`.
+        """
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            checkpoints.read_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if subcommand in EVALUATING and not ckpt_path:
+            raise UserInputError(
+                f"{subcommand} scores a trained model: pass --ckpt_path lightning_logs/version_N/checkpoints/FILE.ckpt "
+                "(without one, the new head would be random)."
+            )
+        if not ckpt_path or (subcommand == "fit" and ckpt_path == "last"):
+            return
+        checkpoint = checkpoints.read_checkpoint(ckpt_path)
+        hparams = {subcommand: {"model": checkpoints.model_hparams(checkpoint)}}
+        self.config = self.parser.parse_object(hparams, self.config)
 
     def before_instantiate_classes(self) -> None:
         # With a checkpoint file, LightningCLI takes the model's hyperparameters from it and the
@@ -120,8 +135,6 @@ class TransferLightningCLI(LightningCLI):
                 warnings.filterwarnings("ignore", message=dirpath_changed, category=UserWarning)
         if self.subcommand == "predict" and config["data"]["predict_dir"]:
             # New images: class names, image size and normalisation come from the checkpoint, not the data.
-            if not ckpt_path:
-                raise UserInputError("predict --data.predict_dir needs a trained model's checkpoint: --ckpt_path FILE.")
             for key, value in checkpoints.data_settings(checkpoints.read_checkpoint(ckpt_path)).items():
                 config["data"][key] = value
 

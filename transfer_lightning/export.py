@@ -139,6 +139,7 @@ def describe(
         "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, height, width], "channels": "RGB"},
         "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(model.class_names)]},
         "preprocessing": preprocessing.describe(),
+        "exif_orientation": "apply before resizing: PIL.ImageOps.exif_transpose(image), as training and predict do",
         "resize_to_cover": list(preprocessing.stored_size),
         "center_crop": [height, width],
         "inside_the_model": {

@@ -56,17 +56,19 @@ class SplitStores(NamedTuple):
 class ImageFolderDataModule(pl.LightningDataModule):
     """CIFAR-10 or a tree of image folders, with honest train / val / test splits.
 
-    Reads ``data_dir/cifar-10-batches-py`` (torchvision's format, downloaded when ``download`` is
-    true) or an image-folder tree in any of these layouts (class names are the folder names):
-    ``train/`` + ``test/`` (val carved out of train), ``train/`` + ``val/`` or ``valid/`` (val also
-    tests), ``train/`` + ``val/`` + ``test/``, or class folders directly under ``data_dir`` (val
-    carved out, and also tests). Image folders are decoded once into a memory-mapped store under
+    Reads ``data_dir/cifar-10-batches-py`` (torchvision's format) or an image-folder tree in any of
+    these layouts (class names are the folder names; split folders by their common names in any
+    case): ``train/`` + ``test/`` (val carved out of train), ``train/`` + ``val/`` or ``valid/`` (val
+    also tests), ``train/`` + ``val/`` + ``test/``, or class folders directly under ``data_dir`` (val
+    carved out, and also tests). Without ``data_dir``, CIFAR-10 in ``./data``, downloaded there when
+    ``download`` is true: a folder the user names is never downloaded into unless it is empty, so a
+    mistyped path is an error, not a CIFAR-10 run. Image folders are decoded once into a memory-mapped store under
     ``cache_dir``. Images of one size keep it (CIFAR-10's 32x32); mixed sizes are stored at
     ``image_size x 8/7`` (shorter side, centre square: 256 for 224) and cropped on the device.
 
     Args:
-        data_dir: Folder holding cifar-10-batches-py/ or an image-folder tree.
-        download: Download CIFAR-10 into data_dir if it holds neither.
+        data_dir: Folder holding cifar-10-batches-py/ or an image-folder tree; null: CIFAR-10 in ./data.
+        download: Download CIFAR-10 when data_dir is null (into ./data) or an empty folder, and it is not there yet.
         batch_size: Images per batch (per device under DDP).
         num_workers: DataLoader worker processes; batches are cheap tensor slices, so 0 is usually fastest.
         val_size: Images held out of the training pool for validation (stratified): a count, or a
@@ -95,7 +97,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data",
+        data_dir: str | None = None,
         download: bool = True,
         batch_size: int = 100,
         num_workers: int = 0,
@@ -115,13 +117,26 @@ class ImageFolderDataModule(pl.LightningDataModule):
         # class_names would clash with the model's hyperparameter of that name, which holds the resolved list.
         self.save_hyperparameters(ignore=["class_names"])
         _check_arguments(batch_size, num_workers, val_size, image_size, crop_scale, normalization, class_balance)
-        self.data_dir = Path(data_dir).expanduser()
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else DEFAULT_DATA_DIR
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
         self.predict_dir = Path(predict_dir).expanduser() if predict_dir else None
         if self.predict_dir is not None and not self.predict_dir.exists():
             raise UserInputError(f"data.predict_dir {predict_dir} does not exist: pass a folder of images or an image.")
+        if data_dir is not None and self.predict_dir is None and not self.data_dir.is_dir():
+            raise UserInputError(
+                f"data.data_dir {data_dir} does not exist. Point it at a folder of images (DIR/train/<class>/*.jpg "
+                "and DIR/test/<class>/*.jpg, or DIR/<class>/*.jpg) or holding cifar-10-batches-py/, or leave it "
+                f"unset for CIFAR-10 in ./{DEFAULT_DATA_DIR} (downloaded with data.download true)."
+            )
         self.folders = find_split_folders(self.data_dir)
-        self.class_names = self._find_class_names(download, class_names)
+        #: Whether prepare_data downloads CIFAR-10 into data_dir: only where it belongs, see the class docstring.
+        self.downloads = (
+            download
+            and self.folders is None
+            and not self._has_cifar10()
+            and (data_dir is None or (self.data_dir.is_dir() and not any(self.data_dir.iterdir())))
+        )
+        self.class_names = self._find_class_names(class_names)
         mean, std = NORMALIZATIONS[normalization]
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         self._stats_by_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -164,7 +179,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return self._checkpoint_preprocessing
         if self.folders is not None:
             _, size = self._folder_stores()
-        elif (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir():
+        elif self._has_cifar10():
             size = (32, 32)
         else:
             raise UserInputError(
@@ -185,7 +200,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if "preprocessing" in state_dict:
             self._checkpoint_preprocessing = Preprocessing.from_dict(state_dict["preprocessing"])
 
-    def _find_class_names(self, download: bool, class_names: list[str] | None) -> list[str]:
+    def _has_cifar10(self) -> bool:
+        return (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir()
+
+    def _find_class_names(self, class_names: list[str] | None) -> list[str]:
         if self.predict_dir is not None and class_names is not None:
             return list(class_names)  # predicting needs no training data
         if self.folders is not None:
@@ -200,13 +218,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
             if len(class_names) != len(CIFAR10_CLASSES):
                 raise UserInputError(f"CIFAR-10 has 10 classes; data.class_names gives {len(class_names)}.")
             return list(class_names)
-        if (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir() or download:
+        if self._has_cifar10() or self.downloads:
             return list(CIFAR10_CLASSES)
         raise UserInputError(
             f"No data in {self.data_dir}: expected torchvision's CIFAR-10 folder "
-            f"{self.data_dir / 'cifar-10-batches-py'} (set --data.download true to fetch it) or an image-folder "
-            f"tree such as {self.data_dir}/train/<class>/*.jpg and {self.data_dir}/val/<class>/*.jpg. "
-            "Point --data.data_dir at one of them."
+            f"{self.data_dir / 'cifar-10-batches-py'} or an image-folder tree such as "
+            f"{self.data_dir}/train/<class>/*.jpg and {self.data_dir}/val/<class>/*.jpg. Point --data.data_dir at "
+            f"one of them, or leave it unset with --data.download true to fetch CIFAR-10 into ./{DEFAULT_DATA_DIR}."
         )
 
     def prepare_data(self) -> None:
@@ -218,7 +236,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             for store in stores:
                 if store is not None:
                     store.build(size)
-        elif not (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir():
+        elif self.downloads and not self._has_cifar10():
             download_cifar10(self.data_dir)
 
     def setup(self, stage: str) -> None:
@@ -282,6 +300,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
         train_name, val_name, test_name = names
         if val is None:
             val_size = validation_count(self.hparams.val_size, len(train))
+            if val_size >= len(train):
+                raise UserInputError(
+                    f"data.val_size {self.hparams.val_size} holds out {val_size} images for validation, but "
+                    f"{train_name} has {len(train)}: set --data.val_size to a fraction such as 0.2, or a count "
+                    f"below {len(train)}."
+                )
             if val_size == 0:
                 if test is None:
                     raise UserInputError(f"val_size 0 validates on the test set, but {self.data_dir} has no test/.")
@@ -408,6 +432,10 @@ def _check_arguments(
         raise UserInputError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}.")
     if class_balance not in ("none", "sampler", "loss"):
         raise UserInputError(f"class_balance must be none, sampler or loss, got {class_balance!r}.")
+
+
+#: Where CIFAR-10 is read from, and downloaded to, when data.data_dir is not set.
+DEFAULT_DATA_DIR = Path("data")
 
 
 def _default_cache_dir() -> Path:

@@ -1,7 +1,8 @@
 """Where the images come from: torchvision's CIFAR-10 files, or a tree of class folders.
 
 An image-folder tree is recognised in one of these layouts (class names are the sorted folder
-names, and must be the same in every split folder):
+names, and must be the same in every split folder; split folders go by their common names in
+any case, e.g. ``Training/``, ``training_set/``, ``validation/``, ``test_set/``):
 
 - ``DIR/train/<class>/*`` + ``DIR/test/<class>/*``: validation is carved out of train;
 - ``DIR/train/`` + ``DIR/val/`` (or ``valid/``): val validates, and also tests when there is no ``test/``;
@@ -11,6 +12,7 @@ names, and must be the same in every split folder):
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import urllib.error
@@ -20,15 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from torchvision.datasets.folder import find_classes
 
 from transfer_lightning.data.datasets import ImageArrays
+from transfer_lightning.data.listing import find_classes, is_hidden_or_system
 from transfer_lightning.errors import UserInputError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-#: Folder names that hold the validation split, in the order they are looked for.
-VAL_FOLDER_NAMES = ("val", "valid", "validation")
+#: Names of split folders, compared in lower case with "-" and " " read as "_", in the order they are looked for.
+TRAIN_FOLDER_NAMES = ("train", "training", "train_set", "training_set", "trainset")
+VAL_FOLDER_NAMES = ("val", "valid", "validation", "val_set", "valid_set", "validation_set", "dev")
+TEST_FOLDER_NAMES = ("test", "testing", "test_set", "testing_set", "testset")
 
 
 @dataclass(frozen=True)
@@ -45,22 +49,61 @@ class SplitFolders:
 
 
 def find_split_folders(root: Path) -> SplitFolders | None:
-    """The layout of an image-folder tree under ``root``, or ``None`` when ``root`` is not one."""
-    if (root / "train").is_dir():
-        val = next((root / name for name in VAL_FOLDER_NAMES if (root / name).is_dir()), None)
-        test = root / "test" if (root / "test").is_dir() else None
-        return SplitFolders(root / "train", val, test)
-    if root.is_dir() and not (root / torchvision.datasets.CIFAR10.base_folder).is_dir():
-        if any(child.is_dir() and not child.name.startswith(".") for child in root.iterdir()):
-            return SplitFolders(root, None, None)
-    return None
+    """The layout of an image-folder tree under ``root``, or ``None`` when ``root`` is not one.
+
+    Split folders are recognised by their common names in any case (``train``, ``Training``,
+    ``training_set``; ``val``, ``valid``, ``validation``; ``test``, ``testing``, ``test_set``). Raises
+    :class:`UserInputError` for a tree that has val or test folders but no train folder, and for
+    class folders that hold only folders of the same names (split folders under other names).
+    """
+    if not root.is_dir() or (root / torchvision.datasets.CIFAR10.base_folder).is_dir():
+        return None
+    folders = sorted((child for child in root.iterdir() if child.is_dir()), key=lambda path: path.name)
+    folders = [folder for folder in folders if not is_hidden_or_system(folder.name)]
+    by_name = {}
+    for folder in folders:
+        by_name.setdefault(folder.name.lower().replace("-", "_").replace(" ", "_"), folder)
+    train, val, test = (
+        next((by_name[name] for name in names if name in by_name), None)
+        for names in (TRAIN_FOLDER_NAMES, VAL_FOLDER_NAMES, TEST_FOLDER_NAMES)
+    )
+    if train is not None:
+        return SplitFolders(train, val, test)
+    if val is not None or test is not None:
+        found = ", ".join(f"{folder.name}/" for folder in (val, test) if folder is not None)
+        raise UserInputError(
+            f"{root} holds {found} but no training folder: name the folder of training images train/ "
+            "(or training/, training_set/), beside the others."
+        )
+    if not folders:
+        return None
+    _check_not_split_folders(root, folders)
+    return SplitFolders(root, None, None)
+
+
+def _check_not_split_folders(root: Path, folders: list[Path]) -> None:
+    """Refuse class folders that hold no images of their own, only folders of the same names in each:
+    such a tree is split folders under other names (``part1/cats``, ``part2/cats``), not classes."""
+    inner = []
+    for folder in folders:
+        entries = [entry for entry in os.scandir(folder) if not is_hidden_or_system(entry.name)]
+        if not entries or any(not entry.is_dir() for entry in entries):
+            return
+        inner.append({entry.name for entry in entries})
+    shared = set.intersection(*inner)
+    if shared:
+        raise UserInputError(
+            f"The folders of {root} ({', '.join(f.name for f in folders)}) hold only folders "
+            f"({', '.join(sorted(shared))}), not images: this looks like split folders, not classes. Name them "
+            "train/ and test/ (or val/), each holding one folder per class, or point --data.data_dir at one of them."
+        )
 
 
 def image_folder_classes(folders: SplitFolders) -> list[str]:
-    """Class names shared by every split folder (sorted sub-folder names)."""
-    classes, _ = find_classes(folders.train)
+    """Class names shared by every split folder (sorted sub-folder names, hidden and system folders skipped)."""
+    classes = find_classes(folders.train)
     for other in folders.folders[1:]:
-        other_classes, _ = find_classes(other)
+        other_classes = find_classes(other)
         if other_classes != classes:
             differ = sorted(set(classes) ^ set(other_classes))
             raise UserInputError(

@@ -1,6 +1,6 @@
 """The decoded store: every image of a class-folder tree decoded once into one memory-mapped file.
 
-An image is decoded with PIL (JPEG, PNG, WebP, BMP, TIFF, ...), turned upright by its EXIF
+An image is decoded with PIL (JPEG, PNG, WebP, BMP, TIFF, GIF, AVIF, and HEIC with the [heif] extra), turned upright by its EXIF
 orientation, converted to RGB from any mode (grayscale, RGBA, palette, CMYK), and written as
 uint8 (3, H, W) into row ``i`` of ``images.npy``. Images of another size than the store's are
 resized so that they cover it, keeping their aspect ratio, and centre-cropped (torchvision's
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageOps
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from transfer_lightning.data.datasets import ImageArrays
+from transfer_lightning.data.listing import list_images
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.logs import progress_bar
 
@@ -57,32 +57,6 @@ class StoredImages:
     rows: torch.Tensor
     path: Path
     files: list[str] | None
-
-
-def list_images(folder: Path, classes: list[str] | None) -> list[tuple[str, int]]:
-    """(path, class index) of every image file under ``folder/<class>/``, sorted (torchvision's ImageFolder).
-
-    With ``classes`` None: (path, 0) of every image file under ``folder`` at any depth, or of
-    ``folder`` itself when it is an image file (unlabeled images to predict on).
-    """
-    if classes is None:
-        if folder.is_file():
-            return [(str(folder), 0)]
-        paths = sorted(
-            os.path.join(parent, name)
-            for parent, _, names in os.walk(folder, followlinks=True)
-            for name in names
-            if has_file_allowed_extension(name, IMG_EXTENSIONS)
-        )
-        if not paths:
-            raise UserInputError(f"No image files ({', '.join(IMG_EXTENSIONS)}) under {folder}.")
-        return [(path, 0) for path in paths]
-    try:
-        return make_dataset(folder, {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as error:
-        raise UserInputError(
-            f"{error}. Every class folder under {folder} needs at least one image ({', '.join(IMG_EXTENSIONS)})."
-        ) from None
 
 
 def fingerprint(folder: Path, samples: list[tuple[str, int]]) -> str:
@@ -170,7 +144,9 @@ class ImageFolderStore:
 
     def __init__(self, folder: Path, classes: list[str] | None, cache_dir: Path, skip_bad_images: bool = False) -> None:
         self.folder, self.cache_dir, self.skip_bad_images = folder, cache_dir, skip_bad_images
-        self.samples = list_images(folder, classes)
+        self.samples, left_out = list_images(folder, classes)
+        if left_out.describe(folder):
+            rank_zero_info(left_out.describe(folder))
         self.key = f"{folder.name}-{fingerprint(folder, self.samples)}"
         self._sizes: list[tuple[int, int] | str] | None = None
 

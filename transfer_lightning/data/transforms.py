@@ -159,13 +159,14 @@ class Preprocessing:
     def describe(self) -> str:
         """Step 1 for a caller of an exported model, in words."""
         height, width = self.caller_size
+        upright = "Turn each image upright by its EXIF orientation (PIL.ImageOps.exif_transpose), convert it to RGB, "
         if tuple(self.stored_size) == (height, width):
-            return (
-                f"Resize each RGB image keeping its aspect ratio so that it covers {height}x{width} (bilinear, "
+            return upright + (
+                f"resize it keeping its aspect ratio so that it covers {height}x{width} (bilinear, "
                 f"antialiased, as PIL's resize), then take the centre {height}x{width}; uint8, channels first."
             )
-        return (
-            f"Resize each RGB image keeping its aspect ratio so that it covers {self.stored_size[0]}x"
+        return upright + (
+            f"resize it keeping its aspect ratio so that it covers {self.stored_size[0]}x"
             f"{self.stored_size[1]} (bilinear, antialiased, as PIL's resize; torchvision's "
             f"Resize({min(self.stored_size)}) for a square), then take the centre {height}x{width} "
             f"(CenterCrop({height})); uint8, channels first."
