@@ -21,6 +21,7 @@ from transfer_lightning.data import (
     stratified_split,
 )
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.data.datasets import EpochSampler
 
 
 def make_datamodule(data_dir, tmp_path, **kwargs) -> CIFAR10DataModule:
@@ -197,3 +198,17 @@ def test_a_crash_while_writing_the_store_leaves_no_file(tmp_path, monkeypatch):
     assert not list(cache.iterdir())
     monkeypatch.undo()
     assert len(read_store(root / "train", cache).rows) == 12
+
+
+@pytest.mark.parametrize(("size", "world_size"), [(10, 2), (11, 3), (7, 4)])
+def test_ddp_training_shards_are_disjoint_and_cover_the_training_set(size, world_size):
+    """What each DDP process trains on in one epoch: the processes' shares are disjoint apart from the
+    padding that evens them out (as DistributedSampler pads), and together they cover every image."""
+    shares = [list(EpochSampler(size, seed=3, rank=rank, world_size=world_size)) for rank in range(world_size)]
+    assert all(len(share) == -(-size // world_size) for share in shares)
+    every = [index for share in shares for index in share]
+    assert set(every) == set(range(size))
+    assert len(every) - len(set(every)) == world_size * -(-size // world_size) - size  # only the padding repeats
+    single = list(EpochSampler(size, seed=3))
+    interleaved = [shares[i % world_size][i // world_size] for i in range(size)]
+    assert interleaved == single  # rank r takes every world_size-th image of the one epoch order

@@ -236,6 +236,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             for store in stores:
                 if store is not None:
                     store.build(size)
+            if self.folders.val is None:  # here, before Lightning creates the run's folder (setup comes after)
+                self._validation_count(len(stores.train.samples), str(self.folders.train))
         elif self.downloads and not self._has_cifar10():
             download_cifar10(self.data_dir)
 
@@ -299,13 +301,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """(train, val, test): val carved out of train without a val folder; test is val without a test folder."""
         train_name, val_name, test_name = names
         if val is None:
-            val_size = validation_count(self.hparams.val_size, len(train))
-            if val_size >= len(train):
-                raise UserInputError(
-                    f"data.val_size {self.hparams.val_size} holds out {val_size} images for validation, but "
-                    f"{train_name} has {len(train)}: set --data.val_size to a fraction such as 0.2, or a count "
-                    f"below {len(train)}."
-                )
+            val_size = self._validation_count(len(train), train_name)
             if val_size == 0:
                 if test is None:
                     raise UserInputError(f"val_size 0 validates on the test set, but {self.data_dir} has no test/.")
@@ -324,6 +320,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
             f"val = {val_name} ({len(val)} images), test = {test_name} ({len(test)} images)."
         )
         return train, val, test
+
+    def _validation_count(self, pool_size: int, pool_name: str) -> int:
+        """``val_size`` as a count of images held out of a pool of ``pool_size``, checked to leave some."""
+        val_size = validation_count(self.hparams.val_size, pool_size)
+        if val_size >= pool_size:
+            raise UserInputError(
+                f"data.val_size {self.hparams.val_size} holds out {val_size} images for validation, but {pool_name} "
+                f"has {pool_size}: set --data.val_size to a fraction such as 0.2, or a count below {pool_size}."
+            )
+        return val_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
