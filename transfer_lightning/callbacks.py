@@ -23,6 +23,9 @@ class TrainingSpeed(pl.Callback):
     The clock stops while validation runs (mid-epoch too); under DDP the images of all processes
     are counted. On a GPU it waits for queued work only when it stops, not after every batch, so
     measuring does not slow training down.
+
+    Not Lightning's ``ThroughputMonitor``: that one logs a rolling rate every few steps (and FLOPs when
+    given a count), while ``report`` compares runs epoch by epoch, so this logs one rate per epoch.
     """
 
     def __init__(self) -> None:

@@ -60,8 +60,8 @@ def model_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The model's hyperparameters as this version takes them (``backbone_lr_scale`` was 0.1 even
     without ``unfreeze_at_epoch`` in checkpoints before 2026-12-01; it now means "not set" there)."""
     hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key != "_instantiator"}
-    if hparams.get("unfreeze_at_epoch") is None:
-        hparams.pop("backbone_lr_scale", None)
+    if hparams.get("unfreeze_at_epoch") is None and "backbone_lr_scale" in hparams:
+        hparams["backbone_lr_scale"] = None
     return hparams
 
 

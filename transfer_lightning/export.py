@@ -14,7 +14,6 @@ Lightning model must give the same probabilities (within :data:`TOLERANCE`) on a
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 from typing import Literal
@@ -57,10 +56,9 @@ def load_classifier(ckpt_path: str | Path) -> tuple[TransferClassifier, Preproce
     """The checkpoint's model (CPU, eval mode) and how its images were prepared."""
     checkpoint = checkpoints.read_checkpoint(ckpt_path)
     preprocessing = checkpoints.preprocessing(checkpoint, ckpt_path)
-    accepted = inspect.signature(TransferClassifier).parameters  # not Lightning's bookkeeping (_instantiator)
-    hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key in accepted}
-    model = TransferClassifier(**{**hparams, "weights": None, "compile": False})
-    model.load_state_dict(checkpoint["state_dict"])
+    # Lightning's loader, with this version's reading of the hyperparameters and no pretrained weights to fetch.
+    hparams = checkpoints.model_hparams(checkpoint) | {"weights": None, "compile": False}
+    model = TransferClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", **hparams)
     return model.eval(), preprocessing
 
 

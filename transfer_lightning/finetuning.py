@@ -156,6 +156,8 @@ def run_folded(modules: Iterable[nn.Module]) -> None:
     for module in modules:
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
             continue
+        # torch.fx's fuse finds every convolution-BatchNorm pair in the traced graph and folds it with
+        # torch.nn.utils.fusion.fuse_conv_bn_eval; that function alone would need the pairs found by hand.
         try:
             folded = fuse(copy.deepcopy(module).eval(), inplace=True)
         except TraceError:  # data-dependent control flow that torch.fx cannot trace: run it as it is

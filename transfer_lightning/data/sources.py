@@ -118,8 +118,10 @@ def image_folder_classes(folders: SplitFolders) -> list[str]:
 def read_cifar10_batches(root: Path, train: bool) -> ImageArrays:
     """Read ``cifar-10-batches-py`` pickles under ``root`` (the format torchvision downloads).
 
-    We read the pickles ourselves instead of through ``torchvision.datasets.CIFAR10`` because that
-    class insists on the MD5 sums of the original files, and we want the raw uint8 array anyway.
+    Not through ``torchvision.datasets.CIFAR10``: its constructor refuses any file whose MD5 differs
+    from the original download's, so a re-packed or shortened copy (the tests' small ones among them)
+    would not load, and it returns channels-last arrays to be transposed. The download, where the MD5
+    matters, does go through it (:func:`download_cifar10`); a file that does not unpickle is reported here.
     """
     folder = root / torchvision.datasets.CIFAR10.base_folder
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
