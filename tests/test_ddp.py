@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 
 from transfer_lightning.report import read_run
@@ -22,6 +25,18 @@ def run_cli(*args: str, cwd: Path) -> None:
         [sys.executable, "-m", "transfer_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+class RecordTrainingOrder(pl.Callback):
+    """Writes, per process and epoch, the positions of the training images its loader serves."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        positions = list(trainer.train_dataloader.sampler)  # the loader as Lightning prepared it for this process
+        path = self.folder / f"rank{trainer.global_rank}-epoch{trainer.current_epoch}.json"
+        path.write_text(json.dumps({"positions": positions, "train_size": len(trainer.datamodule.train_set)}))
 
 
 def common(image_folder: Path, cache: Path) -> list[str]:
@@ -62,3 +77,22 @@ def test_ddp_fit_and_test_and_evaluation_equals_single_process(config, image_fol
     assert ddp_val.scalars["val/acc"] == single_val.scalars["val/acc"]
     assert ddp_test.scalars["test/acc"] == single_test.scalars["test/acc"]
     assert ddp_test.scalars["test/acc_cat"] == single_test.scalars["test/acc_cat"]
+
+
+def test_ddp_training_shards_are_disjoint_and_cover_the_training_set(image_folder, tmp_path):
+    """Each of 2 processes trains on its own half of every epoch, the two halves making up the whole
+    training set (one image repeated to even them out, as DistributedSampler pads), in an order that
+    changes between epochs."""
+    record = {"class_path": "tests.test_ddp.RecordTrainingOrder", "init_args": {"folder": str(tmp_path)}}
+    args = [f"--config={CONFIGS / 'finetune_adam'}.yaml", *common(image_folder, tmp_path / "cache")]
+    args += ["--trainer.max_epochs=2", "--test_after_fit=false", f"--trainer.callbacks+={json.dumps(record)}"]
+    run_cli("fit", *args, *DDP, cwd=tmp_path)
+    for epoch in (0, 1):
+        shares = [json.loads((tmp_path / f"rank{rank}-epoch{epoch}.json").read_text()) for rank in (0, 1)]
+        size = shares[0]["train_size"]
+        positions = [share["positions"] for share in shares]
+        assert size == 120 - 21 and all(len(share) == math.ceil(size / 2) for share in positions)
+        assert set(positions[0]) | set(positions[1]) == set(range(size))
+        assert len(set(positions[0]) & set(positions[1])) == 2 * math.ceil(size / 2) - size
+    first, second = (json.loads((tmp_path / f"rank0-epoch{epoch}.json").read_text())["positions"] for epoch in (0, 1))
+    assert first != second

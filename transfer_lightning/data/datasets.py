@@ -1,4 +1,4 @@
-"""Splits as index sets over uint8 image tensors, batches by indexing, and the training order."""
+"""Splits as index sets over uint8 image tensors, batches by indexing, and the order of each loader."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from transfer_lightning.errors import UserInputError
 
@@ -81,7 +83,7 @@ def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(DistributedSampler):
     """A training order that depends only on (seed, epoch), so a resumed run sees the same batches.
 
     ``RandomSampler`` draws from the global random state, which a checkpoint does not restore;
@@ -89,14 +91,13 @@ class EpochSampler(Sampler[int]):
     ``size`` images with replacement, image ``i`` in proportion to ``weights[i]`` (what
     ``WeightedRandomSampler`` does). Under DDP each of ``world_size`` processes takes every
     ``world_size``-th image of the order, padded to equal shares as ``DistributedSampler`` does.
+    It is a ``DistributedSampler`` so that Lightning uses it as it is under DDP: any other sampler
+    Lightning wraps in a ``DistributedSamplerWrapper``, which gave each process half of its half.
     """
 
     def __init__(self, size: int, seed: int, weights: Tensor | None = None, rank: int = 0, world_size: int = 1) -> None:
-        self.size, self.seed, self.weights, self.rank, self.world_size = size, seed, weights, rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.size, self.weights, self.world_size = size, weights, world_size
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -118,13 +119,79 @@ def balancing_weights(labels: Tensor, num_classes: int) -> Tensor:
     return (len(labels) / (num_classes * counts.clamp(min=1))).float()
 
 
-def validation_count(val_size: int | float, pool_size: int) -> int:
-    """``val_size`` as a number of images: a count, or a fraction (0 < f < 1) of the pool."""
+def validation_count(val_size: int | float, pool_size: int, pool_name: str = "the training set") -> int:
+    """``val_size`` as a number of images held out of a pool: a count, or a fraction (0 < f < 1) of it.
+
+    Raises :class:`UserInputError`, saying what to set, when it would leave no image to train on.
+    """
     if isinstance(val_size, float) and 0 < val_size < 1:
-        return max(1, round(val_size * pool_size))
-    if isinstance(val_size, float) and not val_size.is_integer():
+        count = max(1, round(val_size * pool_size))
+    elif isinstance(val_size, float) and not val_size.is_integer():
         raise UserInputError(f"val_size must be a count of images or a fraction between 0 and 1, got {val_size}.")
-    return int(val_size)
+    else:
+        count = int(val_size)
+    if count >= pool_size:
+        raise UserInputError(
+            f"data.val_size {val_size} holds out {count} images for validation, but {pool_name} has {pool_size}: "
+            f"set --data.val_size to a fraction such as 0.2, or a count below {pool_size}."
+        )
+    return count
+
+
+class Splits(NamedTuple):
+    """The train, val and test sets of a run, and one line saying where each comes from."""
+
+    train: ImageTensorDataset
+    val: ImageTensorDataset
+    test: ImageTensorDataset
+    description: str
+
+
+def make_splits(
+    pools: tuple[ImageTensorDataset, ImageTensorDataset | None, ImageTensorDataset | None],
+    names: tuple[str, str | None, str | None],
+    val_size: int | float,
+    split_seed: int,
+    root: object,
+) -> Splits:
+    """(train, val, test) from the pools a data set has: val carved out of train (stratified, seeded)
+    where there is no val pool (or the test set with ``val_size`` 0, the reference's way), and test
+    served by val where there is no test pool. ``root`` names the data set in messages."""
+    (train, val, test), (train_name, val_name, test_name) = pools, names
+    if val is None:
+        count = validation_count(val_size, len(train), train_name)
+        if count == 0:
+            if test is None:
+                raise UserInputError(f"val_size 0 validates on the test set, but {root} has no test/.")
+            rank_zero_info("val_size is 0: validating on the TEST set (reference mode). Test accuracy is then not honest.")
+            val, val_name = test, test_name
+        else:
+            train_positions, val_positions = stratified_split(train.labels, count, split_seed)
+            train, val = train.subset(train_positions), train.subset(val_positions)
+            val_name = f"{count} images held out of {train_name} (seed {split_seed})"
+    if test is None:
+        test, test_name = val, f"the val images (no test folder in {root})"
+    description = (
+        f"train = {train_name} ({len(train)} images), val = {val_name} ({len(val)} images), "
+        f"test = {test_name} ({len(test)} images)"
+    )
+    return Splits(train, val, test, description)
+
+
+def make_sampler(
+    dataset: ImageTensorDataset, shuffle: bool, balance_classes: int | None, rank: int, world_size: int
+) -> Sampler | None:
+    """The order a loader serves ``dataset`` in: for training (``shuffle``) an :class:`EpochSampler`,
+    drawing classes evenly when ``balance_classes`` gives their number; for evaluation, under DDP,
+    Lightning's ``UnrepeatedDistributedSampler``, which shows each image to exactly one process
+    (the default DistributedSampler pads with repeated images, which would count twice in accuracy)."""
+    if shuffle:
+        weights = balancing_weights(dataset.labels, balance_classes)[dataset.labels] if balance_classes else None
+        seed = torch.initial_seed()  # the run's seed_everything value (random without one)
+        return EpochSampler(len(dataset), seed, weights=weights, rank=rank, world_size=world_size)
+    if world_size == 1:
+        return None
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
 
 
 def stratified_split(labels: Tensor, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
