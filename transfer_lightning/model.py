@@ -6,6 +6,8 @@ their own modules and take it, or its network, as an argument: the network and w
 (:mod:`~transfer_lightning.finetuning`), the optimizer's groups and the schedule's length
 (:mod:`~transfer_lightning.optimization`), checkpoint checks (:mod:`~transfer_lightning.checkpoints`)
 and the test report's files (:class:`~transfer_lightning.callbacks.ClassificationReportFiles`).
+It is over 300 lines because a third of them document the arguments, which LightningCLI turns into
+``--help`` and the YAML configs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""ImageFolderDataModule: CIFAR-10 or your own image folders, honest splits, batches made on the device."""
+"""ImageFolderDataModule: CIFAR-10 or your own image folders, honest splits, batches made on the device.
+
+The module puts together the pieces of :mod:`transfer_lightning.data` (sources, store, splits and
+samplers, batch transforms) for Lightning's hooks. It is over 300 lines because a sixth of them
+document the arguments, which LightningCLI turns into ``--help`` and the YAML configs.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,16 @@ import lightning.pytorch as pl
 import torch
 import torchvision
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from transfer_lightning.data.datasets import (
-    EpochSampler,
     ImageTensorDataset,
     balancing_weights,
     keep_batch,
-    stratified_split,
+    make_sampler,
+    make_splits,
     validation_count,
 )
 from transfer_lightning.data.sources import (
@@ -31,15 +35,8 @@ from transfer_lightning.data.sources import (
     image_folder_classes,
     read_cifar10_batches,
 )
-from transfer_lightning.data.store import ImageFolderStore
-from transfer_lightning.data.transforms import (
-    NORMALIZATIONS,
-    Normalization,
-    Preprocessing,
-    View,
-    prepare_batch,
-    stored_size,
-)
+from transfer_lightning.data.store import ImageFolderStore, shared_store_size
+from transfer_lightning.data.transforms import NORMALIZATIONS, Normalization, Preprocessing, View, prepare_batch
 from transfer_lightning.errors import UserInputError
 
 ClassBalance = Literal["none", "sampler", "loss"]
@@ -237,7 +234,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 if store is not None:
                     store.build(size)
             if self.folders.val is None:  # here, before Lightning creates the run's folder (setup comes after)
-                self._validation_count(len(stores.train.samples), str(self.folders.train))
+                validation_count(self.hparams.val_size, len(stores.train.samples), str(self.folders.train))
         elif self.downloads and not self._has_cifar10():
             download_cifar10(self.data_dir)
 
@@ -253,7 +250,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
             train = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=True), source=f"{source} train")
             test = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=False), source=f"{source} test")
             val, names = None, [f"{self.data_dir} (CIFAR-10 training batches)", None, f"{self.data_dir} (test batch)"]
-        self.train_set, self.val_set, self.test_set = self._split(train, val, test, names)
+        splits = make_splits((train, val, test), names, self.hparams.val_size, self.hparams.split_seed, self.data_dir)
+        self.train_set, self.val_set, self.test_set = splits.train, splits.val, splits.test
+        rank_zero_info(f"Data ({self.num_classes} classes): {splits.description}.")
         counts = torch.bincount(self.train_set.labels, minlength=self.num_classes).tolist()
         rank_zero_info(
             "Training images per class: " + ", ".join(f"{n} {c}" for c, n in zip(self.class_names, counts, strict=True))
@@ -270,19 +269,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 for folder in (self.folders.train, self.folders.val, self.folders.test)
             ]
             self._stores = SplitStores(*stores)
-        sizes = {store.uniform_size() for store in self._stores if store is not None}
-        image_size = self.hparams.image_size
-        shared = sizes.pop() if len(sizes) == 1 else None
-        if shared is not None and (image_size is None or max(shared) <= stored_size(image_size)):
-            self.view = "resize"
-            return self._stores, shared
-        if image_size is None:
-            raise UserInputError(
-                f"The images under {self.data_dir} have different sizes. Set --data.image_size (e.g. 224): "
-                "each image is then resized (aspect ratio kept) and centre-cropped for the network."
-            )
-        self.view = "crop"
-        return self._stores, (stored_size(image_size),) * 2
+        stores = [store for store in self._stores if store is not None]
+        size, self.view = shared_store_size(stores, self.hparams.image_size, self.data_dir)
+        return self._stores, size
 
     @staticmethod
     def _map(store: ImageFolderStore | None, size: tuple[int, int]) -> ImageTensorDataset | None:
@@ -290,46 +279,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return None
         stored = store.load(size)
         return ImageTensorDataset(stored.arrays, stored.rows, source=str(stored.path.resolve()))
-
-    def _split(
-        self,
-        train: ImageTensorDataset,
-        val: ImageTensorDataset | None,
-        test: ImageTensorDataset | None,
-        names: list[str | None],
-    ) -> tuple[ImageTensorDataset, ImageTensorDataset, ImageTensorDataset]:
-        """(train, val, test): val carved out of train without a val folder; test is val without a test folder."""
-        train_name, val_name, test_name = names
-        if val is None:
-            val_size = self._validation_count(len(train), train_name)
-            if val_size == 0:
-                if test is None:
-                    raise UserInputError(f"val_size 0 validates on the test set, but {self.data_dir} has no test/.")
-                rank_zero_info(
-                    "val_size is 0: validating on the TEST set (reference mode). Test accuracy is then not honest."
-                )
-                val, val_name = test, test_name
-            else:
-                train_positions, val_positions = stratified_split(train.labels, val_size, self.hparams.split_seed)
-                train, val = train.subset(train_positions), train.subset(val_positions)
-                val_name = f"{val_size} images held out of {train_name} (seed {self.hparams.split_seed})"
-        if test is None:
-            test, test_name = val, f"the val images (no test folder in {self.data_dir})"
-        rank_zero_info(
-            f"Data ({self.num_classes} classes): train = {train_name} ({len(train)} images), "
-            f"val = {val_name} ({len(val)} images), test = {test_name} ({len(test)} images)."
-        )
-        return train, val, test
-
-    def _validation_count(self, pool_size: int, pool_name: str) -> int:
-        """``val_size`` as a count of images held out of a pool of ``pool_size``, checked to leave some."""
-        val_size = validation_count(self.hparams.val_size, pool_size)
-        if val_size >= pool_size:
-            raise UserInputError(
-                f"data.val_size {self.hparams.val_size} holds out {val_size} images for validation, but {pool_name} "
-                f"has {pool_size}: set --data.val_size to a fraction such as 0.2, or a count below {pool_size}."
-            )
-        return val_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -357,33 +306,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: ImageTensorDataset | None, shuffle: bool = False) -> DataLoader:
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        balance = self.num_classes if self.hparams.class_balance == "sampler" else None
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            sampler=self._sampler(dataset, shuffle),
+            sampler=make_sampler(dataset, shuffle, balance, rank, world_size),
             num_workers=self.hparams.num_workers,
             collate_fn=keep_batch,
             pin_memory=on_gpu,
             persistent_workers=self.hparams.num_workers > 0,
         )
-
-    def _sampler(self, dataset: ImageTensorDataset, shuffle: bool) -> Sampler | None:
-        """Training order from (seed, epoch) alone; under DDP, evaluation sees each image exactly once.
-
-        Lightning's default DistributedSampler pads the evaluation sets with repeated images so that
-        every process gets as many; those repeats would count twice in val and test accuracy.
-        """
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        if shuffle:
-            weights = None
-            if self.hparams.class_balance == "sampler":
-                weights = balancing_weights(dataset.labels, self.num_classes)[dataset.labels]
-            seed = torch.initial_seed()  # the run's seed_everything value (random without one)
-            return EpochSampler(len(dataset), seed, weights=weights, rank=rank, world_size=world_size)
-        if world_size == 1:
-            return None
-        return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """Normalise (and in training, augment) the uint8 batch on the device it now lives on."""
