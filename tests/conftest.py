@@ -121,3 +121,28 @@ def write_photo_folder(root: Path, splits: dict[str, int], classes: tuple[str, .
 def private_cache_home(tmp_path_factory, monkeypatch):
     """Decoded stores and features of commands run without --data.cache_dir go to a temporary folder, not ~/.cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
+
+
+def accuracy_by_hand(
+    model, datamodule, batches: int | None = None, autocast: torch.dtype | None = None, tta_flip: bool = False
+) -> float:
+    """Test accuracy recomputed outside Lightning's loop: the network's own argmax on the test images,
+    prepared by ``prepare_batch`` (no feature cache, no test_step, no torchmetrics), over the first
+    ``batches`` batches (all by default), as the test loader serves them; with ``tta_flip`` the argmax
+    of the mean probabilities of each image and its mirror image."""
+    from transfer_lightning.data import prepare_batch
+
+    model.eval()
+    correct = total = 0
+    settings = {"image_size": datamodule.hparams.image_size, "view": datamodule.view}
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        for index, (images, labels) in enumerate(datamodule.test_set.batches(datamodule.hparams.batch_size)):
+            if batches is not None and index == batches:
+                break
+            inputs = prepare_batch(images, datamodule.mean, datamodule.std, augment=False, **settings)
+            probabilities = model.network(inputs).float().softmax(dim=1)
+            if tta_flip:
+                probabilities = probabilities + model.network(inputs.flip(-1)).float().softmax(dim=1)
+            correct += int((probabilities.argmax(dim=1) == labels).sum())
+            total += len(labels)
+    return correct / total

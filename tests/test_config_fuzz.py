@@ -64,6 +64,8 @@ def test_perturbed_config_runs_or_fails_clearly(case, image_folder, run_dir, cap
         code = exit_info.code
     err = capsys.readouterr().err
     assert "Traceback" not in err, description
+    if description.startswith("unknown key"):  # a typo in a key is never silently ignored
+        assert code == 2 and "_typo" in err, description
     if code:
         assert code == 2, description
         error_lines = [line for line in err.splitlines() if line.strip()]

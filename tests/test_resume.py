@@ -37,6 +37,14 @@ class TerminateAtStep(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class WeightsAtStart(pl.Callback):
+    """Keeps a copy of the weights and the step when training starts, after Lightning restored a checkpoint."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.step = trainer.global_step
+        self.weights = {key: value.clone() for key, value in pl_module.state_dict().items()}
+
+
 def fit_args(small_run_args: list[str], log_dir: Path, *extra: str) -> list[str]:
     return [
         "fit",
@@ -50,13 +58,15 @@ def fit_args(small_run_args: list[str], log_dir: Path, *extra: str) -> list[str]
     ]
 
 
-def interrupt_and_resume(small_run_args: list[str], log_dir: Path, step: int) -> TransferLightningCLI:
+def interrupt_and_resume(small_run_args: list[str], log_dir: Path, step: int, *extra: str) -> TransferLightningCLI:
     interrupt = {"class_path": "tests.test_resume.InterruptAtStep", "init_args": {"step": step}}
     with pytest.raises(SystemExit):  # Lightning exits with status 1 after a KeyboardInterrupt
         main(fit_args(small_run_args, log_dir, f"--trainer.callbacks+={interrupt}"))
     last = log_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == step
-    resumed = TransferLightningCLI(args=fit_args(small_run_args, log_dir, "--ckpt_path=last"))
+    saved = torch.load(last, weights_only=False)
+    assert saved["global_step"] == step
+    resumed = TransferLightningCLI(args=fit_args(small_run_args, log_dir, "--ckpt_path=last", *extra))
+    resumed.saved_state = saved["state_dict"]
     assert resumed.trainer.global_step == 9 and resumed.trainer.current_epoch == 3
     return resumed
 
@@ -71,8 +81,14 @@ def test_resume_at_an_epoch_boundary_is_bit_exact(small_run_args, run_dir):
 def test_resume_mid_epoch_finishes_the_run(small_run_args, run_dir):
     # The DataLoader does not record its position, so the resumed epoch restarts its batch order
     # (Lightning warns about it): the run completes, but is not bit-identical to an uninterrupted one.
-    resumed = interrupt_and_resume(small_run_args, run_dir, step=4)
-    assert all(torch.isfinite(value).all() for value in resumed.model.state_dict().values())
+    start = {"class_path": "tests.test_resume.WeightsAtStart"}
+    resumed = interrupt_and_resume(small_run_args, run_dir, 4, f"--trainer.callbacks+={start}")
+    (at_start,) = [callback for callback in resumed.trainer.callbacks if isinstance(callback, WeightsAtStart)]
+    # It went on from the checkpoint (step 4, its weights), not from the start, and trained the 5 steps left.
+    assert at_start.step == 4
+    assert all(torch.equal(at_start.weights[key], value) for key, value in resumed.saved_state.items())
+    trained = [key for key, value in resumed.model.state_dict().items() if not torch.equal(value, at_start.weights[key])]
+    assert "network.fc.weight" in trained and resumed.trainer.global_step == 9
 
 
 def test_resume_last_without_any_checkpoint_is_a_clear_error(small_run_args, run_dir, capsys):
