@@ -123,26 +123,33 @@ def private_cache_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
 
 
-def accuracy_by_hand(
-    model, datamodule, batches: int | None = None, autocast: torch.dtype | None = None, tta_flip: bool = False
-) -> float:
-    """Test accuracy recomputed outside Lightning's loop: the network's own argmax on the test images,
-    prepared by ``prepare_batch`` (no feature cache, no test_step, no torchmetrics), over the first
-    ``batches`` batches (all by default), as the test loader serves them; with ``tta_flip`` the argmax
-    of the mean probabilities of each image and its mirror image."""
+def assert_test_scores_by_hand(cli, batches: int | None = None, autocast: bool = False) -> None:
+    """The test accuracy and loss a CLI run logged equal those recomputed outside Lightning's loop: the
+    network's own outputs on the test images prepared by ``prepare_batch`` (no feature cache, no
+    test_step, no torchmetrics), over the first ``batches`` batches (all by default) as the test loader
+    serves them; with the model's ``tta_flip``, the mean probabilities of each image and its mirror
+    image. The loss is what catches an input that a barely trained network scores the same way."""
+    import torch.nn.functional as F
+
     from transfer_lightning.data import prepare_batch
 
-    model.eval()
-    correct = total = 0
+    model, datamodule = cli.model.eval(), cli.datamodule
     settings = {"image_size": datamodule.hparams.image_size, "view": datamodule.view}
-    with torch.no_grad(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    correct, losses, total = 0, [], 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for index, (images, labels) in enumerate(datamodule.test_set.batches(datamodule.hparams.batch_size)):
             if batches is not None and index == batches:
                 break
             inputs = prepare_batch(images, datamodule.mean, datamodule.std, augment=False, **settings)
             probabilities = model.network(inputs).float().softmax(dim=1)
-            if tta_flip:
-                probabilities = probabilities + model.network(inputs.flip(-1)).float().softmax(dim=1)
+            if model.hparams.tta_flip:
+                probabilities = (probabilities + model.network(inputs.flip(-1)).float().softmax(dim=1)) / 2
             correct += int((probabilities.argmax(dim=1) == labels).sum())
+            losses.append(F.nll_loss(probabilities.log(), labels, reduction="none"))
             total += len(labels)
-    return correct / total
+    losses = torch.cat(losses)
+    assert float(losses.std()) > 1e-3, "the network's outputs hardly depend on its input: this check would prove nothing"
+    logged = cli.trainer.callback_metrics
+    assert float(logged["test/acc"]) == pytest.approx(correct / total, abs=1e-6)
+    tolerance = 2e-2 if autocast else 1e-4
+    assert float(logged["test/loss"]) == pytest.approx(float(losses.mean()), rel=tolerance, abs=tolerance)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from tests.conftest import accuracy_by_hand, write_image_folder
+from tests.conftest import assert_test_scores_by_hand, write_image_folder
 from transfer_lightning.cli import TransferLightningCLI, main
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
@@ -119,8 +119,7 @@ def test_a_checkpoint_brings_its_own_backbone_and_needs_no_weights_file(small_ru
     assert cli.model.hparams.backbone == "resnet18"
     weights = torch.load(checkpoint, weights_only=True)["state_dict"]
     assert all(torch.equal(value, weights[key]) for key, value in cli.model.state_dict().items())  # not pretrained
-    logged = float(cli.trainer.callback_metrics["test/acc"])
-    assert logged == pytest.approx(accuracy_by_hand(cli.model, cli.datamodule), abs=1e-6)
+    assert_test_scores_by_hand(cli)
 
 
 def test_atomic_path_replaces_whole_files_and_leaves_nothing_on_error(tmp_path):

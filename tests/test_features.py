@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 
-from tests.conftest import accuracy_by_hand
+from tests.conftest import assert_test_scores_by_hand
 from tests.test_model import SGD, datamodule_for, head_state, make_trainer
 from transfer_lightning.cli import TransferLightningCLI
 from transfer_lightning.errors import UserInputError
@@ -93,9 +93,7 @@ def test_speed_flags_run_on_cpu(flags, small_run_args, run_dir):
         args=["fit", f"--config={CONFIG}", *small_run_args, "--trainer.fast_dev_run=true", *flags]
     )
     # The test score (features or images, either memory layout, bf16 or not) is the network's own on the test batch.
-    autocast = torch.bfloat16 if "--trainer.precision=bf16-mixed" in flags else None
-    by_hand = accuracy_by_hand(cli.model, cli.datamodule, batches=1, autocast=autocast)
-    assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(by_hand, abs=1e-6)
+    assert_test_scores_by_hand(cli, batches=1, autocast="--trainer.precision=bf16-mixed" in flags)
 
 
 @pytest.mark.slow
@@ -103,8 +101,7 @@ def test_torch_compile_flag_runs_on_cpu(small_run_args, run_dir):
     cli = TransferLightningCLI(
         args=["fit", f"--config={CONFIG}", *small_run_args, "--trainer.fast_dev_run=true", "--model.compile=true"]
     )
-    by_hand = accuracy_by_hand(cli.model, cli.datamodule, batches=1)
-    assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(by_hand, abs=1e-6)
+    assert_test_scores_by_hand(cli, batches=1)
 
 
 def test_batches_are_pinned_only_for_a_gpu(image_folder, tmp_path):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
-from tests.conftest import accuracy_by_hand
+from tests.conftest import assert_test_scores_by_hand
 from tests.test_model import datamodule_for, make_trainer
 from transfer_lightning.cli import TransferLightningCLI
 from transfer_lightning.data.transforms import Preprocessing
@@ -356,5 +356,4 @@ def test_recipe_configs_run_and_comment_every_setting(recipe, small_run_args, ru
     cli = TransferLightningCLI(args=["fit", f"--config={recipe}", *small_run_args, *shrink])
     assert cli.trainer.current_epoch == 2
     # The test score is the network's own on its test batch (with the mirror images where the recipe says so).
-    by_hand = accuracy_by_hand(cli.model, cli.datamodule, batches=1, tta_flip=cli.model.hparams.tta_flip)
-    assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(by_hand, abs=1e-6)
+    assert_test_scores_by_hand(cli, batches=1, autocast=cli.trainer.precision == "bf16-mixed")
