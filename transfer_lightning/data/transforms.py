@@ -26,6 +26,9 @@ Normalization = Literal["imagenet", "cifar10", "reference"]
 View = Literal["resize", "crop"]
 
 #: Stored side / input side for images resized at decode time: torchvision's Resize(256) + CenterCrop(224).
+#: One ratio for every backbone rather than each weights entry's own ``transforms()`` (232 / 224 for
+#: MobileNetV2's DEFAULT, 342 / 299 for Inception v3): a store is decoded once and shared by every
+#: backbone trained on it, and a local weights file carries no such metadata.
 STORE_RATIO = 256 / 224
 
 
