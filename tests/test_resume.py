@@ -82,7 +82,9 @@ def test_resume_mid_epoch_finishes_the_run(small_run_args, run_dir):
     # The DataLoader does not record its position, so the resumed epoch restarts its batch order
     # (Lightning warns about it): the run completes, but is not bit-identical to an uninterrupted one.
     start = {"class_path": "tests.test_resume.WeightsAtStart"}
-    resumed = interrupt_and_resume(small_run_args, run_dir, 4, f"--trainer.callbacks+={start}")
+    # --ckpt_path last needs no pretrained weights: the checkpoint's replace them (this file does not exist).
+    no_weights = "--model.weights=weights_deleted_since.pth"
+    resumed = interrupt_and_resume(small_run_args, run_dir, 4, f"--trainer.callbacks+={start}", no_weights)
     (at_start,) = [callback for callback in resumed.trainer.callbacks if isinstance(callback, WeightsAtStart)]
     # It went on from the checkpoint (step 4, its weights), not from the start, and trained the 5 steps left.
     assert at_start.step == 4

@@ -128,7 +128,8 @@ class TransferLightningCLI(LightningCLI):
         # weights file may not exist on this machine).
         config = self.config.get(self.subcommand, {})
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():
+        resuming_last = self.subcommand == "fit" and ckpt_path == "last"  # resolved to a file in before_fit
+        if ckpt_path and (Path(ckpt_path).is_file() or resuming_last):
             config["model"]["weights"] = None
             if self.subcommand != "fit":  # evaluating a checkpoint tracks no best checkpoints: nothing is lost
                 dirpath_changed = r"The dirpath has changed from .* won't be reloaded"
