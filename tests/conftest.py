@@ -148,7 +148,9 @@ def assert_test_scores_by_hand(cli, batches: int | None = None, autocast: bool =
             losses.append(F.nll_loss(probabilities.log(), labels, reduction="none"))
             total += len(labels)
     losses = torch.cat(losses)
-    assert float(losses.std()) > 1e-3, "the network's outputs hardly depend on its input: this check would prove nothing"
+    assert float(losses.std()) > 1e-3, (
+        "the network's outputs hardly depend on its input: this check would prove nothing"
+    )
     logged = cli.trainer.callback_metrics
     assert float(logged["test/acc"]) == pytest.approx(correct / total, abs=1e-6)
     tolerance = 2e-2 if autocast else 1e-4

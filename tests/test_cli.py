@@ -140,7 +140,9 @@ def test_missing_data_is_one_clear_error(small_run_args, run_dir, capsys):
         main(["fit", f"--config={CONFIGS[0]}", *small_run_args, "--data.data_dir=nowhere", "--data.download=false"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
-    assert "data.data_dir nowhere does not exist" in error and "cifar-10-batches-py" in error and "train/<class>" in error
+    assert (
+        "data.data_dir nowhere does not exist" in error and "cifar-10-batches-py" in error and "train/<class>" in error
+    )
     assert "Traceback" not in error
 
 

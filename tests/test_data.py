@@ -20,8 +20,8 @@ from transfer_lightning.data import (
     store,
     stratified_split,
 )
-from transfer_lightning.errors import UserInputError
 from transfer_lightning.data.datasets import EpochSampler
+from transfer_lightning.errors import UserInputError
 
 
 def make_datamodule(data_dir, tmp_path, **kwargs) -> CIFAR10DataModule:
@@ -57,7 +57,9 @@ def test_split_is_repeatable_for_a_seed_and_changes_with_it():
 
 @pytest.mark.parametrize("val_size", [120, 500])
 def test_val_size_larger_than_training_set_is_a_clear_error(image_folder, tmp_path, val_size):
-    with pytest.raises(UserInputError, match=rf"val_size {val_size} holds out .* has 120: set --data.val_size to a fraction"):
+    with pytest.raises(
+        UserInputError, match=rf"val_size {val_size} holds out .* has 120: set --data.val_size to a fraction"
+    ):
         make_datamodule(image_folder, tmp_path, val_size=val_size)
 
 

@@ -89,7 +89,9 @@ def test_resume_mid_epoch_finishes_the_run(small_run_args, run_dir):
     # It went on from the checkpoint (step 4, its weights), not from the start, and trained the 5 steps left.
     assert at_start.step == 4
     assert all(torch.equal(at_start.weights[key], value) for key, value in resumed.saved_state.items())
-    trained = [key for key, value in resumed.model.state_dict().items() if not torch.equal(value, at_start.weights[key])]
+    trained = [
+        key for key, value in resumed.model.state_dict().items() if not torch.equal(value, at_start.weights[key])
+    ]
     assert "network.fc.weight" in trained and resumed.trainer.global_step == 9
 
 

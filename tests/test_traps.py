@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.conftest import CLASSES, write_image_folder
 from transfer_lightning.cli import TransferLightningCLI, main
-from transfer_lightning.data.listing import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, LeftOut
+from transfer_lightning.data.listing import IMAGE_EXTENSIONS, LeftOut
 from transfer_lightning.model import TransferClassifier
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
@@ -45,13 +45,17 @@ def no_download(monkeypatch):
 
 
 def test_a_mistyped_data_dir_is_an_error_not_a_cifar10_download(small_run_args, run_dir, capsys, no_download):
-    line = stops(["fit", f"--config={CONFIG}", *small_run_args, f"--data.data_dir={run_dir / 'photoss'}"], capsys, run_dir)
+    line = stops(
+        ["fit", f"--config={CONFIG}", *small_run_args, f"--data.data_dir={run_dir / 'photoss'}"], capsys, run_dir
+    )
     assert "photoss does not exist" in line and "leave it unset for CIFAR-10" in line
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
 def test_a_mistyped_ckpt_path_is_one_line(subcommand, small_run_args, run_dir, capsys):
-    line = stops([subcommand, f"--config={CONFIG}", *small_run_args, "--ckpt_path=lightning_logs/nope.ckpt"], capsys, run_dir)
+    line = stops(
+        [subcommand, f"--config={CONFIG}", *small_run_args, "--ckpt_path=lightning_logs/nope.ckpt"], capsys, run_dir
+    )
     assert "Checkpoint lightning_logs/nope.ckpt does not exist" in line
 
 
@@ -77,8 +81,8 @@ def test_backbone_lr_scale_without_unfreezing_is_an_error(small_run_args, run_di
 def test_a_cosine_schedule_of_another_length_than_the_run_is_said_loudly(small_run_args, run_dir):
     scheduler = ["--model.scheduler=CosineAnnealingLR", "--model.scheduler.T_max=30"]
     with pytest.warns(UserWarning, match="T_max 30, but this run has 2 epochs.*stop short of eta_min.*T_max 2"):
-        main(["fit", f"--config={CONFIG}", *small_run_args, *scheduler, "--trainer.max_epochs=2",
-              "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--test_after_fit=false"])  # fmt: skip
+        shrink = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
+        main(["fit", f"--config={CONFIG}", *small_run_args, *scheduler, *shrink, "--test_after_fit=false"])
 
 
 def test_a_val_size_larger_than_a_small_tree_says_what_to_set(small_run_args, run_dir, capsys):
@@ -107,7 +111,9 @@ def test_kaggle_style_split_folders_are_splits_not_classes(names, tmp_path, smal
 
 
 def test_split_folders_under_unknown_names_are_refused(tmp_path, small_run_args, run_dir, capsys):
-    root = rename_splits(write_image_folder(tmp_path / "parts", train_per_class=3, test_per_class=1), {"train": "part1", "test": "part2"})
+    root = rename_splits(
+        write_image_folder(tmp_path / "parts", train_per_class=3, test_per_class=1), {"train": "part1", "test": "part2"}
+    )
     line = stops(["fit", f"--config={CONFIG}", *small_run_args, f"--data.data_dir={root}"], capsys, run_dir)
     assert "(part1, part2) hold only folders (cat, dog, frog, ship)" in line and "looks like split folders" in line
 
@@ -169,7 +175,7 @@ def test_heic_photos_need_the_heif_extra_and_are_read_with_it(tmp_path):
 
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "iphone.heic")
     pixels = decode_image(str(tmp_path / "iphone.heic"))
-    assert pixels.shape == (3, 30, 40) and abs(int(pixels[0, 5, 5]) - 200) <= 4 and ".heif" in HEIF_EXTENSIONS
+    assert pixels.shape == (3, 30, 40) and abs(int(pixels[0, 5, 5]) - 200) <= 4
 
 
 def test_trainable_from_freezes_the_parameters_outside_modules_too():
@@ -185,4 +191,3 @@ def test_trainable_from_freezes_the_parameters_outside_modules_too():
     assert network.encoder.layers.encoder_layer_11.mlp[0].weight.grad is not None
     trained = {id(p) for group in model.configure_optimizers().param_groups for p in group["params"]}
     assert id(network.class_token) not in trained and id(network.heads.head.weight) in trained
-

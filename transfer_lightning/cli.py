@@ -68,6 +68,8 @@ class TransferLightningCLI(LightningCLI):
     """
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
+        #: The --ckpt_path checkpoint, read once by _parse_ckpt_path (None without one).
+        self.checkpoint: dict | None = None
         super().__init__(
             TransferClassifier,
             ImageFolderDataModule,
@@ -118,8 +120,8 @@ class TransferLightningCLI(LightningCLI):
             )
         if not ckpt_path or (subcommand == "fit" and ckpt_path == "last"):
             return
-        checkpoint = checkpoints.read_checkpoint(ckpt_path)
-        hparams = {subcommand: {"model": checkpoints.model_hparams(checkpoint)}}
+        self.checkpoint = checkpoints.read_checkpoint(ckpt_path)  # read once: predict takes data settings from it
+        hparams = {subcommand: {"model": checkpoints.model_hparams(self.checkpoint)}}
         self.config = self.parser.parse_object(hparams, self.config)
 
     def before_instantiate_classes(self) -> None:
@@ -136,7 +138,7 @@ class TransferLightningCLI(LightningCLI):
                 warnings.filterwarnings("ignore", message=dirpath_changed, category=UserWarning)
         if self.subcommand == "predict" and config["data"]["predict_dir"]:
             # New images: class names, image size and normalisation come from the checkpoint, not the data.
-            for key, value in checkpoints.data_settings(checkpoints.read_checkpoint(ckpt_path)).items():
+            for key, value in checkpoints.data_settings(self.checkpoint).items():
                 config["data"][key] = value
 
     def instantiate_classes(self) -> None:

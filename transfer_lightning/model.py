@@ -40,6 +40,7 @@ from transfer_lightning.optimization import build_optimizer, build_scheduler, pa
 #: The backbone's learning rate relative to the head's after gradual unfreezing, unless set.
 DEFAULT_BACKBONE_LR_SCALE = 0.1
 
+
 class TransferClassifier(pl.LightningModule):
     """An ImageNet-pretrained torchvision classifier whose last Linear layer is replaced for the task.
 
@@ -132,11 +133,12 @@ class TransferClassifier(pl.LightningModule):
             )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.network, self.parts = create_network(backbone, weights, num_classes)
-        self.head_name = self.parts.head
         #: Names of the outermost modules before ``trainable_from``: frozen for the whole run, and
         #: of the parameters that enclosing modules hold directly (ViT's class token), frozen with them.
         self.always_frozen = modules_before(self.network, trainable_from) if trainable_from else []
-        self.always_frozen_loose = parameters_of_enclosing_modules(self.network, trainable_from) if trainable_from else []
+        self.always_frozen_loose = (
+            parameters_of_enclosing_modules(self.network, trainable_from) if trainable_from else []
+        )
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -159,6 +161,11 @@ class TransferClassifier(pl.LightningModule):
         self.test_metrics = ClassificationMetrics(num_classes)
         #: The last test's report and confusion matrix, written out by ClassificationReportFiles.
         self.test_report: tuple[ClassificationReport, Tensor] | None = None
+
+    @property
+    def head_name(self) -> str:
+        """Dotted name of the new head in :attr:`network` (``fc``, ``classifier.1``)."""
+        return self.parts.head
 
     @property
     def head(self) -> nn.Linear:

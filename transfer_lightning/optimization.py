@@ -71,7 +71,9 @@ def build_optimizer(factory, groups: list[dict[str, Any]], backbone_lr_scale: fl
     try:
         optimizer = factory(groups)
     except (TypeError, ValueError) as error:
-        raise UserInputError(f"model.optimizer rejected its arguments: {error}. Fix model.optimizer.init_args.") from None
+        raise UserInputError(
+            f"model.optimizer rejected its arguments: {error}. Fix model.optimizer.init_args."
+        ) from None
     if any(group["lr"] <= 0 for group in optimizer.param_groups):
         raise UserInputError(f"The learning rate must be positive, got {optimizer.param_groups[0]['lr']}.")
     for group in optimizer.param_groups:
@@ -89,11 +91,15 @@ def build_scheduler(factory, optimizer: Optimizer, interval: str, trainer: pl.Tr
     length = run_length(interval, trainer)
     needs_total_steps = _needs_total_steps(factory)
     if needs_total_steps and length is None:
-        raise UserInputError("The scheduler needs total_steps: set trainer.max_epochs or model.scheduler's total_steps.")
+        raise UserInputError(
+            "The scheduler needs total_steps: set trainer.max_epochs or model.scheduler's total_steps."
+        )
     try:
         scheduler = factory(optimizer, **({"total_steps": length} if needs_total_steps else {}))
     except (TypeError, ValueError) as error:
-        raise UserInputError(f"model.scheduler rejected its arguments: {error}. Fix model.scheduler.init_args.") from None
+        raise UserInputError(
+            f"model.scheduler rejected its arguments: {error}. Fix model.scheduler.init_args."
+        ) from None
     if isinstance(scheduler, CosineAnnealingLR) and length is not None and scheduler.T_max != length:
         unit = "optimizer steps" if interval == "step" else "epochs"
         rank_zero_warn(

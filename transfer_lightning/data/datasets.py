@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -152,7 +153,7 @@ def make_splits(
     names: tuple[str, str | None, str | None],
     val_size: int | float,
     split_seed: int,
-    root: object,
+    root: Path,
 ) -> Splits:
     """(train, val, test) from the pools a data set has: val carved out of train (stratified, seeded)
     where there is no val pool (or the test set with ``val_size`` 0, the reference's way), and test
@@ -163,7 +164,9 @@ def make_splits(
         if count == 0:
             if test is None:
                 raise UserInputError(f"val_size 0 validates on the test set, but {root} has no test/.")
-            rank_zero_info("val_size is 0: validating on the TEST set (reference mode). Test accuracy is then not honest.")
+            rank_zero_info(
+                "val_size is 0: validating on the TEST set (reference mode). Test accuracy is then not honest."
+            )
             val, val_name = test, test_name
         else:
             train_positions, val_positions = stratified_split(train.labels, count, split_seed)

@@ -69,7 +69,9 @@ class LeftOut:
             return None
         line = f"Left out under {folder}: {' and '.join(parts)}."
         if any(ext in HEIF_EXTENSIONS for ext in self.by_extension):
-            line += " HEIC/HEIF photos are read with the [heif] extra (pip install -e '.[heif]'), or convert them to JPEG."
+            line += (
+                " HEIC/HEIF photos are read with the [heif] extra (pip install -e '.[heif]'), or convert them to JPEG."
+            )
         return line
 
 
@@ -97,7 +99,9 @@ def list_images(folder: Path, classes: list[str] | None) -> tuple[list[tuple[str
     if classes is None:
         if folder.is_file():
             return [(str(folder), 0)], left_out
-        paths = sorted(os.path.join(parent, name) for parent, _, names in os.walk(folder, followlinks=True) for name in names)
+        paths = sorted(
+            os.path.join(parent, name) for parent, _, names in os.walk(folder, followlinks=True) for name in names
+        )
         samples = [(path, 0) for path in paths if is_image(path)]
         if not samples:
             raise UserInputError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}.")

@@ -1,9 +1,9 @@
 """The decoded store: every image of a class-folder tree decoded once into one memory-mapped file.
 
-An image is decoded with PIL (JPEG, PNG, WebP, BMP, TIFF, GIF, AVIF, and HEIC with the [heif] extra), turned upright by its EXIF
-orientation, converted to RGB from any mode (grayscale, RGBA, palette, CMYK), and written as
-uint8 (3, H, W) into row ``i`` of ``images.npy``. Images of another size than the store's are
-resized so that they cover it, keeping their aspect ratio, and centre-cropped (torchvision's
+An image is decoded with PIL (JPEG, PNG, WebP, BMP, TIFF, GIF, AVIF, and HEIC with the [heif]
+extra), turned upright by its EXIF orientation, converted to RGB from any mode (grayscale, RGBA,
+palette, CMYK), and written as uint8 (3, H, W) into row ``i`` of ``images.npy``. Images of another
+size than the store's are resized so that they cover it, keeping their aspect ratio, and centre-cropped (torchvision's
 ``Resize`` + ``CenterCrop``). Reading maps the file read-only (``numpy.load(mmap_mode="r")``), so a batch
 reads only its own rows and a store larger than memory trains with bounded memory.
 
@@ -131,7 +131,9 @@ def _decode_rows(store_file: str, size: tuple[int, int], rows: list[int], paths:
     return failures
 
 
-def shared_store_size(stores: list[ImageFolderStore], image_size: int | None, root: Path) -> tuple[tuple[int, int], View]:
+def shared_store_size(
+    stores: list[ImageFolderStore], image_size: int | None, root: Path
+) -> tuple[tuple[int, int], View]:
     """The one size (H, W) that the stores of a data set's split folders use, and the view it needs.
 
     The images' own size when they all share one no larger than needed (CIFAR-10's 32x32; batches are
@@ -165,8 +167,9 @@ class ImageFolderStore:
     def __init__(self, folder: Path, classes: list[str] | None, cache_dir: Path, skip_bad_images: bool = False) -> None:
         self.folder, self.cache_dir, self.skip_bad_images = folder, cache_dir, skip_bad_images
         self.samples, left_out = list_images(folder, classes)
-        if left_out.describe(folder):
-            rank_zero_info(left_out.describe(folder))
+        left_out_line = left_out.describe(folder)
+        if left_out_line:
+            rank_zero_info(left_out_line)
         self.key = f"{folder.name}-{fingerprint(folder, self.samples)}"
         self._sizes: list[tuple[int, int] | str] | None = None
 
