@@ -1,4 +1,4 @@
-"""ImageFolderDataModule: CIFAR-10 or your own image folders, honest splits, batches made on the device.
+"""ImageFolderDataModule: CIFAR-10, your own image folders or a label table, honest splits, batches made on the device.
 
 The module puts together the pieces of :mod:`transfer_lightning.data` (sources, store, splits and
 samplers, batch transforms) for Lightning's hooks. It is over 300 lines because a sixth of them
@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader
 from transfer_lightning.data.datasets import (
     ImageTensorDataset,
     balancing_weights,
+    class_counts,
     keep_batch,
     make_sampler,
     make_splits,
+    positive_weights,
     validation_count,
 )
 from transfer_lightning.data.sources import (
@@ -36,10 +38,12 @@ from transfer_lightning.data.sources import (
     read_cifar10_batches,
 )
 from transfer_lightning.data.store import ImageFolderStore, shared_store_size
+from transfer_lightning.data.tables import TableSource
 from transfer_lightning.data.transforms import NORMALIZATIONS, Normalization, Preprocessing, View, prepare_batch
 from transfer_lightning.errors import UserInputError
 
 ClassBalance = Literal["none", "sampler", "loss"]
+Task = Literal["multiclass", "multilabel"]
 
 
 class SplitStores(NamedTuple):
@@ -62,6 +66,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
     mistyped path is an error, not a CIFAR-10 run. Image folders are decoded once into a memory-mapped store under
     ``cache_dir``. Images of one size keep it (CIFAR-10's 32x32); mixed sizes are stored at
     ``image_size x 8/7`` (shorter side, centre square: 256 for 224) and cropped on the device.
+
+    With ``labels_file``, a CSV or TSV table names the images (under ``images_dir``, or ``data_dir``, or
+    the table's folder) and their labels: one class per image, or several (multi-label: ``task`` is
+    then multilabel); its split column, if any, decides the splits (see :mod:`~transfer_lightning.data.tables`).
 
     Args:
         data_dir: Folder holding cifar-10-batches-py/ or an image-folder tree; null: CIFAR-10 in ./data.
@@ -90,6 +98,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
             by the :class:`Preprocessing` saved in the checkpoint, so the training data is not needed.
         class_names: The class names in label order; null takes the class folder names (sorted) or
             CIFAR-10's. ``predict --data.predict_dir`` sets them from the checkpoint.
+        labels_file: A CSV or TSV table of image files and their labels, instead of class folders; a
+            relative path not found from here is looked for in data_dir.
+        images_dir: Where the table's files are (its paths are relative to it); default data_dir, or
+            the table's folder when data_dir is null.
+        file_column: The table's column of image files; null finds file, filename, image, id, path, ...
+        label_column: The table's column of labels, or a list of its 0/1 columns (one per class); null
+            finds label, labels, class, tags, target, ..., else takes the columns that hold only 0 and 1.
+        split_column: The table's column of splits (train, val, test); null finds split or subset, if any.
+        label_delimiter: What separates several labels in one field: auto (one of ; , | found in the
+            labels, or a space when the split words are a class vocabulary: see the README), none
+            (one class name per row, spaces and all), space, or the delimiter itself.
     """
 
     def __init__(
@@ -109,6 +128,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         predict_dir: str | None = None,
         class_names: list[str] | None = None,
+        labels_file: str | None = None,
+        images_dir: str | None = None,
+        file_column: str | None = None,
+        label_column: str | list[str] | None = None,
+        split_column: str | None = None,
+        label_delimiter: str = "auto",
     ) -> None:
         super().__init__()
         # class_names would clash with the model's hyperparameter of that name, which holds the resolved list.
@@ -125,10 +150,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 "and DIR/test/<class>/*.jpg, or DIR/<class>/*.jpg) or holding cifar-10-batches-py/, or leave it "
                 f"unset for CIFAR-10 in ./{DEFAULT_DATA_DIR} (downloaded with data.download true)."
             )
-        self.folders = find_split_folders(self.data_dir)
+        #: The label table and its rows' files, when labels_file is set (not read to predict new images).
+        self.table: TableSource | None = None
+        if labels_file is not None and self.predict_dir is None:
+            columns = (file_column, label_column, split_column)
+            named_dir = self.data_dir if data_dir is not None else None
+            self.table = TableSource.open(labels_file, named_dir, images_dir, columns, label_delimiter, skip_bad_images)
+        self.folders = find_split_folders(self.data_dir) if self.table is None else None
         #: Whether prepare_data downloads CIFAR-10 into data_dir: only where it belongs, see the class docstring.
         self.downloads = (
             download
+            and self.table is None
             and self.folders is None
             and not self._has_cifar10()
             and (data_dir is None or (self.data_dir.is_dir() and not any(self.data_dir.iterdir())))
@@ -156,6 +188,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return len(self.class_names)
 
     @property
+    def task(self) -> Task:
+        """multilabel when the label table gives images several labels (or 0/1 columns), else multiclass."""
+        return "multilabel" if self.table is not None and self.table.table.multilabel else "multiclass"
+
+    @property
     def input_size(self) -> tuple[int, int] | None:
         """(height, width) of the batches the network gets; ``None`` before ``setup``."""
         if self.hparams.image_size is not None:
@@ -167,6 +204,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """Class weights for the training loss when ``class_balance`` is loss; else ``None``."""
         if self.hparams.class_balance != "loss" or self.train_set is None:
             return None
+        if self.task == "multilabel":
+            return positive_weights(self.train_set.labels)
         return balancing_weights(self.train_set.labels, self.num_classes)
 
     @property
@@ -174,7 +213,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """How an image file becomes the network's input at evaluation (saved in checkpoints)."""
         if self.predict_dir is not None and self._checkpoint_preprocessing is not None:
             return self._checkpoint_preprocessing
-        if self.folders is not None:
+        if self.folders is not None or self.table is not None:
             _, size = self._folder_stores()
         elif self._has_cifar10():
             size = (32, 32)
@@ -203,6 +242,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _find_class_names(self, class_names: list[str] | None) -> list[str]:
         if self.predict_dir is not None and class_names is not None:
             return list(class_names)  # predicting needs no training data
+        if self.table is not None:
+            found = self.table.table.class_names
+            if class_names is not None and list(class_names) != found:
+                raise UserInputError(
+                    f"data.class_names {list(class_names)} differ from the classes of {self.table.table.path}: "
+                    f"{found}. Leave data.class_names unset to use the table's."
+                )
+            return found
         if self.folders is not None:
             found = image_folder_classes(self.folders)
             if class_names is not None and list(class_names) != found:
@@ -228,46 +275,73 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """Download CIFAR-10, or decode the image folders into their stores (once per node)."""
         if self.predict_dir is not None and self.trainer is not None and self.trainer.predicting:
             return  # the images to predict on are decoded by predict_dataloader, once the checkpoint is loaded
-        if self.folders is not None:
+        if self.folders is not None or self.table is not None:
             stores, size = self._folder_stores()
             for store in stores:
                 if store is not None:
                     store.build(size)
-            if self.folders.val is None:  # here, before Lightning creates the run's folder (setup comes after)
-                validation_count(self.hparams.val_size, len(stores.train.samples), str(self.folders.train))
+            if stores.val is None:  # here, before Lightning creates the run's folder (setup comes after)
+                validation_count(self.hparams.val_size, len(stores.train.samples), self._pool_names()[0])
         elif self.downloads and not self._has_cifar10():
             download_cifar10(self.data_dir)
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None or (stage == "predict" and self.predict_dir is not None):
             return
-        if self.folders is not None:
+        if self.hparams.class_balance == "sampler" and self.task == "multilabel":
+            raise UserInputError(
+                "data.class_balance sampler draws images by their one class; with several labels per image use "
+                "class_balance loss (BCEWithLogitsLoss's pos_weight)."
+            )
+        no_test, root = "no test folder", self.data_dir
+        if self.folders is not None or self.table is not None:
             stores, size = self._folder_stores()
             train, val, test = (self._map(store, size) for store in (stores.train, stores.val, stores.test))
-            names = [str(folder) for folder in (self.folders.train, self.folders.val, self.folders.test)]
+            names = self._pool_names()
+            if self.table is not None:
+                no_test, root = "no test rows", self.table.table.path
         else:
             source = cifar10_source(self.data_dir)
             train = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=True), source=f"{source} train")
             test = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=False), source=f"{source} test")
             val, names = None, [f"{self.data_dir} (CIFAR-10 training batches)", None, f"{self.data_dir} (test batch)"]
-        splits = make_splits((train, val, test), names, self.hparams.val_size, self.hparams.split_seed, self.data_dir)
+        seed = self.hparams.split_seed
+        splits = make_splits((train, val, test), names, self.hparams.val_size, seed, root, no_test)
         self.train_set, self.val_set, self.test_set = splits.train, splits.val, splits.test
-        rank_zero_info(f"Data ({self.num_classes} classes): {splits.description}.")
-        counts = torch.bincount(self.train_set.labels, minlength=self.num_classes).tolist()
+        several = ", several per image" if self.task == "multilabel" else ""
+        rank_zero_info(f"Data ({self.num_classes} classes{several}): {splits.description}.")
+        if self.table is not None:
+            splits_labels = {"train": splits.train.labels, "val": splits.val.labels, "test": splits.test.labels}
+            rank_zero_info(self.table.summary(splits_labels))
+        counts = class_counts(self.train_set.labels, self.num_classes)
         rank_zero_info(
             "Training images per class: " + ", ".join(f"{n} {c}" for c, n in zip(self.class_names, counts, strict=True))
         )
+
+    def _pool_names(self) -> list[str | None]:
+        """How the log names the train, val and test pools of folders or of a table."""
+        if self.table is not None:
+            return self.table.pool_names()
+        return [str(folder) if folder else None for folder in (self.folders.train, self.folders.val, self.folders.test)]
 
     def _folder_stores(self) -> tuple[SplitStores, tuple[int, int]]:
         """The store of every split folder, and the one size they all use: the images' own if they
         share one that is not larger than needed, else image_size x 8/7 (sets :attr:`view` to match)."""
         if self._stores is None:  # listed once, whether prepare_data ran in this process or not
-            stores = [
-                ImageFolderStore(folder, self.class_names, self.cache_dir, self.hparams.skip_bad_images)
-                if folder
-                else None
-                for folder in (self.folders.train, self.folders.val, self.folders.test)
-            ]
+            skip = self.hparams.skip_bad_images
+            if self.table is not None:
+                images, stem = self.table.images_dir, self.table.table.path.stem
+                stores = [
+                    ImageFolderStore(images, None, self.cache_dir, skip, split[1], f"{stem}-{split[0]}")
+                    if split
+                    else None
+                    for split in self.table.split_samples()
+                ]
+            else:
+                stores = [
+                    ImageFolderStore(folder, self.class_names, self.cache_dir, skip) if folder else None
+                    for folder in (self.folders.train, self.folders.val, self.folders.test)
+                ]
             self._stores = SplitStores(*stores)
         stores = [store for store in self._stores if store is not None]
         size, self.view = shared_store_size(stores, self.hparams.image_size, self.data_dir)

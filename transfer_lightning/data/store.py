@@ -8,7 +8,8 @@ size than the store's are resized so that they cover it, keeping their aspect ra
 reads only its own rows and a store larger than memory trains with bounded memory.
 
 A store is a folder ``<cache_dir>/<split>-<fingerprint>-<H>x<W>/`` holding ``images.npy``,
-``labels.npy`` (-1 for a file skipped as undecodable), ``files.json`` (the file of each row),
+``labels.npy`` (class indices, or a 0/1 row per image for multi-label; -1 for a file skipped as
+undecodable), ``files.json`` (the file of each row),
 ``skipped.txt`` and ``info.json``. The
 fingerprint hashes the tree's path and every file's name, label, size and modification time, so a
 changed tree gets a new store. A store is built in a temporary folder and renamed into place: a
@@ -153,24 +154,41 @@ def shared_store_size(
 
 
 class ImageFolderStore:
-    """The images of one class-folder tree, and its decoded stores under ``cache_dir``.
+    """The images of one class-folder tree (or of one split of a label table), and its decoded stores
+    under ``cache_dir``.
 
     Args:
-        folder: A folder of class folders; with ``classes`` None, any folder of images or one image file.
+        folder: A folder of class folders; with ``classes`` None, any folder of images or one image file;
+            with ``samples``, the folder their paths are relative to.
         classes: The class names (folder names), in label order; None for unlabeled images at any
             depth (all get label 0).
         cache_dir: Where stores are kept.
         skip_bad_images: Skip files that do not decode (listed in the store's skipped.txt)
             instead of stopping with the path of the first.
+        samples: (path, label) of every image, listed elsewhere (a label table) instead of from the
+            folders; a label is a class index, or a 0/1 tuple with one entry per class (multi-label).
+        name: What the store's folder name starts with; default the folder's name.
     """
 
-    def __init__(self, folder: Path, classes: list[str] | None, cache_dir: Path, skip_bad_images: bool = False) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        classes: list[str] | None,
+        cache_dir: Path,
+        skip_bad_images: bool = False,
+        samples: list[tuple[str, int | tuple[int, ...]]] | None = None,
+        name: str | None = None,
+    ) -> None:
         self.folder, self.cache_dir, self.skip_bad_images = folder, cache_dir, skip_bad_images
-        self.samples, left_out = list_images(folder, classes)
-        left_out_line = left_out.describe(folder)
-        if left_out_line:
-            rank_zero_info(left_out_line)
-        self.key = f"{folder.name}-{fingerprint(folder, self.samples)}"
+        if samples is None:
+            samples, left_out = list_images(folder, classes)
+            left_out_line = left_out.describe(folder)
+            if left_out_line:
+                rank_zero_info(left_out_line)
+        self.samples = samples
+        self.key = f"{name or folder.name}-{fingerprint(folder, self.samples)}"
+        #: How progress bars and messages name these images: the folder, and the table split's name.
+        self.described = f"{folder} ({name})" if name else str(folder)
         self._sizes: list[tuple[int, int] | str] | None = None
 
     def uniform_size(self) -> tuple[int, int] | None:
@@ -198,7 +216,7 @@ class ImageFolderStore:
         skipped = (path / "skipped.txt").read_text().splitlines()
         if skipped:
             rank_zero_info(
-                f"Skipped {len(skipped)} image file(s) under {self.folder} that do not decode:\n  "
+                f"Skipped {len(skipped)} image file(s) of {self.described} that do not decode:\n  "
                 + "\n  ".join(skipped[:SKIPPED_SHOWN])
                 + (f"\n  ... {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else "")
                 + f"\nFull list: {path / 'skipped.txt'}"
@@ -211,12 +229,13 @@ class ImageFolderStore:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
             images = torch.from_numpy(np.load(path / "images.npy", mmap_mode="r"))
         files = json.loads((path / "files.json").read_text()) if (path / "files.json").is_file() else None
-        return StoredImages(ImageArrays(images, labels), torch.nonzero(labels >= 0).flatten(), path, files)
+        decoded = labels.reshape(len(labels), -1)[:, 0] >= 0  # a skipped file's label (or every entry of it) is -1
+        return StoredImages(ImageArrays(images, labels), torch.nonzero(decoded).flatten(), path, files)
 
     def _header_sizes(self) -> list[tuple[int, int] | str]:
         if self._sizes is None:
             paths = [path for path, _ in self.samples]
-            self._sizes = self._run(_read_sizes, [(chunk,) for chunk in _chunks(paths)], f"Reading {self.folder}")
+            self._sizes = self._run(_read_sizes, [(chunk,) for chunk in _chunks(paths)], f"Reading {self.described}")
         return self._sizes
 
     def _build(self, path: Path, size: tuple[int, int]) -> None:
@@ -235,7 +254,7 @@ class ImageFolderStore:
                 (store_file, size, chunk, [self.samples[i][0] for i in indices])
                 for chunk, indices in zip(_chunks(rows), _chunks(good), strict=True)
             ]
-            failures = self._run(_decode_rows, tasks, f"Decoding {self.folder} at {size[0]}x{size[1]}")
+            failures = self._run(_decode_rows, tasks, f"Decoding {self.described} at {size[0]}x{size[1]}")
             bad |= {good[row]: error for row, error in failures}
             self._check_bad(bad)
             labels = np.array([self.samples[i][1] for i in good], dtype=np.int64)
@@ -263,7 +282,7 @@ class ImageFolderStore:
                 "or set --data.skip_bad_images true to skip such files."
             )
         if len(bad) == len(self.samples):
-            raise UserInputError(f"None of the {len(bad)} image files under {self.folder} decodes.")
+            raise UserInputError(f"None of the {len(bad)} image files of {self.described} decodes.")
 
     def _run(self, function, tasks: list[tuple], description: str) -> list:
         """``function(*task)`` for every task, in several processes for large trees; results concatenated."""
