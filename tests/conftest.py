@@ -155,3 +155,33 @@ def assert_test_scores_by_hand(cli, batches: int | None = None, autocast: bool =
     assert float(logged["test/acc"]) == pytest.approx(correct / total, abs=1e-6)
     tolerance = 2e-2 if autocast else 1e-4
     assert float(logged["test/loss"]) == pytest.approx(float(losses.mean()), rel=tolerance, abs=tolerance)
+
+
+#: The tags of :func:`write_tagged_images`: each is a bright quadrant of the image.
+TAGS = ["sand", "sea", "sky", "sun"]
+
+
+def tagged_image(present: list[int], generator: torch.Generator, size: int = 32) -> Image.Image:
+    """Noise in which each present tag's quadrant (top-left, top-right, bottom-left, bottom-right) is bright."""
+    image = torch.randint(0, 60, (3, size, size), generator=generator)
+    half = size // 2
+    for tag, on in enumerate(present):
+        if on:
+            top, left = (tag // 2) * half, (tag % 2) * half
+            image[:, top : top + half, left : left + half] += 150
+    return Image.fromarray(image.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def write_tagged_images(folder: Path, count: int, seed: int = 0) -> list[tuple[str, list[str]]]:
+    """``count`` PNGs under ``folder`` with one to three of :data:`TAGS` each; returns (file name, tags)."""
+    generator = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in range(count):
+        present = (torch.rand(len(TAGS), generator=generator) < 0.4).int().tolist()
+        if not any(present):
+            present[index % len(TAGS)] = 1
+        name = f"img{index:04d}.png"
+        tagged_image(present, generator).save(folder / name)
+        written.append((name, [tag for tag, on in zip(TAGS, present, strict=True) if on]))
+    return written

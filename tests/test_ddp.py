@@ -77,6 +77,9 @@ def test_ddp_fit_and_test_and_evaluation_equals_single_process(config, image_fol
     assert ddp_val.scalars["val/acc"] == single_val.scalars["val/acc"]
     assert ddp_test.scalars["test/acc"] == single_test.scalars["test/acc"]
     assert ddp_test.scalars["test/acc_cat"] == single_test.scalars["test/acc_cat"]
+    # Losses are means over images: 21 images in uneven shares (11 and 10) still give one process's value.
+    assert ddp_val.scalars["val/loss"] == pytest.approx(single_val.scalars["val/loss"], abs=1e-6)
+    assert ddp_test.scalars["test/loss"] == pytest.approx(single_test.scalars["test/loss"], abs=1e-6)
 
 
 def test_ddp_training_shards_are_disjoint_and_cover_the_training_set(image_folder, tmp_path):
@@ -96,3 +99,24 @@ def test_ddp_training_shards_are_disjoint_and_cover_the_training_set(image_folde
         assert len(set(positions[0]) & set(positions[1])) == 2 * math.ceil(size / 2) - size
     first, second = (json.loads((tmp_path / f"rank0-epoch{epoch}.json").read_text())["positions"] for epoch in (0, 1))
     assert first != second
+
+
+def test_ddp_multilabel_metrics_equal_a_single_process(tmp_path):
+    """mAP and F1 need every image's probabilities at once: under DDP they are gathered from both
+    processes, so validate and test give exactly what one process gives (33 images: uneven shares)."""
+    from tests.test_multilabel import table_args, write_tagged_table
+
+    table = write_tagged_table(tmp_path / "data", train=40, val=33, test=33)
+    args = [*table_args(table, tmp_path / "cache"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
+    run_cli("fit", *args, *DDP, "--test_after_fit=false", cwd=tmp_path)
+    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    for subcommand in ("validate", "test"):
+        for devices in (DDP, ["--trainer.devices=1"]):
+            run_cli(subcommand, *args, *devices, f"--ckpt_path={checkpoint}", cwd=tmp_path)
+    ddp_val, single_val, ddp_test, single_test = (
+        read_run(tmp_path / "lightning_logs" / f"version_{i}") for i in range(1, 5)
+    )
+    for tag in ("val/mAP", "val/f1_macro", "val/f1_micro", "val/loss"):
+        assert ddp_val.scalars[tag] == pytest.approx(single_val.scalars[tag], abs=1e-6), tag
+    for tag in ("test/mAP", "test/f1_macro", "test/f1_micro", "test/AP_sea", "test/loss"):
+        assert ddp_test.scalars[tag] == pytest.approx(single_test.scalars[tag], abs=1e-6), tag

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
@@ -70,11 +71,12 @@ class HparamsWithResults(pl.Callback):
     """Hyperparameters in the TensorBoard events from the start; best val and test accuracy once tested.
 
     TensorBoard's HParams tab then shows one row per run, unfinished runs too, with
-    ``hparams/val_acc`` and ``hparams/test_acc``. The logger's own placeholder ``hp_metric`` (-1) is
-    switched off in the CLI, so nothing else appears there.
+    ``hparams/val_acc`` and ``hparams/test_acc`` (multi-label runs: ``hparams/val_mAP`` and
+    ``hparams/test_mAP``). The logger's own placeholder ``hp_metric`` (-1) is switched off in the CLI,
+    so nothing else appears there.
     """
 
-    METRICS = ("hparams/val_acc", "hparams/test_acc")
+    METRICS = ("hparams/val_acc", "hparams/test_acc", "hparams/val_mAP", "hparams/test_mAP")
 
     def __init__(self) -> None:
         self._written: set[str] = set()
@@ -86,12 +88,13 @@ class HparamsWithResults(pl.Callback):
         self._write_hparams(trainer, pl_module)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.logger is None or "test/acc" not in trainer.callback_metrics:
+        score = getattr(pl_module, "monitor", "val/acc").removeprefix("val/")  # acc, or mAP
+        if trainer.logger is None or f"test/{score}" not in trainer.callback_metrics:
             return
-        metrics = {"hparams/test_acc": float(trainer.callback_metrics["test/acc"])}
+        metrics = {f"hparams/test_{score}": float(trainer.callback_metrics[f"test/{score}"])}
         checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.best_model_score is not None:
-            metrics["hparams/val_acc"] = float(checkpoint.best_model_score)
+        if checkpoint is not None and checkpoint.best_model_score is not None and checkpoint.monitor == f"val/{score}":
+            metrics[f"hparams/val_{score}"] = float(checkpoint.best_model_score)
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     def _write_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -124,7 +127,8 @@ def readable(value: object) -> float | str:
 
 
 class DashboardLayout(pl.Callback):
-    """TensorBoard's Custom Scalars tab: loss (train and val in one chart), accuracy, and learning rate.
+    """TensorBoard's Custom Scalars tab: loss (train and val in one chart), accuracy (multi-label: mAP
+    and F1), and learning rate.
 
     The Time Series tab sorts groups by name, so the charts people look at first end up below
     ``epoch`` and ``hparams``; this layout puts them on one page, train and validation together.
@@ -141,10 +145,19 @@ class DashboardLayout(pl.Callback):
     def __init__(self) -> None:
         self._written: set[str] = set()
 
+    MULTILABEL_LAYOUT = {
+        "training": {
+            "loss (train, val)": ["Multiline", [r"train/loss_epoch", r"val/loss"]],
+            "mAP and F1 (val)": ["Multiline", [r"val/mAP", r"val/f1_macro", r"val/f1_micro"]],
+            "learning rate": ["Multiline", [r"lr-.*"]],
+        }
+    }
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logger = trainer.logger
         if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero and logger.log_dir not in self._written:
-            logger.experiment.add_custom_scalars(self.LAYOUT)
+            multilabel = getattr(pl_module, "multilabel", False)
+            logger.experiment.add_custom_scalars(self.MULTILABEL_LAYOUT if multilabel else self.LAYOUT)
             self._written.add(logger.log_dir)
 
 
@@ -170,7 +183,10 @@ class PredictionsCSV(BasePredictionWriter):
 
     Columns: the image (its ``path`` relative to ``data.predict_dir``; or, predicting on the test
     split, its ``index`` there and its ``true_class``), the predicted class and its probability, then
-    the ``top_k`` most probable classes and their probabilities. Under DDP each process writes its
+    the ``top_k`` most probable classes and their probabilities. A multi-label model's columns are
+    the image (``path``, or ``index`` and ``true_labels``), the ``labels`` at or above their class's
+    decision threshold (separated by spaces, or by ``;`` when a class name holds a space), and every
+    class's probability (``probability_<class>``). Under DDP each process writes its
     share to ``predictions_rank<N>.csv``. The file is written to a temporary name and then renamed.
 
     Args:
@@ -184,30 +200,53 @@ class PredictionsCSV(BasePredictionWriter):
         self.top_k = top_k
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        names = pl_module.class_names
         paths = getattr(trainer.datamodule, "predict_paths", None)
-        k = min(self.top_k, len(names))
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         path = Path(trainer.log_dir or ".") / f"predictions{suffix}.csv"
         with atomic_path(path) as partial, open(partial, "w", newline="") as file:
-            writer = csv.writer(file)
-            image_columns = ["path"] if paths is not None else ["index", "true_class"]
-            ranked_columns = [f"top{rank}_{what}" for rank in range(1, k + 1) for what in ("class", "probability")]
-            writer.writerow([*image_columns, "predicted_class", "probability", *ranked_columns])
-            for output, indices in zip(predictions, batch_indices[0], strict=True):
-                top_probabilities, top_classes = output["probabilities"].topk(k, dim=-1)
-                for index, label, classes, probabilities in zip(
-                    indices, output["labels"].tolist(), top_classes.tolist(), top_probabilities.tolist(), strict=True
-                ):
-                    image = [paths[index]] if paths is not None else [index, names[label]]
-                    ranked = [x for c, p in zip(classes, probabilities, strict=True) for x in (names[c], f"{p:.6f}")]
-                    writer.writerow([*image, *ranked[:2], *ranked])
+            rows = zip(predictions, batch_indices[0], strict=True)  # (outputs, dataset positions) per batch
+            if getattr(pl_module, "multilabel", False):
+                self._write_multilabel(csv.writer(file), pl_module.class_names, paths, rows, pl_module.thresholds.cpu())
+            else:
+                self._write_multiclass(csv.writer(file), pl_module.class_names, paths, rows)
         rank_zero_info(f"Predictions: {path}")
+
+    def _write_multiclass(self, writer, names: list[str], paths: list[str] | None, batches) -> None:
+        k = min(self.top_k, len(names))
+        image_columns = ["path"] if paths is not None else ["index", "true_class"]
+        ranked_columns = [f"top{rank}_{what}" for rank in range(1, k + 1) for what in ("class", "probability")]
+        writer.writerow([*image_columns, "predicted_class", "probability", *ranked_columns])
+        for output, indices in batches:
+            top_probabilities, top_classes = output["probabilities"].topk(k, dim=-1)
+            for index, label, classes, probabilities in zip(
+                indices, output["labels"].tolist(), top_classes.tolist(), top_probabilities.tolist(), strict=True
+            ):
+                image = [paths[index]] if paths is not None else [index, names[label]]
+                ranked = [x for c, p in zip(classes, probabilities, strict=True) for x in (names[c], f"{p:.6f}")]
+                writer.writerow([*image, *ranked[:2], *ranked])
+
+    @staticmethod
+    def _write_multilabel(writer, names: list[str], paths: list[str] | None, batches, thresholds: Tensor) -> None:
+        delimiter = ";" if any(" " in name for name in names) else " "
+        image_columns = ["path"] if paths is not None else ["index", "true_labels"]
+        writer.writerow([*image_columns, "labels", *(f"probability_{name}" for name in names)])
+        for output, indices in batches:
+            probabilities = output["probabilities"].cpu()
+            for index, label, row in zip(indices, output["labels"], probabilities, strict=True):
+                if paths is not None:
+                    image = [paths[index]]
+                else:
+                    true = label.tolist() if label.ndim else [int(i == label) for i in range(len(names))]
+                    image = [index, delimiter.join(n for n, t in zip(names, true, strict=True) if t)]
+                predicted = delimiter.join(
+                    n for n, chosen in zip(names, (row >= thresholds).tolist(), strict=True) if chosen
+                )
+                writer.writerow([*image, predicted, *(f"{p:.6f}" for p in row.tolist())])
 
 
 class ClassificationReportFiles(pl.Callback):
     """After ``test``: the classification report printed and saved as ``classification_report.md`` in
-    the run folder, and the confusion matrix as a TensorBoard figure.
+    the run folder, and (multiclass) the confusion matrix as a TensorBoard figure.
 
     Reads the report that the model's ``on_test_epoch_end`` left in ``test_report``. The model adds
     this callback itself (``configure_callbacks``).
@@ -220,7 +259,7 @@ class ClassificationReportFiles(pl.Callback):
         log_dir = trainer.log_dir  # a collective call under DDP: every process must make it
         if not trainer.is_global_zero:
             return
-        if isinstance(trainer.logger, TensorBoardLogger):
+        if isinstance(trainer.logger, TensorBoardLogger) and confusion is not None:
             figure, _ = pl_module.test_metrics.confusion.plot(confusion, labels=report.class_names)
             figure.set_size_inches(8, 8)
             trainer.logger.experiment.add_figure("test/confusion_matrix", figure, global_step=trainer.global_step)

@@ -47,7 +47,10 @@ PARAMETER_GROUP_HPARAMS = ["freeze_backbone", "trainable_from", "unfreeze_at_epo
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], resuming_fit: bool) -> None:
     """Refuse a checkpoint whose hyperparameters ``saved`` were of another backbone or class count than
     ``current``'s; when ``resuming_fit``, also one whose optimizer parameter groups would differ."""
-    keys = ["backbone", "num_classes"] + (PARAMETER_GROUP_HPARAMS if resuming_fit else [])
+    keys = ["backbone", "num_classes", "task"] + (PARAMETER_GROUP_HPARAMS if resuming_fit else [])
+    # Checkpoints saved before 2026-12-01 are all multiclass; a model whose task is not resolved yet takes the data's.
+    saved = {"task": "multiclass", **saved}
+    current = {**current, "task": current.get("task") or saved["task"]}
     for key in keys:
         if key in saved and key in current and saved[key] != current[key]:
             raise UserInputError(
@@ -58,8 +61,10 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], resuming_fi
 
 def model_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The model's hyperparameters as this version takes them (``backbone_lr_scale`` was 0.1 even
-    without ``unfreeze_at_epoch`` in checkpoints before 2026-12-01; it now means "not set" there)."""
+    without ``unfreeze_at_epoch`` in checkpoints before 2026-12-01; it now means "not set" there; and
+    those checkpoints, which do not name their task, are multiclass)."""
     hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key != "_instantiator"}
+    hparams.setdefault("task", "multiclass")
     if hparams.get("unfreeze_at_epoch") is None and "backbone_lr_scale" in hparams:
         hparams["backbone_lr_scale"] = None
     return hparams

@@ -63,8 +63,8 @@ class TransferLightningCLI(LightningCLI):
     """LightningCLI for :class:`TransferClassifier` on :class:`ImageFolderDataModule`.
 
     Defaults: GPU when present (else CPU), 5 epochs, TensorBoard logs in ``lightning_logs/version_N``
-    with the resolved ``config.yaml``, the best checkpoint by ``val/acc`` plus ``last.ckpt``, the
-    learning rate logged per epoch, and after ``fit`` the best checkpoint tested on the test set.
+    with the resolved ``config.yaml``, the best checkpoint by ``val/acc`` (multi-label: ``val/mAP``) plus
+    ``last.ckpt``, the learning rate logged per epoch, and after ``fit`` the best checkpoint tested on the test set.
     """
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
@@ -142,13 +142,21 @@ class TransferLightningCLI(LightningCLI):
                 config["data"][key] = value
 
     def instantiate_classes(self) -> None:
-        """Build model, data and trainer; a value they reject is a config error, not a crash."""
+        """Build model, data and trainer; a value they reject is a config error, not a crash. The model
+        takes the data's task when model.task is null, and a multi-label model's best checkpoint is the
+        one with the best val/mAP (accuracy does not apply), unless the config names another metric."""
         try:
             super().instantiate_classes()
         except (TypeError, ValueError) as error:
             if isinstance(error, UserInputError):
                 raise
             raise UserInputError(f"Invalid configuration: {error}") from None
+        if self.datamodule.predict_dir is None:
+            self.model.check_task(self.datamodule.task)
+        checkpoint = self.trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.monitor == "val/acc" and self.model.monitor != "val/acc":
+            checkpoint.monitor = self.model.monitor
+            checkpoint.filename = "best-epoch{epoch:02d}-val_mAP{val/mAP:.4f}"
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         """Lightning's subcommands with one-line help texts of ours, and ``report`` in the list too."""
@@ -184,7 +192,7 @@ class TransferLightningCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=True,
-            help="fit only: test the best checkpoint (by val/acc) on the test set when training ends.",
+            help="fit only: test the best checkpoint (by val/acc, or val/mAP) on the test set when training ends.",
         )
 
     def before_fit(self) -> None:

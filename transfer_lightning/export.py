@@ -1,7 +1,8 @@
 """``python -m transfer_lightning export``: a trained checkpoint as a stand-alone model file.
 
 The file takes a batch of RGB ``uint8`` images ``(N, 3, H, W)`` at the trained size and returns
-class probabilities ``(N, classes)``; scaling, normalisation and any resize to the network's input
+class probabilities ``(N, classes)`` (softmax; multi-label models: one sigmoid per class, with the
+decision thresholds in the JSON); scaling, normalisation and any resize to the network's input
 size happen inside. Resizing photos of any size to ``H x W`` stays with the caller, because training
 decoded them with PIL's antialiased resize, which torch's ``interpolate`` matches only to a few grey
 levels. ``FILE.json`` beside the model says how (and holds the class names).
@@ -35,21 +36,27 @@ TOLERANCE = 1e-4
 
 
 class ExportedClassifier(nn.Module):
-    """uint8 RGB images ``(N, 3, H, W)`` -> class probabilities ``(N, classes)``, as evaluation in training."""
+    """uint8 RGB images ``(N, 3, H, W)`` -> class probabilities ``(N, classes)``, as evaluation in training:
+    softmax, or with ``multilabel`` a sigmoid per class."""
 
-    def __init__(self, network: nn.Module, preprocessing: Preprocessing, tta_flip: bool = False) -> None:
+    def __init__(
+        self, network: nn.Module, preprocessing: Preprocessing, tta_flip: bool = False, multilabel: bool = False
+    ) -> None:
         super().__init__()
-        self.network, self.tta_flip = network, tta_flip
+        self.network, self.tta_flip, self.multilabel = network, tta_flip, multilabel
         self.image_size, self.view = preprocessing.image_size, preprocessing.view
         self.register_buffer("mean", torch.tensor(preprocessing.mean))
         self.register_buffer("std", torch.tensor(preprocessing.std))
 
     def forward(self, images: Tensor) -> Tensor:
         inputs = prepare_batch(images, self.mean, self.std, augment=False, image_size=self.image_size, view=self.view)
-        probabilities = self.network(inputs).softmax(dim=-1)
+        probabilities = self._probabilities(self.network(inputs))
         if self.tta_flip:  # as the model's tta_flip: the mean with the mirror image's probabilities
-            probabilities = (probabilities + self.network(inputs.flip(-1)).softmax(dim=-1)) / 2
+            probabilities = (probabilities + self._probabilities(self.network(inputs.flip(-1)))) / 2
         return probabilities
+
+    def _probabilities(self, logits: Tensor) -> Tensor:
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=-1)
 
 
 def load_classifier(ckpt_path: str | Path) -> tuple[TransferClassifier, Preprocessing]:
@@ -78,7 +85,7 @@ def export(ckpt_path: str | Path, output: str | Path, format: Format | None = No
                 f"ONNX export needs {', '.join(missing)}: install the export extra (pip install -e '.[export]')."
             )
     model, preprocessing = load_classifier(ckpt_path)
-    exported = ExportedClassifier(model.network, preprocessing, model.hparams.tta_flip).eval()
+    exported = ExportedClassifier(model.network, preprocessing, model.hparams.tta_flip, model.multilabel).eval()
     with atomic_path(output) as written, atomic_path(f"{output}.json") as json_file:  # both, or neither
         (_write_onnx if format == "onnx" else _write_pt2)(exported, preprocessing, written)
         difference = check(written, format, model, preprocessing)
@@ -106,7 +113,7 @@ def _write_onnx(module: ExportedClassifier, preprocessing: Preprocessing, path: 
 def check(path: Path, format: Format, model: TransferClassifier, preprocessing: Preprocessing) -> float:
     """Largest probability difference between the file at ``path`` and ``model``; fails above :data:`TOLERANCE`."""
     images = example_images(preprocessing, 3, seed=1)  # another batch size than the one exported with
-    expected = model.evaluation_logits(preprocessing(images)).softmax(dim=-1)
+    expected = model.probabilities(model.evaluation_logits(preprocessing(images)))
     got = run_exported(path, format, images)
     difference = float((got - expected).abs().max())
     if got.shape != expected.shape or not difference <= TOLERANCE:
@@ -131,11 +138,20 @@ def describe(
 ) -> dict:
     """What ``FILE.json`` says: the classes, the input and output, and what the caller must do first."""
     height, width = preprocessing.caller_size
+    output = {"name": "probabilities", "dtype": "float32", "shape": ["N", len(model.class_names)]}
+    if model.multilabel:
+        output |= {
+            "activation": "sigmoid per class (multilabel): an image has every class at or above its threshold",
+            "thresholds": dict(zip(model.class_names, model.thresholds.tolist(), strict=True)),
+        }
+    else:
+        output["activation"] = "softmax (multiclass)"
     return {
         "format": format,
+        "task": model.hparams.task or "multiclass",
         "classes": model.class_names,
         "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, height, width], "channels": "RGB"},
-        "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(model.class_names)]},
+        "output": output,
         "preprocessing": preprocessing.describe(),
         "exif_orientation": "apply before resizing: PIL.ImageOps.exif_transpose(image), as training and predict do",
         "resize_to_cover": list(preprocessing.stored_size),

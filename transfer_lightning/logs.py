@@ -79,7 +79,7 @@ class PlainProgress(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active:
             seconds = time.monotonic() - self._epoch_start
-            names = ("train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc")
+            names = ("train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc", "val/mAP")
             rank_zero_info(f"{_epoch(trainer)} done in {seconds:.0f} s{_metrics(trainer, names)}")
 
 

@@ -21,13 +21,25 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from transfer_lightning import checkpoints
 from transfer_lightning.backbones import create_network
 from transfer_lightning.callbacks import ClassificationReportFiles
 from transfer_lightning.errors import UserInputError
-from transfer_lightning.evaluation import ClassificationMetrics, ClassificationReport
+from transfer_lightning.evaluation import (
+    DEFAULT_THRESHOLD,
+    ClassificationMetrics,
+    ClassificationReport,
+    MultilabelOutputs,
+    MultilabelReport,
+    average_precisions,
+    mean_over_present,
+    multilabel_f1,
+    multilabel_report,
+    pick_thresholds,
+)
 from transfer_lightning.finetuning import (
     FrozenBatchNorm,
     GradualUnfreezing,
@@ -39,6 +51,9 @@ from transfer_lightning.optimization import build_optimizer, build_scheduler, pa
 
 #: The backbone's learning rate relative to the head's after gradual unfreezing, unless set.
 DEFAULT_BACKBONE_LR_SCALE = 0.1
+Task = Literal["multiclass", "multilabel"]
+#: The validation metric that picks the best checkpoint, per task.
+MONITORED = {"multiclass": "val/acc", "multilabel": "val/mAP"}
 
 
 class TransferClassifier(pl.LightningModule):
@@ -85,6 +100,12 @@ class TransferClassifier(pl.LightningModule):
             start, frozen. Without unfreeze_at_epoch there is no such group: setting it is an error.
         tta_flip: Test-time augmentation in validation, test, predict and exported models: average
             the class probabilities of each image and its mirror image (twice the evaluation work).
+        task: multiclass (one class per image: softmax, cross-entropy, accuracy) or multilabel (any
+            number per image: a sigmoid per class, BCEWithLogitsLoss, mean average precision); null
+            takes the data's (multilabel when a label table gives images several labels).
+        threshold: multilabel: the probability at or above which an image gets a class, for every
+            class; null picks each class's threshold on the validation set (best F1), each epoch,
+            and saves it in the checkpoint.
     """
 
     def __init__(
@@ -106,6 +127,8 @@ class TransferClassifier(pl.LightningModule):
         unfreeze_at_epoch: int | None = None,
         backbone_lr_scale: float | None = None,
         tta_flip: bool = False,
+        task: Task | None = None,
+        threshold: float | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -124,6 +147,12 @@ class TransferClassifier(pl.LightningModule):
                 f"backbone_lr_scale {backbone_lr_scale} scales the backbone's learning rate after gradual "
                 "unfreezing, but unfreeze_at_epoch is not set: set both (with freeze_backbone: true), or neither."
             )
+        if task not in (None, "multiclass", "multilabel"):
+            raise UserInputError(f"task must be multiclass, multilabel or null, got {task!r}.")
+        if threshold is not None and task == "multiclass":
+            raise UserInputError("model.threshold is the decision threshold of multilabel models; task is multiclass.")
+        if threshold is not None and not 0 < threshold < 1:
+            raise UserInputError(f"threshold must be a probability between 0 and 1 (e.g. 0.5), got {threshold}.")
         if backbone_lr_scale is not None and backbone_lr_scale <= 0:
             raise UserInputError(f"backbone_lr_scale must be positive, got {backbone_lr_scale}.")
         if trainable_from is not None and freeze_backbone and unfreeze_at_epoch is None:
@@ -155,12 +184,46 @@ class TransferClassifier(pl.LightningModule):
         #: Per-class weights of the training loss (``data.class_balance: loss``), set in :meth:`setup`.
         self.register_buffer("loss_weights", None, persistent=False)
 
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_metrics = ClassificationMetrics(num_classes)
-        #: The last test's report and confusion matrix, written out by ClassificationReportFiles.
-        self.test_report: tuple[ClassificationReport, Tensor] | None = None
+        # Losses averaged over images, not over batches: under DDP each process's images count (Lightning's
+        # sync_dist averages the processes' means, which differ in weight when the shares are uneven).
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        #: The last test's report and (multiclass) confusion matrix, written out by ClassificationReportFiles.
+        self.test_report: tuple[ClassificationReport | MultilabelReport, Tensor | None] | None = None
+        self._build_metrics(task or "multiclass")  # a null task is multiclass until the data says otherwise
+
+    def use_task(self, task: Task) -> None:
+        """Set ``task``, with its metrics (and for multilabel the decision thresholds); with ``model.task``
+        null, the CLI calls this with the data's task once both exist, or :meth:`setup` does."""
+        if task == "multiclass" and self.hparams.threshold is not None:
+            raise UserInputError(
+                "model.threshold is the decision threshold of multilabel models; this one is multiclass."
+            )
+        self.hparams.task = task  # saved in checkpoints as the resolved task
+        self._build_metrics(task)
+
+    def _build_metrics(self, task: Task) -> None:
+        num_classes = self.hparams.num_classes
+        if task == "multilabel":
+            for name in ("train_acc", "val_acc", "test_acc", "test_metrics"):  # those of a null task, if built
+                if hasattr(self, name):
+                    delattr(self, name)
+            self.val_outputs, self.test_outputs = MultilabelOutputs(), MultilabelOutputs()
+            #: Each class's decision threshold: picked on validation (or model.threshold), saved in checkpoints.
+            self.register_buffer("thresholds", torch.full((num_classes,), self.hparams.threshold or DEFAULT_THRESHOLD))
+        else:
+            self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.test_metrics = ClassificationMetrics(num_classes)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.hparams.task == "multilabel"
+
+    @property
+    def monitor(self) -> str:
+        """The validation metric that picks the best checkpoint: val/acc, or val/mAP for multilabel."""
+        return MONITORED[self.hparams.task or "multiclass"]
 
     @property
     def head_name(self) -> str:
@@ -224,6 +287,7 @@ class TransferClassifier(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer else None
+        self.check_task(getattr(datamodule, "task", "multiclass"))
         input_size = getattr(datamodule, "input_size", None)
         if input_size is not None:
             self.check_input_size(input_size)
@@ -233,6 +297,16 @@ class TransferClassifier(pl.LightningModule):
         if self.hparams.compile and not self._compiled:
             self.network.compile()  # in place: state_dict keys and checkpoints stay as they are
             self._compiled = True
+
+    def check_task(self, data_task: Task) -> None:
+        """Take the data's task when ``task`` is null; refuse multi-label data for a multiclass model."""
+        if self.hparams.task is None:
+            self.use_task(data_task)
+        elif data_task == "multilabel" and not self.multilabel:
+            raise UserInputError(
+                "The data gives images several labels, but model.task is multiclass (one class per image): "
+                "set --model.task multilabel (or leave it unset), or train on single-label data."
+            )
 
     @torch.no_grad()
     def check_input_size(self, size: tuple[int, int]) -> None:
@@ -260,41 +334,105 @@ class TransferClassifier(pl.LightningModule):
         return self.classifier_block(inputs) if self.inputs_are_features else self(inputs)
 
     def evaluation_logits(self, inputs: Tensor) -> Tensor:
-        """Class scores for evaluation; with ``tta_flip`` the log of the mean probabilities of each
-        image and its mirror image (so softmax, accuracy and cross-entropy all see the average)."""
+        """Class scores for evaluation; with ``tta_flip`` those of the mean probabilities of each image
+        and its mirror image (so probabilities, metrics and losses all see the average): the log of the
+        mean softmax, or for multilabel the logit of the mean sigmoid."""
         logits = self.logits(inputs)
         if not self.hparams.tta_flip:
             return logits
-        both = torch.stack([logits.log_softmax(dim=-1), self.logits(inputs.flip(-1)).log_softmax(dim=-1)])
+        mirrored = self.logits(inputs.flip(-1))
+        if self.multilabel:  # log(p) - log(1 - p) of p = the mean of the two sigmoids; the halves cancel
+            positive = torch.logsumexp(torch.stack([F.logsigmoid(logits), F.logsigmoid(mirrored)]), dim=0)
+            negative = torch.logsumexp(torch.stack([F.logsigmoid(-logits), F.logsigmoid(-mirrored)]), dim=0)
+            return positive - negative
+        both = torch.stack([logits.log_softmax(dim=-1), mirrored.log_softmax(dim=-1)])
         return torch.logsumexp(both, dim=0) - math.log(2)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class probabilities: softmax (multiclass) or one sigmoid per class (multilabel)."""
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=-1)
+
+    def targets(self, labels: Tensor) -> Tensor:
+        """0/1 targets (N, classes) of multi-label labels; class indices become one-hot rows."""
+        return labels if labels.ndim == 2 else F.one_hot(labels, self.hparams.num_classes)
+
+    def evaluation_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The plain loss of validation and test (no smoothing or class weights): comparable between runs."""
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, self.targets(labels).float())
+        return F.cross_entropy(logits, labels)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self.logits(images)
-        loss = F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits, labels)
+        smoothing = self.hparams.label_smoothing
+        if self.multilabel:  # label smoothing of a sigmoid: targets 1 - s/2 and s/2
+            targets = self.targets(labels).float() * (1 - smoothing) + smoothing / 2
+            loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.loss_weights)
+        else:
+            loss = F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=smoothing)
+            self.train_acc(logits, labels)
+            self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self.evaluation_logits(images)
-        self.val_acc(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True, prog_bar=True)
-        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.val_loss.update(self.evaluation_loss(logits, labels), weight=len(labels))
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        if self.multilabel:
+            self.val_outputs.update(logits.sigmoid(), self.targets(labels))
+        else:
+            self.val_acc(logits, labels)
+            self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Multilabel: pick each class's decision threshold on this validation (unless ``threshold`` is
+        set; not in Lightning's sanity check), and log mAP, per-class AP and the F1 at those thresholds."""
+        if not self.multilabel:
+            return
+        probabilities, targets = self.val_outputs.compute()  # every process gets the whole split
+        self.val_outputs.reset()
+        if self.hparams.threshold is None and not (self._trainer is not None and self.trainer.sanity_checking):
+            self.thresholds.copy_(pick_thresholds(probabilities, targets))
+        f1, micro_f1 = multilabel_f1(probabilities, targets, self.thresholds)
+        precisions = average_precisions(probabilities, targets)
+        self.log("val/mAP", mean_over_present(precisions), prog_bar=True)
+        self.log("val/f1_macro", mean_over_present(f1))
+        self.log("val/f1_micro", micro_f1)
+        for name, ap in zip(self.class_names, precisions.tolist(), strict=True):
+            if not math.isnan(ap):  # a class without validation positives has no AP
+                self.log(f"val/AP_{name}", ap)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self.evaluation_logits(images)
-        self.test_acc(logits, labels)
-        self.test_metrics.update(logits, labels)
-        self.log("test/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.log("test/acc", self.test_acc)
+        self.test_loss.update(self.evaluation_loss(logits, labels), weight=len(labels))
+        self.log("test/loss", self.test_loss)
+        if self.multilabel:
+            self.test_outputs.update(logits.sigmoid(), self.targets(labels))
+        else:
+            self.test_acc(logits, labels)
+            self.test_metrics.update(logits, labels)
+            self.log("test/acc", self.test_acc)
 
     def on_test_epoch_end(self) -> None:
-        """Log per-class accuracy (classes with test images only), macro-F1 and top-5; keep the report
-        and confusion matrix in :attr:`test_report` for :class:`ClassificationReportFiles`."""
+        """Log per-class accuracy (classes with test images only), macro-F1 and top-5, or for multilabel
+        mAP, F1 and per-class AP; keep the report (and confusion matrix) in :attr:`test_report` for
+        :class:`ClassificationReportFiles`."""
+        if self.multilabel:
+            probabilities, targets = self.test_outputs.compute()
+            self.test_outputs.reset()
+            report = multilabel_report(probabilities, targets, self.thresholds, self.class_names)
+            self.log("test/mAP", report.mean_average_precision)
+            self.log("test/f1_macro", report.macro_f1)
+            self.log("test/f1_micro", report.micro_f1)
+            for name, ap, present in zip(self.class_names, report.average_precision, report.present, strict=True):
+                if present:
+                    self.log(f"test/AP_{name}", ap)
+            self.test_report = (report, None)
+            return
         report, confusion = self.test_metrics.compute(self.class_names)
         self.test_metrics.reset()
         self.log("test/f1_macro", report.macro_f1)
@@ -306,9 +444,9 @@ class TransferClassifier(pl.LightningModule):
         self.test_report = (report, confusion)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Class probabilities of each image, with its true label when the data has one."""
+        """Class probabilities of each image, with its true label(s) when the data has them."""
         images, labels = batch
-        return {"probabilities": self.evaluation_logits(images).softmax(dim=-1), "labels": labels}
+        return {"probabilities": self.probabilities(self.evaluation_logits(images)), "labels": labels}
 
     def configure_optimizers(self) -> Any:
         never_trained = {id(p) for p in self.always_frozen_parameters()}

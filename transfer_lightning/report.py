@@ -36,8 +36,11 @@ COLUMNS = [
     "wall time",
     "train images/s",
 ]
-#: (tag of the training curve, tag of the validation curve, axis label) per plot panel.
-CURVES = [("train/loss_epoch", "val/loss", "loss"), ("train/acc_epoch", "val/acc", "accuracy")]
+#: (tag of the training curve, tag of the validation curve, axis label) per plot panel; multi-label runs
+#: have no accuracy, and show their validation mAP in the accuracy panel.
+CURVES = [("train/loss_epoch", "val/loss", "loss"), ("train/acc_epoch", "val/acc", "accuracy (multi-label: mAP)")]
+#: Tags of accuracy, and the multi-label runs' metric that takes its place.
+IN_PLACE_OF_ACCURACY = {"val/acc": "val/mAP", "test/acc": "test/mAP"}
 
 
 @dataclass
@@ -72,12 +75,23 @@ class Run:
             return f"unfrozen{after} at epoch {self.hparams['unfreeze_at_epoch']}"
         return "frozen (BN drifts)" if _is_true(self.hparams.get("update_bn_stats")) else "frozen"
 
+    @property
+    def multilabel(self) -> bool:
+        return "val/mAP" in self.scalars or "test/mAP" in self.scalars
+
+    def curve(self, tag: str) -> list[float]:
+        """The values of ``tag``; of val/mAP for val/acc (and test/mAP for test/acc) in multi-label runs."""
+        return self.scalars.get(IN_PLACE_OF_ACCURACY.get(tag, tag) if self.multilabel else tag, [])
+
     def best_val_acc(self) -> float | None:
-        values = self.scalars.get("val/acc")
+        """The best validation accuracy, or mAP for a multi-label run."""
+        values = self.curve("val/acc")
         return max(values) if values else None
 
     def test_acc(self) -> float | None:
-        return self.last("test/acc")
+        """The test accuracy, or mAP for a multi-label run."""
+        values = self.curve("test/acc")
+        return values[-1] if values else None
 
     def test_macro_f1(self) -> float | None:
         return self.last("test/f1_macro")  # runs before 2026-11-28 did not log it
@@ -118,7 +132,7 @@ def read_run(run_dir: Path, root: Path | None = None) -> Run:
         scalars=scalars,
         wall_seconds=max(times, default=start) - start,
     )
-    if "test/acc" not in scalars:
+    if run.test_acc() is None:
         run.notes.append("not tested")
     if not run.epochs:
         run.notes.append("no finished epoch")
@@ -149,7 +163,7 @@ def markdown_table(runs: list[Run]) -> str:
     """One row per run; missing values are shown as an em dash, with a note on why."""
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for run in runs:
-        test = _percent(run.test_acc())
+        test = _percent(run.test_acc()) + (" mAP" if run.multilabel and run.test_acc() is not None else "")
         if run.notes:
             test = f"{test} ({', '.join(run.notes)})"
         cells = [
@@ -158,7 +172,7 @@ def markdown_table(runs: list[Run]) -> str:
             run.mode,
             run.optimizer,
             str(run.epochs),
-            _percent(run.best_val_acc()),
+            _percent(run.best_val_acc()) + (" mAP" if run.multilabel and run.best_val_acc() is not None else ""),
             test,
             _percent(run.test_macro_f1()),
             _duration(run.wall_seconds),
@@ -181,7 +195,7 @@ def plot_runs(runs: list[Run]) -> Figure:
         legend.append(Line2D([], [], color=colours(index % 10), marker=".", label=label))
         for axis, (train_tag, val_tag, _) in zip(axes, CURVES, strict=True):
             for tag, style, split in ((train_tag, "-", "train"), (val_tag, "--", "val")):
-                values = run.scalars.get(tag, [])
+                values = run.curve(tag)
                 if values:
                     epochs = range(len(values))  # from 0, as Lightning's bar, checkpoints and logs count
                     axis.plot(epochs, values, style, color=colours(index % 10), marker=".", label=f"{label} ({split})")
