@@ -170,7 +170,7 @@ def test_fit_picks_thresholds_on_validation_and_test_scores_equal_a_computation_
     by_hand = [average_precision_by_hand(test_probabilities[:, c].tolist(), targets[:, c].tolist()) for c in range(4)]
     assert run.scalars["test/mAP"][-1] == pytest.approx(sum(by_hand) / 4, abs=1e-6)
     assert run.scalars["test/AP_sea"][-1] == pytest.approx(by_hand[sorted(TAGS).index("sea")], abs=1e-6)
-    assert sum(by_hand) / 4 > 0.8  # it learned: chance is the share of positives, about 0.45
+    assert sum(by_hand) / 4 > 0.8  # it learned: chance is the share of positives, about 0.43
     report = (tagged / "lightning_logs" / "version_0" / "classification_report.md").read_text()
     assert report.startswith("# Multi-label classification report") and "Most often missed" in report
     assert "mAP" in markdown_table([run])

@@ -47,7 +47,7 @@ Task = Literal["multiclass", "multilabel"]
 
 
 class SplitStores(NamedTuple):
-    """The stores of the train, val and test folders; ``None`` where the layout has no such folder."""
+    """The stores of the train, val and test folders (or rows of a table); ``None`` where there are none."""
 
     train: ImageFolderStore
     val: ImageFolderStore | None
@@ -188,6 +188,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return len(self.class_names)
 
     @property
+    def reads_image_files(self) -> bool:
+        """Whether the images are files (class folders or a label table) decoded into stores, not CIFAR-10's batches."""
+        return self.folders is not None or self.table is not None
+
+    @property
     def task(self) -> Task:
         """multilabel when the label table gives images several labels (or 0/1 columns), else multiclass."""
         return "multilabel" if self.table is not None and self.table.table.multilabel else "multiclass"
@@ -213,8 +218,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """How an image file becomes the network's input at evaluation (saved in checkpoints)."""
         if self.predict_dir is not None and self._checkpoint_preprocessing is not None:
             return self._checkpoint_preprocessing
-        if self.folders is not None or self.table is not None:
-            _, size = self._folder_stores()
+        if self.reads_image_files:
+            _, size = self._split_stores()
         elif self._has_cifar10():
             size = (32, 32)
         else:
@@ -275,8 +280,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """Download CIFAR-10, or decode the image folders into their stores (once per node)."""
         if self.predict_dir is not None and self.trainer is not None and self.trainer.predicting:
             return  # the images to predict on are decoded by predict_dataloader, once the checkpoint is loaded
-        if self.folders is not None or self.table is not None:
-            stores, size = self._folder_stores()
+        if self.reads_image_files:
+            stores, size = self._split_stores()
             for store in stores:
                 if store is not None:
                     store.build(size)
@@ -294,8 +299,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 "class_balance loss (BCEWithLogitsLoss's pos_weight)."
             )
         no_test, root = "no test folder", self.data_dir
-        if self.folders is not None or self.table is not None:
-            stores, size = self._folder_stores()
+        if self.reads_image_files:
+            stores, size = self._split_stores()
             train, val, test = (self._map(store, size) for store in (stores.train, stores.val, stores.test))
             names = self._pool_names()
             if self.table is not None:
@@ -324,9 +329,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return self.table.pool_names()
         return [str(folder) if folder else None for folder in (self.folders.train, self.folders.val, self.folders.test)]
 
-    def _folder_stores(self) -> tuple[SplitStores, tuple[int, int]]:
-        """The store of every split folder, and the one size they all use: the images' own if they
-        share one that is not larger than needed, else image_size x 8/7 (sets :attr:`view` to match)."""
+    def _split_stores(self) -> tuple[SplitStores, tuple[int, int]]:
+        """The store of every split folder (or split of the table), and the one size they all use: the
+        images' own if they share one that is not larger than needed, else image_size x 8/7 (sets
+        :attr:`view` to match)."""
         if self._stores is None:  # listed once, whether prepare_data ran in this process or not
             skip = self.hparams.skip_bad_images
             if self.table is not None:
