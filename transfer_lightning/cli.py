@@ -45,6 +45,7 @@ SUBCOMMAND_HELP = {
 EVALUATING = ("validate", "test", "predict")
 REPORT_HELP = "Table and plot of finished runs from their TensorBoard events: report [LOGDIR ...] [--plot FILE]."
 EXPORT_HELP = "A stand-alone model file: export --ckpt_path CKPT --format onnx|pt2 --output FILE."
+SERVE_HELP = "An HTTP endpoint on LitServe (the [serve] extra): serve --ckpt_path CKPT [--port 8000]."
 
 
 def program_name() -> str:
@@ -167,7 +168,7 @@ class TransferLightningCLI(LightningCLI):
         for choice in subcommands._choices_actions:
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
         # Listed for --help only: main() hands these to their modules before LightningCLI parses.
-        for name, help_text in (("report", REPORT_HELP), ("export", EXPORT_HELP)):
+        for name, help_text in (("report", REPORT_HELP), ("export", EXPORT_HELP), ("serve", SERVE_HELP)):
             subcommands.add_subcommand(name, ShortErrorParser(description=help_text), help=help_text)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -239,6 +240,10 @@ def main(args: list[str] | None = None) -> None:
             from transfer_lightning import export  # imports torch.export and onnx only when asked
 
             export.main(argv[1:])
+        elif argv[:1] == ["serve"]:
+            from transfer_lightning import serve  # imports LitServe only when asked
+
+            serve.main(argv[1:])
         else:
             TransferLightningCLI(args=args)
     except (UserInputError, MisconfigurationException) as error:

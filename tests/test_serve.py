@@ -1,0 +1,225 @@
+"""serve: a real server on a loopback port, from a checkpoint trained here, against predict and bad input."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import importlib.util
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import PHOTO_SIZES, photo
+from tests.test_inference import CLASSES, QUIET, trained  # noqa: F401  (the fixture: a small fitted checkpoint)
+from transfer_lightning.cli import main
+
+pytest.importorskip("litserve", reason="the [serve] extra is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """``python -m transfer_lightning serve ...`` in a subprocess on 127.0.0.1, stopped with SIGTERM."""
+
+    def __init__(self, *args: str, temporary: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        if temporary is not None:  # where uploads are spooled: it must stay empty
+            env["TMPDIR"] = str(temporary)
+        command = [sys.executable, "-m", "transfer_lightning", "serve", *args, "--port", str(self.port)]
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stdout.read()[-3000:]
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError("the server did not become healthy in 90 s")
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def post(self, body: bytes, content_type: str) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + "/predict", data=body, headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def upload(self, files: list[tuple[str, bytes]], field: str = "file") -> tuple[int, dict]:
+        boundary = uuid.uuid4().hex
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+            for name, data in files
+        ]
+        return self.post(b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    generator = torch.Generator().manual_seed(3)
+    for index in range(6):
+        photo(index % 3, PHOTO_SIZES[index % len(PHOTO_SIZES)], generator).save(folder / f"p{index}.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):  # noqa: F811
+    temporary = tmp_path_factory.mktemp("server_tmp")
+    args = ["--ckpt_path", str(trained / "last.ckpt"), "--max_batch_size", "8", "--max_megapixels", "0.01"]
+    running = Server(*args, "--max_image_mb", "1", temporary=temporary)
+    yield running
+    assert running.stop() == 0  # SIGTERM stops it cleanly
+    assert not list(temporary.iterdir())  # no temporary file left behind
+
+
+def predicted(trained: Path, photos: Path, run_dir: Path) -> dict[str, dict[str, str]]:  # noqa: F811
+    main(["predict", f"--ckpt_path={trained / 'last.ckpt'}", f"--data.predict_dir={photos}", *QUIET])
+    (csv_file,) = run_dir.glob("lightning_logs/version_*/predictions.csv")
+    return {row["path"]: row for row in csv.DictReader(csv_file.open())}
+
+
+def test_answers_agree_with_predict_and_come_back_in_order(server, trained, photos, run_dir):  # noqa: F811
+    rows = predicted(trained, photos, run_dir)
+    names = sorted(rows)
+    status, body = server.upload([(name, (photos / name).read_bytes()) for name in names])
+    assert status == 200 and [p["file"] for p in body["predictions"]] == names  # several files, in order
+    for prediction in body["predictions"]:
+        row = rows[prediction["file"]]
+        assert prediction["class"] == row["predicted_class"]
+        for rank, entry in enumerate(prediction["top_k"], start=1):
+            assert entry["class"] == row[f"top{rank}_class"]
+            assert entry["probability"] == pytest.approx(float(row[f"top{rank}_probability"]), abs=1e-4)
+    encoded = base64.b64encode((photos / names[0]).read_bytes()).decode()
+    status, body = server.post(json.dumps({"images": [encoded]}).encode(), "application/json")
+    assert status == 200 and body["predictions"][0]["class"] == rows[names[0]]["predicted_class"]
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 40, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "body, content_type, status, message",
+    [
+        ("upload:notes.txt:hello", None, 400, "not an image file"),
+        ("upload:cut.png:TRUNCATED", None, 400, "does not decode"),
+        ("upload:zero.png:", None, 400, "is empty (0 bytes)"),
+        ("upload:bomb.png:BIG", None, 413, "megapixels"),
+        ("upload:huge.jpg:LARGE", None, 413, "MB per image"),
+        ("field:wrong", None, 400, "multipart field 'file'"),
+        ('{"images": ', "application/json", 400, "not valid JSON"),
+        ('{"pictures": []}', "application/json", 400, "keys sent"),
+        ('{"images": ["%%%"]}', "application/json", 400, "not base64"),
+    ],
+    ids=[
+        "not-an-image",
+        "truncated",
+        "zero-bytes",
+        "too-many-pixels",
+        "too-large",
+        "wrong-field",
+        "bad-json",
+        "wrong-key",
+        "bad-base64",
+    ],
+)
+def test_bad_input_gets_a_4xx_and_the_server_goes_on(server, photos, body, content_type, status, message):
+    good = (photos / "p0.jpg").read_bytes()
+    if body.startswith("upload:"):
+        _, name, data = body.split(":", 2)
+        data = {"TRUNCATED": good[: len(good) // 2], "BIG": png(200, 100), "LARGE": good + bytes(2**20)}.get(
+            data, data.encode()
+        )
+        got, answer = server.upload([(name, data)])
+    elif body.startswith("field:"):
+        got, answer = server.upload([("p0.jpg", good)], field=body.split(":")[1])
+    else:
+        got, answer = server.post(body.encode(), content_type)
+    assert got == status and message in answer["error"]
+    assert server.upload([("p0.jpg", good)])[0] == 200  # still serving
+
+
+def test_64_requests_from_16_threads_are_all_answered(server, photos):
+    files = sorted(photos.iterdir())
+    expected = {
+        path.name: server.upload([(path.name, path.read_bytes())])[1]["predictions"][0]["class"] for path in files
+    }
+
+    def ask(index: int) -> bool:
+        path = files[index % len(files)]
+        status, body = server.upload([(path.name, path.read_bytes())])
+        return status == 200 and body["predictions"][0]["class"] == expected[path.name]
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(ask, range(64)))
+
+
+def test_health_info_and_page(server, trained):  # noqa: F811
+    assert server.get("/health") == (200, b"ok")
+    status, body = server.get("/info")
+    info = json.loads(body)["model"]
+    assert status == 200 and info["classes"] == list(CLASSES) and info["input"]["shape"] == ["N", 3, 32, 32]
+    import hashlib
+
+    assert info["sha256"] == hashlib.sha256((trained / "last.ckpt").read_bytes()).hexdigest()
+    status, page = server.get("/")
+    assert status == 200 and b"<title>transfer_lightning" in page
+    assert b"http://" not in page and b"https://" not in page  # no CDN: works offline
+
+
+FORMATS = ["pt2"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else [])
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_an_exported_file_serves_the_same_answers(format, server, trained, photos, tmp_path):  # noqa: F811
+    output = tmp_path / f"model.{format}"
+    main(["export", f"--ckpt_path={trained / 'last.ckpt'}", f"--output={output}"])
+    files = [(path.name, path.read_bytes()) for path in sorted(photos.iterdir())]
+    exported = Server("--model", str(output))
+    try:
+        got = exported.upload(files)[1]["predictions"]
+    finally:
+        assert exported.stop() == 0
+    want = server.upload(files)[1]["predictions"]
+    for a, b in zip(got, want, strict=True):
+        assert a["class"] == b["class"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)
