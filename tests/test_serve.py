@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -223,3 +224,33 @@ def test_an_exported_file_serves_the_same_answers(format, server, trained, photo
     want = server.upload(files)[1]["predictions"]
     for a, b in zip(got, want, strict=True):
         assert a["class"] == b["class"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install -y chromium)")
+@pytest.mark.parametrize("upload, shown", [("p0.jpg", "%"), ("notes.png", "Could not classify this file")])
+def test_the_page_in_chromium_shows_bars_or_the_error(upload, shown, server, photos, tmp_path):
+    image = tmp_path / upload
+    image.write_bytes((photos / "p0.jpg").read_bytes() if upload.endswith(".jpg") else b"plain text")
+    script = ROOT / "benchmarks" / "serve_page.py"
+    command = [sys.executable, str(script), "--url", server.url + "/", "--image", str(image)]
+    result = subprocess.run(
+        [*command, "--output", str(tmp_path / "page.png")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert upload in result.stdout and shown in result.stdout
+    assert (tmp_path / "page.png").stat().st_size > 5000
+
+
+def test_too_many_images_in_one_request_is_a_413(server):
+    status, answer = server.upload([(f"i{i}.png", png(4, 4)) for i in range(65)])
+    assert status == 413 and "at most 64" in answer["error"]
+
+
+def test_without_the_serve_extra_serve_names_it(trained, monkeypatch, capsys):  # noqa: F811
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "litserve" else real_find_spec(n))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", f"--ckpt_path={trained / 'last.ckpt'}"])
+    assert exit_info.value.code == 2
+    assert "install the serve extra (pip install -e '.[serve]')" in capsys.readouterr().err

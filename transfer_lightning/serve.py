@@ -73,9 +73,11 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
         from transfer_lightning import export
 
         model, preprocessing = export.load_classifier(ckpt_path)
-        exported = export.ExportedClassifier(model.network, preprocessing, model.hparams.tta_flip, model.multilabel).to(
-            device
-        )
+        network = model.network.to(device)
+        if model.hparams.channels_last:  # as training and predict run it: about twice the images/s on a CPU
+            network.to(memory_format=torch.channels_last)
+        exported = export.ExportedClassifier(network, preprocessing, model.hparams.tta_flip, model.multilabel)
+        exported = exported.to(device)
         description = export.describe(model, preprocessing, "checkpoint", ckpt_path, 0.0)
         source = Path(ckpt_path)
 
