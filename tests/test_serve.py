@@ -26,6 +26,7 @@ from PIL import Image
 
 from tests.conftest import PHOTO_SIZES, photo
 from tests.test_inference import CLASSES, QUIET, trained  # noqa: F401  (the fixture: a small fitted checkpoint)
+from tests.test_multilabel import tagged  # noqa: F401  (the fixture: a multi-label model fitted on tagged images)
 from transfer_lightning.cli import main
 
 pytest.importorskip("litserve", reason="the [serve] extra is not installed")
@@ -87,8 +88,8 @@ class Server:
         ]
         return self.post(b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}")
 
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
+    def stop(self, signal_number: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signal_number)
         return self.process.wait(timeout=30)
 
 
@@ -220,7 +221,7 @@ def test_an_exported_file_serves_the_same_answers(format, server, trained, photo
     try:
         got = exported.upload(files)[1]["predictions"]
     finally:
-        assert exported.stop() == 0
+        assert exported.stop(signal.SIGINT) == 0  # Ctrl+C stops it cleanly too
     want = server.upload(files)[1]["predictions"]
     for a, b in zip(got, want, strict=True):
         assert a["class"] == b["class"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)
@@ -254,3 +255,21 @@ def test_without_the_serve_extra_serve_names_it(trained, monkeypatch, capsys):  
         main(["serve", f"--ckpt_path={trained / 'last.ckpt'}"])
     assert exit_info.value.code == 2
     assert "install the serve extra (pip install -e '.[serve]')" in capsys.readouterr().err
+
+
+def test_a_multilabel_model_answers_the_labels_above_their_thresholds(tagged, tmp_path):  # noqa: F811
+    from tests.test_multilabel import best_checkpoint
+
+    checkpoint = best_checkpoint(tagged)
+    main(["export", f"--ckpt_path={checkpoint}", f"--output={tmp_path / 'model.pt2'}"])
+    thresholds = json.loads((tmp_path / "model.pt2.json").read_text())["output"]["thresholds"]
+    files = [(path.name, path.read_bytes()) for path in sorted((tagged / "images").iterdir())[:6]]
+    running = Server("--ckpt_path", str(checkpoint), "--top_k", "4")
+    try:
+        status, body = running.upload(files)
+    finally:
+        assert running.stop() == 0
+    assert status == 200
+    for prediction in body["predictions"]:
+        probabilities = {entry["class"]: entry["probability"] for entry in prediction["top_k"]}  # all 4 classes
+        assert prediction["labels"] == [c for c in sorted(thresholds) if probabilities[c] >= thresholds[c]]
