@@ -22,6 +22,7 @@ import importlib.util
 import io
 import json
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class Rejected:
 class ServedModel:
     """A model to serve: uint8 images (N, 3, H, W) at ``input_size`` -> probabilities, and how to prepare them."""
 
-    run: object
+    run: Callable[[Tensor], Tensor]
     stored_size: tuple[int, int]
     input_size: tuple[int, int]
     classes: list[str]
@@ -78,6 +79,7 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
             network.to(memory_format=torch.channels_last)
         exported = export.ExportedClassifier(network, preprocessing, model.hparams.tta_flip, model.multilabel)
         exported = exported.to(device)
+        # The description export writes beside a file, so that a checkpoint and an exported file are read alike.
         description = export.describe(model, preprocessing, "checkpoint", ckpt_path, 0.0)
         source = Path(ckpt_path)
 
@@ -91,16 +93,20 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
         if not source.is_file() or not description_file.is_file():
             raise UserInputError(f"--model {model_file} needs the file and {description_file} beside it (from export).")
         description = json.loads(description_file.read_text())
-        from transfer_lightning.export import run_exported
+        if source.suffix == ".onnx":
+            from transfer_lightning.runtime import inference_session
 
-        format = "onnx" if source.suffix == ".onnx" else "pt2"
-        program = torch.export.load(source).module() if format == "pt2" else None
+            session = inference_session(source)  # once: a session per request would cost more than the model
 
-        def run(images: Tensor) -> Tensor:
-            if program is not None:
-                with torch.inference_mode():
-                    return program(images)
-            return run_exported(source, "onnx", images)
+            def run(images: Tensor) -> Tensor:
+                return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+        else:
+            program = torch.export.load(source).module()
+
+            @torch.inference_mode()
+            def run(images: Tensor) -> Tensor:
+                return program(images)
 
     output = description["output"]
     info = {
