@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -50,10 +51,15 @@ class Server:
         if temporary is not None:  # where uploads are spooled: it must stay empty
             env["TMPDIR"] = str(temporary)
         command = [sys.executable, "-m", "transfer_lightning", "serve", *args, "--port", str(self.port)]
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # The log goes to an unnamed file, not a pipe that nobody reads (a full pipe would block the server);
+        # the server gets its own process group, so that a failed stop kills its workers too.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.stdout.read()[-3000:]
+            assert self.process.poll() is None, self.output()[-3000:]
             try:
                 if self.get("/health")[0] == 200:
                     return
@@ -61,6 +67,10 @@ class Server:
                 pass
             time.sleep(0.5)
         raise AssertionError("the server did not become healthy in 90 s")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:
@@ -89,8 +99,14 @@ class Server:
         return self.post(b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}")
 
     def stop(self, signal_number: int = signal.SIGTERM) -> int:
+        """Send ``signal_number`` and return the exit status; a server still running after 30 s is killed
+        (with its workers), and the test fails."""
         self.process.send_signal(signal_number)
-        return self.process.wait(timeout=30)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise AssertionError(f"the server ignored signal {signal_number} for 30 s") from None
 
 
 @pytest.fixture(scope="module")

@@ -255,7 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.devices != "auto":
         args.devices = int(args.devices)
     server = build_server(args)
-    signal.signal(signal.SIGTERM, _interrupt)  # stop on SIGTERM (docker stop, kill) as on Ctrl+C: cleanly
+    # Stop cleanly on SIGTERM (docker stop, kill) and on Ctrl+C, also where SIGINT was ignored when this
+    # process started (commands started with & by a non-interactive shell inherit that).
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, _interrupt)
     server.run(host=args.host, port=args.port, generate_client_file=False)
 
 
