@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -257,10 +258,14 @@ def main(argv: list[str] | None = None) -> None:
     server = build_server(args)
     # Stop cleanly on SIGTERM (docker stop, kill) and on Ctrl+C, also where SIGINT was ignored when this
     # process started (commands started with & by a non-interactive shell inherit that).
+    main_process = os.getpid()
+
+    def interrupt(signal_number: int, frame) -> None:
+        if os.getpid() == main_process:
+            raise KeyboardInterrupt  # LitServe's run() shuts its workers down on KeyboardInterrupt
+        signal.signal(signal_number, signal.SIG_DFL)  # a forked server process, stopped by that shutdown
+        os.kill(os.getpid(), signal_number)
+
     for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, _interrupt)
+        signal.signal(signal_number, interrupt)
     server.run(host=args.host, port=args.port, generate_client_file=False)
-
-
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt  # LitServe's run() shuts its workers down on KeyboardInterrupt
