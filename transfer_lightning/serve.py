@@ -177,7 +177,7 @@ def decode_all(model: ServedModel, images: list[tuple[str, bytes]], max_pixels: 
                 width, height = image.size
             if width * height > max_pixels:
                 return Rejected(
-                    413, f"{name} is {width}x{height} pixels; at most {max_pixels / 1e6:.0f} megapixels per image."
+                    413, f"{name} is {width}x{height} pixels; at most {max_pixels / 1e6:.3g} megapixels per image."
                 )
             prepared.append(model.prepare(data))
         except UnidentifiedImageError:
