@@ -25,6 +25,7 @@ from transfer_lightning.callbacks import (
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.features import FrozenFeatureCache
+from transfer_lightning.interpretation import Interpretation
 from transfer_lightning.logs import PlainProgress, silence_noise
 from transfer_lightning.model import TransferClassifier
 
@@ -185,6 +186,7 @@ class TransferLightningCLI(LightningCLI):
         )
         parser.add_lightning_class_args(FrozenFeatureCache, "feature_cache")
         parser.add_lightning_class_args(PredictionsCSV, "predictions")
+        parser.add_lightning_class_args(Interpretation, "interpretation")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")

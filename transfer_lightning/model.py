@@ -357,10 +357,12 @@ class TransferClassifier(pl.LightningModule):
         return labels if labels.ndim == 2 else F.one_hot(labels, self.hparams.num_classes)
 
     def evaluation_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """The plain loss of validation and test (no smoothing or class weights): comparable between runs."""
+        """The plain loss of validation and test (no smoothing or class weights), per image: comparable
+        between runs. Multilabel: the mean over classes of each image's binary cross-entropy."""
         if self.multilabel:
-            return F.binary_cross_entropy_with_logits(logits, self.targets(labels).float())
-        return F.cross_entropy(logits, labels)
+            targets = self.targets(labels).float()
+            return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
+        return F.cross_entropy(logits, labels, reduction="none")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
@@ -379,7 +381,7 @@ class TransferClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self.evaluation_logits(images)
-        self.val_loss.update(self.evaluation_loss(logits, labels), weight=len(labels))
+        self.val_loss.update(self.evaluation_loss(logits, labels))
         self.log("val/loss", self.val_loss, prog_bar=True)
         if self.multilabel:
             self.val_outputs.update(logits.sigmoid(), self.targets(labels))
@@ -405,10 +407,13 @@ class TransferClassifier(pl.LightningModule):
             if not math.isnan(ap):  # a class without validation positives has no AP
                 self.log(f"val/AP_{name}", ap)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Update the test metrics; return each image's loss and probabilities (for
+        :class:`~transfer_lightning.interpretation.Interpretation`)."""
         images, labels = batch
         logits = self.evaluation_logits(images)
-        self.test_loss.update(self.evaluation_loss(logits, labels), weight=len(labels))
+        losses = self.evaluation_loss(logits, labels)
+        self.test_loss.update(losses)
         self.log("test/loss", self.test_loss)
         if self.multilabel:
             self.test_outputs.update(logits.sigmoid(), self.targets(labels))
@@ -416,6 +421,7 @@ class TransferClassifier(pl.LightningModule):
             self.test_acc(logits, labels)
             self.test_metrics.update(logits, labels)
             self.log("test/acc", self.test_acc)
+        return {"losses": losses, "probabilities": self.probabilities(logits)}
 
     def on_test_epoch_end(self) -> None:
         """Log per-class accuracy (classes with test images only), macro-F1 and top-5, or for multilabel
