@@ -3,8 +3,12 @@ predict's explanations (interpretation.py, PredictionsCSV)."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -156,10 +160,10 @@ def png(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
 
 
-def test_fit_writes_the_pictures(run_dir, small_run_args, monkeypatch):
-    """After fit (and its test): the first training batch, exactly as the network got it, de-normalised;
-    the top losses, equal to sorting the test images' losses computed by hand; their maps and the most
-    confused pairs; as PNGs in the run folder and images in TensorBoard."""
+@pytest.fixture(scope="module")
+def interpreted(image_folder, tmp_path_factory):
+    """A fit (and its test) on the tiny image folder, with the first training batch the network received."""
+    root = tmp_path_factory.mktemp("interpreted")
     first_batches = []
     training_step = TransferClassifier.training_step
 
@@ -167,15 +171,29 @@ def test_fit_writes_the_pictures(run_dir, small_run_args, monkeypatch):
         first_batches.append(batch[0].detach().clone())
         return training_step(self, batch, batch_idx)
 
-    monkeypatch.setattr(TransferClassifier, "training_step", spy)
-    cli = TransferLightningCLI(args=["fit", *small_run_args, "--trainer.max_epochs=1", "--interpretation.top_k=6"])
-    version = run_dir / "lightning_logs" / "version_0"
+    args = [f"--data.data_dir={image_folder}", f"--data.cache_dir={root / 'cache'}", "--data.val_size=20",
+            "--data.batch_size=16", "--model.weights=null", "--trainer.max_epochs=2", "--interpretation.top_k=6",
+            *QUIET]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr(TransferClassifier, "training_step", spy)
+        cli = TransferLightningCLI(args=["fit", *args])
+        main(["test", f"--ckpt_path={cli.trainer.checkpoint_callback.best_model_path}", *args])
+    return root, cli, first_batches[0]
+
+
+def test_fit_writes_the_pictures(interpreted):
+    """After fit (and its test): the first training batch, exactly as the network got it, de-normalised;
+    the top losses, equal to sorting the test images' losses computed by hand; their maps and the most
+    confused pairs; as PNGs in the run folder and images in TensorBoard."""
+    root, cli, first_batch = interpreted
+    version = root / "lightning_logs" / "version_0"
     for name in ("train_batch.png", "top_losses.png", "top_losses_cam.png", "most_confused.png", "top_losses.csv"):
         assert (version / name).is_file(), name
 
     datamodule = cli.datamodule
     mean, std = datamodule.mean.view(1, 3, 1, 1), datamodule.std.view(1, 3, 1, 1)
-    pixels = (first_batches[0][:32] * std + mean).clamp(0, 1)
+    pixels = (first_batch[:32] * std + mean).clamp(0, 1)
     expected = make_grid(pixels, nrow=8, padding=2).mul(255).round().to(torch.uint8)
     assert torch.equal(png((version / "train_batch.png").read_bytes()), expected)
     events = EventAccumulator(str(version), size_guidance={"images": 0}).Reload()
@@ -194,6 +212,47 @@ def test_fit_writes_the_pictures(run_dir, small_run_args, monkeypatch):
     assert torch.allclose(written, losses[[int(r["index"]) for r in rows]], atol=1e-4)
     names = datamodule.class_names
     assert [r["true"] for r in rows] == [names[labels[int(r["index"])]] for r in rows]
+
+
+def test_html_report_is_self_contained(interpreted):
+    """report --html: one file that loads nothing from anywhere, every picture embedded as a PNG; the
+    comparison table of both runs, then each run's settings, report and pictures."""
+    root, _, _ = interpreted
+    page_path = root / "report.html"
+    main(["report", str(root / "lightning_logs"), "--html", str(page_path)])
+    page = page_path.read_text()
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page and "<link" not in page and "url(" not in page
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
+    for src in sources:
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    assert page.count("<img ") == page.count('<img src="data:image/png;base64,')
+    # Comparison curves; fit run: curves, confusion matrix, top losses, maps, confused pairs, training batch;
+    # test run: the confusion matrix, top losses, maps and confused pairs.
+    assert len(sources) == 1 + 6 + 4
+    assert "<h2>Comparison</h2>" in page and "<h2>version_0</h2>" in page and "<h2>version_1</h2>" in page
+    report = (root / "lightning_logs" / "version_0" / "classification_report.md").read_text()
+    assert "<th>precision</th>" in page and re.search(r"accuracy [\d.]+%", report).group(0) in page
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_html_report_renders_in_chromium(interpreted, tmp_path):
+    """Headless Chromium, with the network off, draws the page: a screenshot with the pictures in it."""
+    root, _, _ = interpreted
+    page = root / "report.html"
+    main(["report", str(root / "lightning_logs"), "--html", str(page)])
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,3000",
+         "--host-resolver-rules=MAP * ~NOTFOUND", f"--screenshot={shot}", page.as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    pixels = np.array(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (3000, 1200)
+    saturated = (pixels.max(axis=2).astype(int) - pixels.min(axis=2)) > 60  # colour: the curves and pictures
+    assert saturated.mean() > 0.02
 
 
 def test_interpretation_off(run_dir, small_run_args):

@@ -44,7 +44,9 @@ SUBCOMMAND_HELP = {
 }
 #: Subcommands that evaluate a trained checkpoint.
 EVALUATING = ("validate", "test", "predict")
-REPORT_HELP = "Table and plot of finished runs from their TensorBoard events: report [LOGDIR ...] [--plot FILE]."
+REPORT_HELP = (
+    "Table and plot of finished runs from their TensorBoard events: report [LOGDIR ...] [--plot FILE] [--html FILE]."
+)
 EXPORT_HELP = "A stand-alone model file: export --ckpt_path CKPT --format onnx|pt2 --output FILE."
 SERVE_HELP = "An HTTP endpoint on LitServe (the [serve] extra): serve --ckpt_path CKPT [--port 8000]."
 

@@ -1,4 +1,5 @@
-"""``python -m transfer_lightning report [LOGDIR ...]``: a table and a plot of finished runs.
+"""``python -m transfer_lightning report [LOGDIR ...]``: a table and a plot of finished runs, and with
+``--html`` one page of everything (:mod:`~transfer_lightning.html_report`).
 
 Reads only the TensorBoard event files of each run (``lightning_logs/version_N``), the same files
 that TensorBoard reads, so any run that TensorBoard shows can be reported.
@@ -52,6 +53,8 @@ class Run:
     scalars: dict[str, list[float]]
     wall_seconds: float
     notes: list[str] = field(default_factory=list)
+    #: The last PNG of each TensorBoard image tag (confusion matrix, top losses, training batch).
+    images: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def epochs(self) -> int:
@@ -131,6 +134,7 @@ def read_run(run_dir: Path, root: Path | None = None) -> Run:
         hparams=_read_hparams(events),
         scalars=scalars,
         wall_seconds=max(times, default=start) - start,
+        images={tag: events.Images(tag)[-1].encoded_image_string for tag in tags["images"]},
     )
     if run.test_acc() is None:
         run.notes.append("not tested")
@@ -175,7 +179,7 @@ def markdown_table(runs: list[Run]) -> str:
             _percent(run.best_val_acc()) + (" mAP" if run.multilabel and run.best_val_acc() is not None else ""),
             test,
             _percent(run.test_macro_f1()),
-            _duration(run.wall_seconds),
+            duration(run.wall_seconds),
             "—" if run.images_per_sec() is None else f"{run.images_per_sec():.0f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
@@ -213,7 +217,7 @@ def _percent(value: float | None) -> str:
     return "—" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
@@ -230,6 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("log_dirs", nargs="*", type=Path, default=[Path("lightning_logs")], metavar="LOGDIR")
     parser.add_argument("--plot", type=Path, default=None, help="PNG to write (default: LOGDIR/report.png)")
+    parser.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write one self-contained HTML page: settings, curves, classification report, confusion matrix, "
+        "top losses with activation maps and the training batch of each run (the comparison first)",
+    )
     args = parser.parse_args(argv)
     run_dirs = find_runs(args.log_dirs)
     if not run_dirs:
@@ -242,6 +254,12 @@ def main(argv: list[str] | None = None) -> None:
         figure.savefig(partial, dpi=90, format="png")
     plt.close(figure)
     print(f"\nCurves: {plot_path}")
+    if args.html is not None:
+        from transfer_lightning.html_report import write_html
+
+        with atomic_path(args.html) as partial:
+            partial.write_text(write_html(runs, run_dirs), encoding="utf-8")
+        print(f"Report: {args.html}")
 
 
 def _root_of(run_dir: Path, log_dirs: list[Path]) -> Path | None:
