@@ -255,10 +255,10 @@ class PredictionsCSV(BasePredictionWriter):
                 self._write_multiclass(csv.writer(file), pl_module.class_names, paths, rows)
         rank_zero_info(f"Predictions: {path}")
         if self._sheet:
-            from transfer_lightning.interpretation import save_figure, tile_figure
+            from transfer_lightning.interpretation import save_png, tile_sheet
 
             sheet = path.with_name(f"explanations{suffix}.png")
-            save_figure(tile_figure(self._sheet, min(8, len(self._sheet))), sheet)
+            save_png(tile_sheet(self._sheet, min(8, len(self._sheet))), sheet)
             self._sheet = []
             rank_zero_info(f"Activation maps: {sheet.with_suffix('')}/ (one per image) and {sheet}")
 

@@ -11,16 +11,19 @@ crop and flip do to their photos. The pictures are what fastai's ``plot_top_loss
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
-import matplotlib
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torchmetrics.aggregation import CatMetric
 from torchvision.utils import make_grid
@@ -30,12 +33,10 @@ from transfer_lightning.data import ImageTensorDataset
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
 #: Images per row of the training-batch grid.
 BATCH_GRID_COLUMNS = 8
+#: Smallest side of a picture in the sheets (smaller ones are enlarged), title font size, and the gap between.
+MIN_TILE, TITLE_SIZE, GAP = 160, 12, 6
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def denormalize(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 def overlay(image: Tensor, activation: Tensor, alpha: float = 0.5) -> Tensor:
     """An image (3, H, W) in [0, 1] blended with its activation map (H, W) in [0, 1] in the jet colours."""
-    heat = torch.from_numpy(plt.get_cmap("jet")(activation.cpu().numpy())[..., :3]).permute(2, 0, 1).float()
+    heat = torch.from_numpy(colormaps["jet"](activation.cpu().numpy())[..., :3]).permute(2, 0, 1).float()
     return (1 - alpha) * image.cpu() + alpha * heat
 
 
@@ -87,10 +88,19 @@ def explanation_picture(image: Tensor, activation: Tensor) -> Tensor:
     return to_uint8(torch.cat([image.cpu(), overlay(image, activation)], dim=2))
 
 
-def save_png(image: Tensor, path: Path) -> None:
-    """Write a uint8 (3, H, W) image as a PNG, atomically (creating its folder)."""
+def png_bytes(image: Tensor) -> bytes:
+    """A uint8 (3, H, W) image encoded as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png(image: Tensor, path: Path) -> bytes:
+    """Write a uint8 (3, H, W) image as a PNG, atomically; return its bytes."""
+    encoded = png_bytes(image)
     with atomic_path(path) as partial:
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(partial, format="PNG")
+        partial.write_bytes(encoded)
+    return encoded
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -103,26 +113,44 @@ def batch_grid(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return to_uint8(make_grid(denormalize(batch, mean, std).cpu(), nrow=BATCH_GRID_COLUMNS, padding=2))
 
 
-def tile_figure(tiles: list[tuple[Tensor, str]], columns: int) -> Figure:
-    """A grid of images (3, H, W) in [0, 1], each titled, ``columns`` per row."""
+def _font() -> ImageFont.ImageFont:
+    """Pillow's own font at a readable size (a scalable one needs Pillow 10.1 and FreeType; else its bitmap one)."""
+    try:
+        return ImageFont.load_default(size=TITLE_SIZE)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def tile_sheet(tiles: list[tuple[Tensor, str]], columns: int) -> Tensor:
+    """uint8 (3, H, W): images (3, h, w) in [0, 1], each under its title (lines split at "\\n"), ``columns``
+    per row, small images enlarged (nearest neighbour) to at least :data:`MIN_TILE` pixels. Drawn with
+    PIL: matplotlib's layout takes seconds for a few dozen titled images, this milliseconds."""
+    height, width = tiles[0][0].shape[-2:]
+    scale = max(1, math.ceil(MIN_TILE / max(height, width)))
+    lines = max(title.count("\n") + 1 for _, title in tiles)
+    title_height = lines * (TITLE_SIZE + 3) + 4
+    cell_height, cell_width = height * scale + title_height, width * scale
     rows = math.ceil(len(tiles) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False, layout="constrained")
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, (image, title) in zip(axes.flat, tiles, strict=False):
-        axis.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest" if image.shape[-1] < 96 else None)
-        axis.set_title(title, fontsize=8)
-    return figure
+    sheet = Image.new("RGB", (columns * (cell_width + GAP) - GAP, rows * (cell_height + GAP) - GAP), "white")
+    font = _font()
+    for index, (image, title) in enumerate(tiles):
+        top, left = divmod(index, columns)
+        top, left = top * (cell_height + GAP), left * (cell_width + GAP)
+        pixels = to_uint8(image.cpu()).repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+        sheet.paste(Image.fromarray(pixels.permute(1, 2, 0).numpy()), (left, top + title_height))
+        cell = Image.new("RGB", (cell_width, title_height), "white")  # the title clipped to its own cell
+        ImageDraw.Draw(cell).multiline_text((2, 2), title, fill="black", font=font, spacing=3)
+        sheet.paste(cell, (left, top))
+    return torch.from_numpy(np.asarray(sheet).copy()).permute(2, 0, 1)
 
 
-def save_figure(figure: Figure, path: Path, logger: object = None, tag: str = "", step: int = 0) -> None:
-    """Write ``figure`` as a PNG (atomically) and, given a TensorBoard logger, as its image ``tag``; close it."""
-    with atomic_path(path) as partial:
-        figure.savefig(partial, format="png", dpi=80)
+def save_sheet(sheet: Tensor, path: Path, logger: object = None, tag: str = "", step: int = 0) -> None:
+    """Write a uint8 (3, H, W) picture as a PNG and, given a TensorBoard logger, as its image ``tag``
+    (the same PNG bytes: TensorBoard's ``add_image`` would encode it again)."""
+    encoded = save_png(sheet, path)
     if isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_figure(tag, figure, global_step=step)  # closes the figure
-    else:
-        plt.close(figure)
+        image = Summary.Image(height=sheet.shape[1], width=sheet.shape[2], colorspace=3, encoded_image_string=encoded)
+        logger.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 class Interpretation(pl.Callback):
@@ -214,10 +242,9 @@ class Interpretation(pl.Callback):
             stored, _ = self._images["train_set"].__getitems__(list(range(count)))
             images = datamodule.batch_transform(stored.to(pl_module.device), train=True)
         grid = batch_grid(images, datamodule.mean, datamodule.std)
-        if self._log_dir is not None:
-            save_png(grid, Path(self._log_dir) / "train_batch.png")
-        if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_image("train/batch", grid, global_step=trainer.global_step)
+        save_sheet(
+            grid, Path(self._log_dir or ".") / "train_batch.png", trainer.logger, "train/batch", trainer.global_step
+        )
 
     # Where the model fails, after test.
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -267,8 +294,8 @@ class Interpretation(pl.Callback):
         images = self._prepared(trainer, pl_module, positions[top])
         shown = denormalize(images, trainer.datamodule.mean, trainer.datamodule.std).cpu()
         titles = [f"{true} / {guess} / {p:.2f}\nloss {loss:.2f}" for _, true, guess, p, loss in rows]
-        figure = tile_figure(list(zip(shown, titles, strict=True)), min(4, len(titles)))
-        save_figure(figure, folder / "top_losses.png", logger, "test/top_losses", step)
+        sheet = tile_sheet(list(zip(shown, titles, strict=True)), min(4, len(titles)))
+        save_sheet(sheet, folder / "top_losses.png", logger, "test/top_losses", step)
         if self.cam:
             true = self._true_classes(labels[top], probabilities[top]) if multilabel else labels[top]
             self._save_maps(pl_module, images, shown, predicted[top], true, names, folder, logger, step)
@@ -307,11 +334,14 @@ class Interpretation(pl.Callback):
         for classes, word in ((predicted, "predicted"), (true, "true")):
             maps = grad_cam(pl_module, layer, images, classes)
             tiles.append(
-                [(overlay(s, m), f"{word}: {names[c]}") for s, m, c in zip(shown, maps, classes.tolist(), strict=True)]
+                [
+                    (overlay(s, m), f"{word}: {names[c]}" + ("" if m.max() > 0 else "\n(no evidence anywhere)"))
+                    for s, m, c in zip(shown, maps, classes.tolist(), strict=True)
+                ]
             )
         paired = [tile for pair in zip(*tiles, strict=True) for tile in pair]
-        save_figure(
-            tile_figure(paired, min(8, len(paired))), folder / "top_losses_cam.png", logger, "test/top_losses_cam", step
+        save_sheet(
+            tile_sheet(paired, min(8, len(paired))), folder / "top_losses_cam.png", logger, "test/top_losses_cam", step
         )
 
     def _save_confused(self, trainer, pl_module, labels, predicted, losses, positions, names, folder, step) -> None:
@@ -328,6 +358,6 @@ class Interpretation(pl.Callback):
             title = f"{names[pair.true]} as {names[pair.predicted]}\n({pair.count} images)"
             row = [(image, title) for image in shown]
             tiles += row + [(torch.ones_like(shown[0]), "")] * (self.per_pair - len(row))
-        save_figure(
-            tile_figure(tiles, self.per_pair), folder / "most_confused.png", trainer.logger, "test/most_confused", step
+        save_sheet(
+            tile_sheet(tiles, self.per_pair), folder / "most_confused.png", trainer.logger, "test/most_confused", step
         )
