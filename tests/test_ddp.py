@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -80,6 +81,15 @@ def test_ddp_fit_and_test_and_evaluation_equals_single_process(config, image_fol
     # Losses are means over images: 21 images in uneven shares (11 and 10) still give one process's value.
     assert ddp_val.scalars["val/loss"] == pytest.approx(single_val.scalars["val/loss"], abs=1e-6)
     assert ddp_test.scalars["test/loss"] == pytest.approx(single_test.scalars["test/loss"], abs=1e-6)
+    # The top losses are gathered from both processes, with each image's position in the test split.
+    ddp_top, single_top = (top_losses_of(tmp_path / "lightning_logs" / f"version_{i}") for i in (3, 4))
+    assert [index for index, _ in ddp_top] == [index for index, _ in single_top]
+    assert [loss for _, loss in ddp_top] == pytest.approx([loss for _, loss in single_top], abs=1e-5)
+
+
+def top_losses_of(run_dir: Path) -> list[tuple[int, float]]:
+    with open(run_dir / "top_losses.csv") as file:
+        return [(int(row["index"]), float(row["loss"])) for row in csv.DictReader(file)]
 
 
 def test_ddp_training_shards_are_disjoint_and_cover_the_training_set(image_folder, tmp_path):

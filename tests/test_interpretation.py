@@ -284,3 +284,20 @@ def test_predict_explain_writes_one_picture_per_image(trained, tmp_path, monkeyp
     assert (version / "explanations.png").is_file()
     with open(version / "predictions.csv") as file:
         assert len(list(csv.DictReader(file))) == 3
+
+
+def test_wrong_cam_layer_is_one_clear_error_before_testing(interpreted, capsys):
+    root, cli, _ = interpreted
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.chdir(root)
+        data = [
+            f"--data.data_dir={cli.datamodule.data_dir}",
+            f"--data.cache_dir={root / 'cache'}",
+            "--data.val_size=20",
+        ]
+        main(["test", f"--ckpt_path={checkpoint}", *data, "--interpretation.cam_layer=layer9", *QUIET])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "cam_layer 'layer9' is not a module" in error and "Traceback" not in error
+    assert not (root / "lightning_logs" / "version_2" / "classification_report.md").exists()

@@ -215,6 +215,10 @@ class PredictionsCSV(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_dir = trainer.log_dir  # a collective call under DDP: made here by every process
         self._sheet = []
+        if self.explain and self.cam_layer:
+            from transfer_lightning.cam import resolve_cam_layer
+
+            resolve_cam_layer(pl_module.network, self.cam_layer)  # a wrong name fails before any file is written
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)

@@ -90,9 +90,9 @@ def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor, classes: Tensor
     return torch.where(peaks > 0, maps / peaks.clamp(min=1e-12), torch.zeros_like(maps))
 
 
-def resolve_cam_layer(network: nn.Module, name: str | None, sample: Tensor) -> nn.Module:
+def resolve_cam_layer(network: nn.Module, name: str | None, sample: Tensor | None = None) -> nn.Module:
     """The module ``name`` of ``network`` (a dotted name, as ``model.trainable_from`` takes), or the one
-    :func:`find_cam_layer` finds when ``name`` is null."""
+    :func:`find_cam_layer` finds on ``sample`` when ``name`` is null."""
     name = name or find_cam_layer(network, sample)
     try:
         return network.get_submodule(name)

@@ -119,9 +119,12 @@ def run_section(run: Run, folder: Path) -> str:
         if run.epochs
         else _missing("no finished epoch")
     )
-    report = folder / "classification_report.md"
-    parts.append("<h3>Classification report</h3>")
-    parts.append(markdown_to_html(report.read_text()) if report.is_file() else _missing("not tested"))
+    report = folder / "classification_report.md"  # its own "# ..." heading becomes an <h3>
+    parts.append(
+        markdown_to_html(report.read_text())
+        if report.is_file()
+        else "<h3>Classification report</h3>" + _missing("not tested")
+    )
     for heading, file_name, tag in PICTURES:
         parts.append(f"<h3>{html.escape(heading)}</h3>")
         path = folder / file_name if file_name else None

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -166,7 +166,7 @@ class Interpretation(pl.Callback):
     forward and backward pass of a few dozen images (docs/performance.md measures it).
     At the first training batch of ``fit``: ``train_batch.png``, the batch after the device transforms
     (random resized crop, flip), de-normalised. With the frozen-feature cache the batches hold features:
-    the grid then shows the first training images as prepared for those features.
+    the grid then shows training images spread over the set, prepared as they were for those features.
 
     Args:
         enabled: Write the pictures; false turns them all off.
@@ -210,6 +210,8 @@ class Interpretation(pl.Callback):
         self._batch_shown = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.enabled and self.cam and self.cam_layer and hasattr(pl_module, "network"):
+            resolve_cam_layer(pl_module.network, self.cam_layer)  # a wrong name fails now, not after the test
         datamodule = trainer.datamodule
         for split in ("train_set", "test_set"):
             dataset = getattr(datamodule, split, None)
@@ -237,9 +239,11 @@ class Interpretation(pl.Callback):
             return
         datamodule = trainer.datamodule
         images = batch[0][: self.train_batch_images]
-        if images.ndim != 4:  # cached features: prepare the first training images as the features were
-            count = min(self.train_batch_images, len(self._images["train_set"]))
-            stored, _ = self._images["train_set"].__getitems__(list(range(count)))
+        if images.ndim != 4:  # cached features: training images spread over the set, prepared as for them
+            train_set = self._images["train_set"]
+            count = min(self.train_batch_images, len(train_set))
+            spread = torch.linspace(0, len(train_set) - 1, count).long().tolist()  # stores list images by class
+            stored, _ = train_set.__getitems__(spread)
             images = datamodule.batch_transform(stored.to(pl_module.device), train=True)
         grid = batch_grid(images, datamodule.mean, datamodule.std)
         save_sheet(
@@ -329,7 +333,11 @@ class Interpretation(pl.Callback):
         return torch.where(targets.bool().any(dim=1), missed, probabilities.argmax(dim=1))
 
     def _save_maps(self, pl_module, images, shown, predicted, true, names, folder, logger, step) -> None:
-        layer = resolve_cam_layer(pl_module.network, self.cam_layer, images)
+        try:
+            layer = resolve_cam_layer(pl_module.network, self.cam_layer, images)
+        except UserInputError as error:  # a network without a map (a vision transformer): the rest still helps
+            rank_zero_warn(f"No activation maps: {error}")
+            return
         tiles = []
         for classes, word in ((predicted, "predicted"), (true, "true")):
             maps = grad_cam(pl_module, layer, images, classes)
