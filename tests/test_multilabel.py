@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import TAGS, tagged_image, write_tagged_images
 from transfer_lightning import export
@@ -174,6 +175,21 @@ def test_fit_picks_thresholds_on_validation_and_test_scores_equal_a_computation_
     report = (tagged / "lightning_logs" / "version_0" / "classification_report.md").read_text()
     assert report.startswith("# Multi-label classification report") and "Most often missed" in report
     assert "mAP" in markdown_table([run])
+    # The top losses: each image's binary cross-entropy averaged over the classes, the highest first.
+    images, _ = datamodule.test_set.to_arrays()
+    inputs = prepare_batch(images, datamodule.mean, datamodule.std, augment=False, image_size=None, view="resize")
+    with torch.no_grad():
+        logits = model.eval().network(inputs)
+    losses = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").mean(dim=1)
+    with open(tagged / "lightning_logs" / "version_0" / "top_losses.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [float(r["loss"]) for r in rows] == pytest.approx(
+        losses.sort(descending=True).values[:16].tolist(), abs=1e-4
+    )
+    first = int(rows[0]["index"])
+    assert rows[0]["true"] == " ".join(n for n, t in zip(sorted(TAGS), targets[first].tolist(), strict=True) if t)
+    assert (tagged / "lightning_logs" / "version_0" / "top_losses_cam.png").is_file()
+    assert not (tagged / "lightning_logs" / "version_0" / "most_confused.png").exists()  # multiclass only
 
 
 def test_predict_writes_the_labels_above_threshold_and_every_probability(tagged, tmp_path, run_dir):
