@@ -14,8 +14,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from transfer_lightning.cam import grad_cam, resolve_cam_layer
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
+from transfer_lightning.interpretation import denormalize, explanation_picture, overlay, save_png, tile_sheet
 
 
 class TrainingSpeed(pl.Callback):
@@ -216,8 +218,6 @@ class PredictionsCSV(BasePredictionWriter):
         self._log_dir = trainer.log_dir  # a collective call under DDP: made here by every process
         self._sheet = []
         if self.explain and self.cam_layer:
-            from transfer_lightning.cam import resolve_cam_layer
-
             resolve_cam_layer(pl_module.network, self.cam_layer)  # a wrong name fails before any file is written
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -228,9 +228,6 @@ class PredictionsCSV(BasePredictionWriter):
 
     def _explain(self, trainer, pl_module, images: Tensor, probabilities: Tensor, indices: list[int]) -> None:
         """Write the Grad-CAM picture of each image of a batch; keep the first ones for the contact sheet."""
-        from transfer_lightning.cam import grad_cam, resolve_cam_layer
-        from transfer_lightning.interpretation import denormalize, explanation_picture, overlay, save_png
-
         datamodule, names = trainer.datamodule, pl_module.class_names
         confidence, classes = probabilities.max(dim=1)
         maps = grad_cam(pl_module, resolve_cam_layer(pl_module.network, self.cam_layer, images), images, classes)
@@ -259,8 +256,6 @@ class PredictionsCSV(BasePredictionWriter):
                 self._write_multiclass(csv.writer(file), pl_module.class_names, paths, rows)
         rank_zero_info(f"Predictions: {path}")
         if self._sheet:
-            from transfer_lightning.interpretation import save_png, tile_sheet
-
             sheet = path.with_name(f"explanations{suffix}.png")
             save_png(tile_sheet(self._sheet, min(8, len(self._sheet))), sheet)
             self._sheet = []
