@@ -244,6 +244,10 @@ def main(args: list[str] | None = None) -> None:
             from transfer_lightning import export  # imports torch.export and onnx only when asked
 
             export.main(argv[1:])
+        elif argv[:1] == ["lr_find"]:
+            from transfer_lightning import lr_finder
+
+            lr_finder.main(argv[1:])
         elif argv[:1] == ["serve"]:
             from transfer_lightning import serve  # imports LitServe only when asked
 
