@@ -49,6 +49,7 @@ REPORT_HELP = (
 )
 EXPORT_HELP = "A stand-alone model file: export --ckpt_path CKPT --format onnx|pt2 --output FILE."
 SERVE_HELP = "An HTTP endpoint on LitServe (the [serve] extra): serve --ckpt_path CKPT [--port 8000]."
+LR_FIND_HELP = "Learning-rate range test on fit's config: lr_find --config CFG [--apply FILE] (plot in the run folder)."
 
 
 def program_name() -> str:
@@ -171,7 +172,12 @@ class TransferLightningCLI(LightningCLI):
         for choice in subcommands._choices_actions:
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
         # Listed for --help only: main() hands these to their modules before LightningCLI parses.
-        for name, help_text in (("report", REPORT_HELP), ("export", EXPORT_HELP), ("serve", SERVE_HELP)):
+        for name, help_text in (
+            ("report", REPORT_HELP),
+            ("export", EXPORT_HELP),
+            ("serve", SERVE_HELP),
+            ("lr_find", LR_FIND_HELP),
+        ):
             subcommands.add_subcommand(name, ShortErrorParser(description=help_text), help=help_text)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -229,7 +235,8 @@ class TransferLightningCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; a :class:`UserInputError` is printed as one line and exits with status 2.
 
-    ``report`` and ``export`` are dispatched here: LightningCLI's subcommands are Trainer methods only.
+    ``report``, ``export``, ``serve`` and ``lr_find`` are dispatched here: LightningCLI's subcommands are
+    Trainer methods only.
     """
     argv = sys.argv[1:] if args is None else args
     silence_noise()
