@@ -1,4 +1,4 @@
-"""What the interpretation pictures cost ``test``: one checkpoint tested with them off and on, alternately, in one process.
+"""What the interpretation pictures cost ``test``: one checkpoint tested with them off and on in one process.
 
 Builds the model, data and trainer from the configs as ``test`` does, then runs ``trainer.test`` with
 ``interpretation.enabled`` false and true in turn (``--repeats`` times each, after one warm-up test)
