@@ -165,6 +165,9 @@ def main(argv: list[str]) -> None:
         figure.savefig(partial, format="png", dpi=90)
     plt.close(figure)
     print(f"Suggested learning rate: {suggestion:.3g} (loss against rate: {path})")
+    lightning_own = finder.suggestion()  # on its uncorrected curve, against the rate: for comparison
+    if lightning_own is not None:
+        rank_zero_info(f"Lightning's own suggestion on the same sweep: {lightning_own:.3g}")
     if args.apply is not None:
         config = cli.config.clone()
         config.model.optimizer.init_args.lr = suggestion
