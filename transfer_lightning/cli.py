@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transfer_lightning import checkpoints, report
+from transfer_lightning.averaging import WeightEMA
 from transfer_lightning.callbacks import (
     CheckpointOnInterrupt,
     DashboardLayout,
@@ -195,6 +196,7 @@ class TransferLightningCLI(LightningCLI):
         parser.add_lightning_class_args(FrozenFeatureCache, "feature_cache")
         parser.add_lightning_class_args(PredictionsCSV, "predictions")
         parser.add_lightning_class_args(Interpretation, "interpretation")
+        parser.add_lightning_class_args(WeightEMA, "ema")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
