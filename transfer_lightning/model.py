@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from transfer_lightning import checkpoints
+from transfer_lightning import checkpoints, linear_probe
 from transfer_lightning.backbones import create_network
 from transfer_lightning.callbacks import ClassificationReportFiles
 from transfer_lightning.errors import UserInputError
@@ -52,6 +53,7 @@ from transfer_lightning.optimization import build_optimizer, build_scheduler, pa
 #: The backbone's learning rate relative to the head's after gradual unfreezing, unless set.
 DEFAULT_BACKBONE_LR_SCALE = 0.1
 Task = Literal["multiclass", "multilabel"]
+HeadSolver = Literal["gradient", "lbfgs"]
 #: The validation metric that picks the best checkpoint, per task.
 MONITORED = {"multiclass": "val/acc", "multilabel": "val/mAP"}
 
@@ -106,6 +108,16 @@ class TransferClassifier(pl.LightningModule):
         threshold: multilabel: the probability at or above which an image gets a class, for every
             class; null picks each class's threshold on the validation set (best F1), each epoch,
             and saves it in the checkpoint.
+        head_solver: gradient (the configured optimizer, batch by batch) or lbfgs: with a frozen
+            backbone and its features cached, each epoch fits the head on the whole training set
+            to convergence by L-BFGS, as an L2-regularised logistic regression (softmax or sigmoid),
+            with the strengths of ``lbfgs_l2`` from the strongest to the weakest; the best checkpoint
+            by validation is then the best strength (Kornblith et al., 2019; docs/results.md measures
+            it). optimizer and scheduler are not used.
+        lbfgs_l2: The strongest and weakest L2 strength: ``trainer.max_epochs`` strengths spaced evenly
+            in log scale, one per epoch. The loss is the mean over images, so scikit-learn's ``C`` is
+            ``1 / (strength * training images)``.
+        lbfgs_max_iter: L-BFGS iterations at most per strength.
     """
 
     def __init__(
@@ -129,8 +141,23 @@ class TransferClassifier(pl.LightningModule):
         tta_flip: bool = False,
         task: Task | None = None,
         threshold: float | None = None,
+        head_solver: HeadSolver = "gradient",
+        lbfgs_l2: tuple[float, float] = (1e-1, 1e-6),
+        lbfgs_max_iter: int = 500,
     ) -> None:
         super().__init__()
+        if head_solver not in ("gradient", "lbfgs"):
+            raise UserInputError(f"head_solver must be gradient or lbfgs, got {head_solver!r}.")
+        if head_solver == "lbfgs" and (not freeze_backbone or unfreeze_at_epoch is not None):
+            raise UserInputError(
+                "head_solver lbfgs fits a linear head on frozen features: set freeze_backbone true "
+                "(and no unfreeze_at_epoch), or use head_solver gradient."
+            )
+        if not (lbfgs_l2[0] >= lbfgs_l2[1] > 0) or lbfgs_max_iter < 1:
+            raise UserInputError(
+                f"lbfgs_l2 is [strongest, weakest], both > 0 (e.g. [0.1, 1.0e-6]), and lbfgs_max_iter >= 1; "
+                f"got {list(lbfgs_l2)} and {lbfgs_max_iter}."
+            )
         if class_names is not None and len(class_names) != num_classes:
             raise UserInputError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
         if scheduler_interval not in ("epoch", "step"):
@@ -161,6 +188,8 @@ class TransferClassifier(pl.LightningModule):
                 "trains only the head: set freeze_backbone false, or unfreeze_at_epoch."
             )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        #: lbfgs: one manual full-batch solve per epoch instead of Lightning's step per batch.
+        self.automatic_optimization = head_solver == "gradient"
         self.network, self.parts = create_network(backbone, weights, num_classes)
         #: Names of the outermost modules before ``trainable_from``: frozen for the whole run, and
         #: of the parameters that enclosing modules hold directly (ViT's class token), frozen with them.
@@ -364,19 +393,70 @@ class TransferClassifier(pl.LightningModule):
             return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
         return F.cross_entropy(logits, labels, reduction="none")
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        logits = self.logits(images)
+    def training_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The training loss: with label smoothing and the class weights of ``data.class_balance: loss``."""
         smoothing = self.hparams.label_smoothing
         if self.multilabel:  # label smoothing of a sigmoid: targets 1 - s/2 and s/2
             targets = self.targets(labels).float() * (1 - smoothing) + smoothing / 2
-            loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.loss_weights)
-        else:
-            loss = F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=smoothing)
+            return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.loss_weights)
+        return F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=smoothing)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.hparams.head_solver == "lbfgs":
+            return self.lbfgs_step()
+        images, labels = batch
+        logits = self.logits(images)
+        loss = self.training_loss(logits, labels)
+        if not self.multilabel:
             self.train_acc(logits, labels)
             self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
+
+    def on_fit_start(self) -> None:
+        """lbfgs: check that the batches are cached features, and make each epoch one step (:meth:`lbfgs_step`)."""
+        if self.hparams.head_solver != "lbfgs":
+            return
+        if not self.inputs_are_features:
+            raise UserInputError(
+                "head_solver lbfgs fits the head on the cached features of the whole training set, but the "
+                "frozen-feature cache is off (the log line 'Frozen-feature cache off' says why): enable it, with "
+                "data.augment false and tta_flip false."
+            )
+        if not self.trainer.max_epochs or self.trainer.max_epochs < 1:
+            raise UserInputError("head_solver lbfgs tries one L2 strength per epoch: set trainer.max_epochs >= 1.")
+        # Lightning's loop would give each epoch one step per batch; the step fits on the whole training set.
+        self.trainer.limit_train_batches = 1
+        strengths = ", ".join(f"{l2:.3g}" for l2 in self.lbfgs_strengths())
+        rank_zero_info(f"L-BFGS head: one full-batch fit per epoch, L2 strengths {strengths}; picked on validation.")
+
+    def lbfgs_strengths(self) -> list[float]:
+        return linear_probe.l2_strengths(*self.hparams.lbfgs_l2, self.trainer.max_epochs)
+
+    def lbfgs_step(self) -> Tensor:
+        """Fit the head on every cached training feature at this epoch's L2 strength, from the last fit."""
+        features, labels = self.trainer.datamodule.train_set.to_arrays()
+        features, labels = features.to(self.device), labels.to(self.device)
+        l2 = self.lbfgs_strengths()[self.current_epoch]
+        loss, iterations = linear_probe.fit_head(
+            self.optimizers(),
+            self.classifier_block,
+            self.head,
+            features,
+            labels,
+            self.training_loss,
+            l2,
+            self.manual_backward,
+        )
+        with torch.no_grad():
+            logits = self.classifier_block.eval()(features)
+        self.classifier_block.train()
+        if not self.multilabel:
+            self.train_acc(logits, labels)
+            self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log_dict({"train/l2": l2, "train/lbfgs_iterations": float(iterations)}, on_step=False, on_epoch=True)
+        return torch.tensor(loss)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -455,6 +535,9 @@ class TransferClassifier(pl.LightningModule):
         return {"probabilities": self.probabilities(self.evaluation_logits(images)), "labels": labels}
 
     def configure_optimizers(self) -> Any:
+        if self.hparams.head_solver == "lbfgs":
+            rank_zero_info("L-BFGS head: model.optimizer and model.scheduler are not used.")
+            return linear_probe.make_lbfgs(list(self.head.parameters()), self.hparams.lbfgs_max_iter)
         never_trained = {id(p) for p in self.always_frozen_parameters()}
         split_backbone = self.hparams.unfreeze_at_epoch is not None
         groups = parameter_groups(
