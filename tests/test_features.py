@@ -210,3 +210,33 @@ def test_feature_engine_auto_and_its_errors(image_folder, tmp_path, monkeypatch)
     ):
         FrozenFeatureCache(engine="onnxruntime")
     assert FrozenFeatureCache(engine="auto")._engine(model, fp32) == "torch"
+
+
+class KeepTrainingSet(pl.Callback):
+    """The training set as the head trains on it (after the cache replaced it with features)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.train_set = trainer.datamodule.train_set.to_arrays()
+
+
+def test_train_flips_add_the_mirror_images_features_as_rows(image_folder, tmp_path):
+    """The head trains on the 100 training images' features, then those of their mirror images, computed
+    here by hand; the mirrored features get a file of their own, and the unflipped ones keep theirs."""
+    model = TransferClassifier(weights=None, num_classes=4, freeze_backbone=True, optimizer=SGD)
+    datamodule = datamodule_for(image_folder, tmp_path)
+    keep = KeepTrainingSet()
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2)
+    trainer.callbacks.extend([FrozenFeatureCache(train_flips=True), keep])
+    trainer.fit(model, datamodule)
+    features, labels = keep.train_set
+    images, image_labels = datamodule.train_set.to_arrays()
+    inputs = datamodule.batch_transform(images, train=False)
+    torch.testing.assert_close(features[:100], model.classifier_inputs(inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features[100:], model.classifier_inputs(inputs.flip(-1)), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(features[:100], features[100:], atol=1e-3)
+    assert torch.equal(labels, torch.cat([image_labels, image_labels]))
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 3  # train, mirrored train, val
+    cache, precision = FrozenFeatureCache(), SimpleNamespace(precision="32-true")
+    plain = cache.stored_path(model, datamodule, datamodule.train_set, precision)
+    assert plain != cache.stored_path(model, datamodule, datamodule.train_set, precision, mirrored=True)
+    assert plain.is_file()

@@ -144,5 +144,5 @@ def test_lbfgs_without_cached_features_is_one_line(small_run_args, run_dir, caps
     error = capsys.readouterr().err
     assert "frozen-feature cache is off" in error and "Traceback" not in error
     with pytest.raises(SystemExit):
-        main(["fit", f"--config={CONFIG}", *small_run_args, "--model.head_solver=lbfgs", "--model.freeze_backbone=0"])
+        main(["fit", f"--config={CONFIG}", *small_run_args, "--model.head_solver=lbfgs", "--model.freeze_backbone=no"])
     assert "fits a linear head on frozen features" in capsys.readouterr().err

@@ -51,6 +51,7 @@ REPORT_HELP = (
 EXPORT_HELP = "A stand-alone model file: export --ckpt_path CKPT --format onnx|pt2 --output FILE."
 SERVE_HELP = "An HTTP endpoint on LitServe (the [serve] extra): serve --ckpt_path CKPT [--port 8000]."
 LR_FIND_HELP = "Learning-rate range test on fit's config: lr_find --config CFG [--apply FILE] (plot in the run folder)."
+SWEEP_HELP = "An Optuna study over fit's settings (the [tune] extra): sweep --config CFG --sweep SPACE.yaml --trials N."
 
 
 def program_name() -> str:
@@ -178,6 +179,7 @@ class TransferLightningCLI(LightningCLI):
             ("export", EXPORT_HELP),
             ("serve", SERVE_HELP),
             ("lr_find", LR_FIND_HELP),
+            ("sweep", SWEEP_HELP),
         ):
             subcommands.add_subcommand(name, ShortErrorParser(description=help_text), help=help_text)
 
@@ -211,10 +213,7 @@ class TransferLightningCLI(LightningCLI):
     def before_fit(self) -> None:
         """Log the learning rate as often as the scheduler steps; resolve ``--ckpt_path last``: the newest
         ``last.ckpt`` of any earlier run under this logger's folder."""
-        if self.model.hparams.scheduler_interval == "step":
-            for callback in self.trainer.callbacks:
-                if isinstance(callback, LearningRateMonitor) and callback.logging_interval == "epoch":
-                    callback.logging_interval = "step"
+        self.match_learning_rate_logging()
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last" or self.trainer.logger is None:
             return
@@ -227,6 +226,14 @@ class TransferLightningCLI(LightningCLI):
         config["ckpt_path"] = str(candidates[-1])
         rank_zero_info(f"Resuming from {candidates[-1]}")
 
+    def match_learning_rate_logging(self) -> None:
+        """Log the learning rate per step when the scheduler steps per step (LearningRateMonitor's default here is
+        per epoch)."""
+        if self.model.hparams.scheduler_interval == "step":
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, LearningRateMonitor) and callback.logging_interval == "epoch":
+                    callback.logging_interval = "step"
+
     def after_fit(self) -> None:
         if not self.config.fit.test_after_fit or self.trainer.interrupted:
             return
@@ -237,7 +244,7 @@ class TransferLightningCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; a :class:`UserInputError` is printed as one line and exits with status 2.
 
-    ``report``, ``export``, ``serve`` and ``lr_find`` are dispatched here: LightningCLI's subcommands are
+    ``report``, ``export``, ``serve``, ``lr_find`` and ``sweep`` are dispatched here: LightningCLI's subcommands are
     Trainer methods only.
     """
     argv = sys.argv[1:] if args is None else args
@@ -257,6 +264,10 @@ def main(args: list[str] | None = None) -> None:
             from transfer_lightning import lr_finder
 
             lr_finder.main(argv[1:])
+        elif argv[:1] == ["sweep"]:
+            from transfer_lightning import sweep  # imports Optuna only when asked
+
+            sweep.main(argv[1:])
         elif argv[:1] == ["serve"]:
             from transfer_lightning import serve  # imports LitServe only when asked
 

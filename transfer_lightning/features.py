@@ -57,6 +57,9 @@ class FrozenFeatureCache(pl.Callback):
             extra is installed; else torch).
         store: Keep features on disk and reuse them.
         cache_dir: Where stored features go; default: the data module's cache_dir/features.
+        train_flips: Also compute the features of each training image's mirror image and train on
+            both, as extra rows: a fixed flip augmentation, for twice the training set's feature time
+            (docs/results.md measures it). Validation and test stay unflipped.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class FrozenFeatureCache(pl.Callback):
         store: bool = True,
         cache_dir: str | None = None,
         engine: FeatureEngine = "torch",
+        train_flips: bool = False,
     ) -> None:
         if precision not in ("trainer", "bf16", "fp32"):
             raise UserInputError(f"feature_cache.precision must be trainer, bf16 or fp32, got {precision!r}.")
@@ -83,6 +87,7 @@ class FrozenFeatureCache(pl.Callback):
         self.store = store
         self.cache_dir = cache_dir
         self.engine = engine
+        self.train_flips = train_flips
         self._image_sets: dict[str, ImageTensorDataset] = {}
         self._test_arrays: tuple[ImageTensorDataset, ImageArrays, Tensor | None] | None = None
         #: The onnxruntime engine's exported backbone, with the digest of the weights and input shape it is for.
@@ -119,8 +124,12 @@ class FrozenFeatureCache(pl.Callback):
         for split in splits:
             images = getattr(datamodule, split)
             self._image_sets[split] = images
-            features = self.features(model, datamodule, images, split, trainer)
-            setattr(datamodule, split, ImageTensorDataset(ImageArrays(features, images.labels)))
+            features, labels = self.features(model, datamodule, images, split, trainer), images.labels
+            if split == "train_set" and self.train_flips:
+                mirrored = self.features(model, datamodule, images, "train, mirrored", trainer, mirrored=True)
+                features, labels = torch.cat([features, mirrored]), torch.cat([labels, labels])
+                rank_zero_info(f"Frozen-feature cache: {len(images)} mirrored training images added as rows.")
+            setattr(datamodule, split, ImageTensorDataset(ImageArrays(features, labels)))
         model.inputs_are_features = True
         count = sum(len(self._image_sets[split]) for split in splits)
         elapsed = time.perf_counter() - start
@@ -171,13 +180,15 @@ class FrozenFeatureCache(pl.Callback):
         images: ImageTensorDataset,
         split: str,
         trainer: pl.Trainer,
+        mirrored: bool = False,
     ) -> torch.Tensor:
-        """The features of ``images``: from the store when a file for exactly these inputs exists."""
-        path = self.stored_path(model, datamodule, images, trainer) if self.store else None
+        """The features of ``images`` (or of their mirror images): from the store when a file for exactly
+        these inputs exists."""
+        path = self.stored_path(model, datamodule, images, trainer, mirrored) if self.store else None
         if path is not None and path.is_file():
             rank_zero_info(f"Frozen-feature cache: reusing the stored features of {split} ({path}).")
             return torch.load(path, map_location="cpu", weights_only=True)["features"]
-        features = self.compute(model, datamodule, images, split, trainer)
+        features = self.compute(model, datamodule, images, split, trainer, mirrored)
         if path is not None and trainer.is_global_zero:
             with atomic_path(path) as partial:
                 torch.save({"features": features}, partial)
@@ -185,7 +196,12 @@ class FrozenFeatureCache(pl.Callback):
         return features
 
     def stored_path(
-        self, model: TransferClassifier, datamodule: ImageFolderDataModule, images: ImageTensorDataset, trainer
+        self,
+        model: TransferClassifier,
+        datamodule: ImageFolderDataModule,
+        images: ImageTensorDataset,
+        trainer: pl.Trainer,
+        mirrored: bool = False,
     ) -> Path | None:
         """The file of these features; ``None`` for images of unnamed origin (made in memory)."""
         data = images.fingerprint()
@@ -199,6 +215,8 @@ class FrozenFeatureCache(pl.Callback):
             "precision": self._precision_name(trainer),
             "engine": self._engine(model, trainer),
         }
+        if mirrored:  # only then, so that the files of unflipped features keep their names
+            inputs["mirrored"] = True
         digest.update(json.dumps(inputs, sort_keys=True).encode())
         digest.update(backbone_digest(model).encode())
         root = Path(self.cache_dir).expanduser() if self.cache_dir else datamodule.cache_dir / "features"
@@ -234,8 +252,10 @@ class FrozenFeatureCache(pl.Callback):
         images: ImageTensorDataset,
         split: str,
         trainer: pl.Trainer,
+        mirrored: bool = False,
     ) -> torch.Tensor:
-        """Classifier-block inputs of the ``images`` of a split, in eval mode, by the chosen engine and precision."""
+        """Classifier-block inputs of the ``images`` of a split (or of their mirror images), in eval mode, by
+        the chosen engine and precision."""
         was_training = model.training
         model.eval()
         chunks = (chunk for chunk, _ in images.batches(self.batch_size))
@@ -248,6 +268,8 @@ class FrozenFeatureCache(pl.Callback):
             description = f"Caching frozen features ({split}, {engine})"
             for chunk in progress_bar(chunks, total=total, desc=description, disable=not trainer.is_global_zero):
                 batch = datamodule.batch_transform(chunk.to(model.device, non_blocking=True), train=False)
+                if mirrored:
+                    batch = batch.flip(-1)
                 if engine == "onnxruntime" and features is None:  # the export needs an example batch
                     extractor = self._onnx_extractor(model, batch)
                 output = extractor(batch)

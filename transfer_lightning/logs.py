@@ -34,14 +34,17 @@ class _DropLightningAdverts(logging.Filter):
 def silence_noise() -> None:
     """Hide exactly the messages every run printed that ask nothing of the user.
 
-    Lightning's adverts for its cloud services ("💡 Tip: For seamless cloud logging ...") and
-    torch's deprecation of ``LeafSpec``, which Lightning's own code triggers.
+    Lightning's adverts for its cloud services ("💡 Tip: For seamless cloud logging ..."), torch's
+    deprecation of ``LeafSpec``, which Lightning's own code triggers, and LightningCLI's warning that
+    ``args`` and ``sys.argv`` are both given, which ``lr_find`` and ``sweep`` do on purpose (they pass
+    on the part of the command line that is fit's).
     """
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLightningAdverts) for f in logger.filters):
         logger.addFilter(_DropLightningAdverts())
     leaf_spec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
     warnings.filterwarnings("ignore", message=leaf_spec, category=FutureWarning)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
 
 
 class PlainProgress(pl.Callback):
