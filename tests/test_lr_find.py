@@ -59,6 +59,7 @@ def test_lr_find_apply_writes_a_config_that_fits(run_dir, small_run_args, capsys
         (["--model.freeze_backbone=true", "--model.unfreeze_at_epoch=0"], "unfreeze_at_epoch 0"),
         (["--model.freeze_backbone=true", "--model.unfreeze_at_epoch=1"], "only 7 batches before"),
         (["--num_training=5"], "at least 20"),
+        (["--model.freeze_backbone=true", "--model.head_solver=lbfgs"], "head_solver lbfgs has none"),
     ],
 )
 def test_lr_find_refuses_what_it_cannot_sweep(run_dir, small_run_args, extra, message, capsys):

@@ -143,6 +143,11 @@ def main(argv: list[str]) -> None:
     if not 0 < args.min_lr < args.max_lr or args.num_training < MIN_RATES:
         raise UserInputError(f"lr_find needs 0 < --min_lr < --max_lr and --num_training of at least {MIN_RATES}.")
     cli = TransferLightningCLI(args=rest, run=False)
+    if cli.model.hparams.head_solver == "lbfgs":
+        raise UserInputError(
+            "lr_find sweeps a learning rate, but head_solver lbfgs has none (its line search sets each step): "
+            "run lr_find with head_solver gradient."
+        )
     if cli.model.hparams.unfreeze_at_epoch == 0:
         raise UserInputError(
             "lr_find with unfreeze_at_epoch 0: the backbone trains at once, at backbone_lr_scale times the head's "
