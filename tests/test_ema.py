@@ -94,6 +94,16 @@ def test_evaluated_and_checkpointed_weights_are_torchs_ema(small_run_args, run_d
     averaged, raw = test_loss(best["state_dict"]), test_loss(best["current_model_state"])
     assert abs(averaged - raw) > 1e-3
     assert float(cli.trainer.callback_metrics["test/loss"]) == pytest.approx(averaged, rel=1e-5)
+    # So does a later `test` of that checkpoint, without --ema (as predict, export and serve read it).
+    later = TransferLightningCLI(
+        args=[
+            "test",
+            f"--config={CONFIG}",
+            *small_run_args,
+            f"--ckpt_path={cli.trainer.checkpoint_callback.best_model_path}",
+        ]
+    )
+    assert float(later.trainer.callback_metrics["test/loss"]) == pytest.approx(averaged, rel=1e-5)
 
 
 def test_resuming_keeps_the_average(small_run_args, run_dir):

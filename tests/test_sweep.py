@@ -30,7 +30,7 @@ def trials_table(root: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-def test_a_sweep_stores_its_study_and_a_second_command_continues_it(run_dir, small_run_args, monkeypatch):
+def test_a_sweep_stores_its_study_and_a_second_command_continues_it(run_dir, small_run_args, monkeypatch, capsys):
     """3 trials of a frozen head: the study in SQLite, the backbone run for the first trial only, no test
     run; the table, plots and best config, which runs as it is; then 2 more trials numbered 3 and 4."""
     space = write_space(
@@ -72,6 +72,11 @@ def test_a_sweep_stores_its_study_and_a_second_command_continues_it(run_dir, sma
     assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
     assert [row["number"] for row in trials_table(run_dir)] == ["0", "1", "2", "3", "4"]
     assert len(computed) == 3  # the second command reused the stored features too
+
+    (run_dir / SWEEP_DIR / "study.db").unlink()  # a new study in the same folder would overwrite trial_0
+    with pytest.raises(SystemExit):
+        main([*command, "--trials=1"])
+    assert "is left from another study" in capsys.readouterr().err
 
 
 def test_a_trial_that_falls_behind_is_pruned_and_marked(run_dir, small_run_args):

@@ -77,9 +77,6 @@ class WeightEMA(WeightAveraging):
         if self._average_model is not None:
             super().on_train_batch_end(trainer, pl_module, *args)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass  # updates are per step (should_update never asks for the epoch's end)
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._average_model is not None:
             super().on_train_end(trainer, pl_module)

@@ -30,6 +30,8 @@ from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
 
 EXTRA = "pip install -e '.[tune]'"
+#: Trials listed in the log at the end (all of them are in trials.csv).
+TABLE_ROWS = 10
 #: Keys of a range in the search space; anything else is a typo.
 RANGE_KEYS = {"low", "high", "log", "step"}
 
@@ -160,11 +162,17 @@ class Objective:
         from transfer_lightning.callbacks import CheckpointOnInterrupt
         from transfer_lightning.cli import TransferLightningCLI
 
+        run_dir = self.sweep_dir / "trials" / f"trial_{trial.number}"
+        if run_dir.exists():
+            raise UserInputError(
+                f"{run_dir} is left from another study in {self.sweep_dir}: give this one its own --study_name or "
+                "--sweep_dir (or delete the old trials)."
+            )
         values = {key: suggest(trial, key, spec) for key, spec in self.space.items()}
         logger = [
             f"--trainer.logger.init_args.save_dir={self.sweep_dir}",
             "--trainer.logger.init_args.name=trials",
-            f"--trainer.logger.init_args.version=trial_{trial.number}",
+            f"--trainer.logger.init_args.version={run_dir.name}",
         ]
         quiet = [] if self._first else ["--trainer.enable_model_summary=false"]  # the same table every trial
         arguments = [*self.fit_args, *(as_argument(k, v) for k, v in values.items()), *logger, *quiet]
@@ -186,14 +194,16 @@ class Objective:
         if self._first:
             self.say_if_features_are_reused(cli)
             self._first = False
-        trial.set_user_attr("run_dir", str(trainer.log_dir))
-        trial.set_user_attr("config", cli.parser.dump(cli.config, skip_none=False))
+        trial.set_user_attr("run_dir", str(run_dir))
         trainer.fit(cli.model, datamodule=cli.datamodule)
         pruning.check_pruned()  # under DDP the processes agree on pruning here
         score = checkpoint.best_model_score
         if score is None or not math.isfinite(float(score)):
             raise UserInputError(f"trial {trial.number} logged no finite {self.monitor}: does fit validate?")
         trial.set_user_attr("best_checkpoint", checkpoint.best_model_path)
+        # The resolved config LightningCLI saved for the run, kept in the study so that any machine can write
+        # best_config.yaml, whichever machine ran the trial.
+        trial.set_user_attr("config", (run_dir / "config.yaml").read_text())
         return float(score)
 
     @staticmethod
@@ -230,6 +240,14 @@ def write_results(optuna, study, sweep_dir: Path, monitor: str) -> None:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    ranked = sorted(rows, key=lambda row: -float(row[monitor] or "-inf"))[:TABLE_ROWS]
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += [
+        "| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |"
+        for row in ranked
+    ]
+    rank_zero_info(f"The best {len(ranked)} trials by {monitor}:\n" + "\n".join(lines))
     counts = {state: sum(row["state"] == state for row in rows) for state in ("COMPLETE", "PRUNED", "FAIL")}
     rank_zero_info(
         f"Sweep {study.study_name!r}: {len(rows)} trials ({counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
