@@ -146,3 +146,10 @@ def test_lbfgs_without_cached_features_is_one_line(small_run_args, run_dir, caps
     with pytest.raises(SystemExit):
         main(["fit", f"--config={CONFIG}", *small_run_args, "--model.head_solver=lbfgs", "--model.freeze_backbone=no"])
     assert "fits a linear head on frozen features" in capsys.readouterr().err
+
+
+def test_a_fit_stopped_by_the_iteration_cap_says_so(small_run_args, run_dir, caplog):
+    caplog.set_level("INFO")
+    args = ["--model.head_solver=lbfgs", "--model.lbfgs_max_iter=2", "--trainer.max_epochs=1", "--test_after_fit=false"]
+    main(["fit", f"--config={CONFIG}", *small_run_args, *args, "--feature_cache.store=false"])
+    assert "stopped at the 2-iteration cap before converging" in caplog.text

@@ -456,6 +456,11 @@ class TransferClassifier(pl.LightningModule):
             self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log_dict({"train/l2": l2, "train/lbfgs_iterations": float(iterations)}, on_step=False, on_epoch=True)
+        if iterations >= self.hparams.lbfgs_max_iter:
+            rank_zero_info(
+                f"L-BFGS head: strength {l2:.3g} stopped at the {iterations}-iteration cap before converging; "
+                "raise model.lbfgs_max_iter for a fully converged fit."
+            )
         return torch.tensor(loss)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
