@@ -115,18 +115,19 @@ def test_without_optuna_the_error_names_the_extra(run_dir, small_run_args, monke
 
 
 @pytest.mark.parametrize(
-    ("space", "message"),
+    ("space", "extra", "message"),
     [
-        ({"model.optimizer.init_args.lr": {"low": 0.1, "high": 0.01}}, "needs low < high"),
-        ({"model.optimizer.init_args.lr": {"low": 0.0, "high": 0.1, "log": True}}, "low must be > 0"),
-        ({"trainer.max_epochs": []}, "non-empty list"),
-        ({"data.not_an_option": [1, 2]}, "fit rejects the values"),
+        ({"model.optimizer.init_args.lr": {"low": 0.1, "high": 0.01}}, [], "needs low < high"),
+        ({"model.optimizer.init_args.lr": {"low": 0.0, "high": 0.1, "log": True}}, [], "low must be > 0"),
+        ({"trainer.max_epochs": []}, [], "non-empty list"),
+        ({"data.not_an_option": [1, 2]}, [], "fit rejects the values"),
+        ({"trainer.max_epochs": [1]}, ["--storage=nosuchdb://x"], "--storage nosuchdb://x"),
     ],
 )
-def test_a_bad_search_space_is_one_clear_error(run_dir, small_run_args, space, message, capsys):
+def test_a_bad_search_space_or_storage_is_one_clear_error(run_dir, small_run_args, space, extra, message, capsys):
     path = write_space(run_dir / "space.yaml", space)
     with pytest.raises(SystemExit) as exit_info:
-        main(["sweep", f"--config={CONFIG}", *small_run_args, f"--sweep={path}", "--trials=1"])
+        main(["sweep", f"--config={CONFIG}", *small_run_args, f"--sweep={path}", "--trials=1", *extra])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error

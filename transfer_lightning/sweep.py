@@ -128,14 +128,17 @@ def main(argv: list[str]) -> None:
         if args.pruner == "median"
         else optuna.pruners.NopPruner()
     )
-    study = optuna.create_study(
-        study_name=args.study_name,
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=args.seed),
-        pruner=pruner,
-    )
+    try:
+        study = optuna.create_study(
+            study_name=args.study_name,
+            storage=storage,
+            direction="maximize",
+            load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=args.seed),
+            pruner=pruner,
+        )
+    except Exception as error:  # SQLAlchemy's and Optuna's errors for a URL they cannot open have no common base
+        raise UserInputError(f"--storage {storage}: {error}") from None
     before = len(study.trials)
     rank_zero_info(
         f"Sweep {args.study_name!r} in {storage}: {before} trials so far, {args.trials} to add; "
