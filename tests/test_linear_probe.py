@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transfer_lightning.callbacks import TrainingSpeed
 from transfer_lightning.cli import TransferLightningCLI, main
 from transfer_lightning.linear_probe import fit_head, l2_strengths, make_lbfgs
 from transfer_lightning.model import TransferClassifier
@@ -112,6 +113,8 @@ def test_fit_tries_a_strength_per_epoch_and_keeps_the_best_on_validation(small_r
             "--feature_cache.store=false",
         ]
     )
+    (speed,) = [c for c in cli.trainer.callbacks if isinstance(c, TrainingSpeed)]
+    assert speed._images == 100  # the last epoch trained on all 100 training images, in one step
     # The backbone ran to compute the features, then never again during the 4 epochs of training.
     assert len(during_steps) == 4 and during_steps[0] > 0 and len(set(during_steps)) == 1
     version = run_dir / "lightning_logs" / "version_0"

@@ -47,7 +47,8 @@ class TrainingSpeed(pl.Callback):
             self._since = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._images += len(batch[1])
+        # A step may say how many images it trained on (the L-BFGS head's: the whole training set).
+        self._images += outputs["images"] if isinstance(outputs, dict) and "images" in outputs else len(batch[1])
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_clock(pl_module)  # a no-op when the clock is not running (sanity check, validate)

@@ -401,7 +401,7 @@ class TransferClassifier(pl.LightningModule):
             return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.loss_weights)
         return F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=smoothing)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | dict[str, Tensor | int]:
         if self.hparams.head_solver == "lbfgs":
             return self.lbfgs_step()
         images, labels = batch
@@ -433,8 +433,9 @@ class TransferClassifier(pl.LightningModule):
     def lbfgs_strengths(self) -> list[float]:
         return linear_probe.l2_strengths(*self.hparams.lbfgs_l2, self.trainer.max_epochs)
 
-    def lbfgs_step(self) -> Tensor:
-        """Fit the head on every cached training feature at this epoch's L2 strength, from the last fit."""
+    def lbfgs_step(self) -> dict[str, Tensor | int]:
+        """Fit the head on every cached training feature at this epoch's L2 strength, from the last fit; return
+        the loss and how many images that was (for ``train/images_per_sec``)."""
         features, labels = self.trainer.datamodule.train_set.to_arrays()
         features, labels = features.to(self.device), labels.to(self.device)
         l2 = self.lbfgs_strengths()[self.current_epoch]
@@ -461,7 +462,7 @@ class TransferClassifier(pl.LightningModule):
                 f"L-BFGS head: strength {l2:.3g} stopped at the {iterations}-iteration cap before converging; "
                 "raise model.lbfgs_max_iter for a fully converged fit."
             )
-        return torch.tensor(loss)
+        return {"loss": torch.tensor(loss), "images": len(labels)}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
