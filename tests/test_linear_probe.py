@@ -80,7 +80,7 @@ def test_fit_head_matches_newtons_method(l2):
     x, head = x.double(), nn.Linear(4, 3).double()
     lbfgs = make_lbfgs(list(head.parameters()), 500)
     lbfgs.param_groups[0].update(tolerance_grad=1e-12, tolerance_change=0)  # float64 goes further than float32
-    loss, iterations = fit_head(lbfgs, head, head, x, y, F.cross_entropy, l2)
+    iterations = fit_head(lbfgs, head, head, x, y, F.cross_entropy, l2).iterations
     expected = by_hand_logistic_regression(x.double().numpy(), y.numpy(), l2)
     fitted = centred(torch.cat([head.weight, head.bias[:, None]], dim=1).detach().double().numpy())
     np.testing.assert_allclose(fitted, expected, atol=1e-5, rtol=1e-5)

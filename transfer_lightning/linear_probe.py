@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,14 @@ from torch import Tensor, nn
 HISTORY_SIZE = 20
 TOLERANCE_GRAD = 1e-6
 TOLERANCE_CHANGE = 1e-10
+
+
+class HeadFit(NamedTuple):
+    """The result of :func:`fit_head`: the penalised loss and the logits at the end, and the iterations run."""
+
+    loss: float
+    logits: Tensor
+    iterations: int
 
 
 def l2_strengths(strongest: float, weakest: float, count: int) -> list[float]:
@@ -59,10 +68,10 @@ def fit_head(
     data_loss: Callable[[Tensor, Tensor], Tensor],
     l2: float,
     backward: Callable[[Tensor], None] = Tensor.backward,
-) -> tuple[float, int]:
+) -> HeadFit:
     """Minimise ``data_loss(block(features), labels)`` + the L2 penalty over ``head`` with ``optimizer``,
     starting from the head's current weights and a fresh curvature history. ``block`` runs in eval mode
-    (no dropout: the line search needs one function). Returns the final penalised loss and the iterations."""
+    (no dropout: the line search needs one function)."""
     was_training = block.training
     block.eval()
     lbfgs = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps it
@@ -77,8 +86,8 @@ def fit_head(
     try:
         optimizer.step(closure)
         with torch.no_grad():
-            final = float(penalised_loss(data_loss(block(features), labels), head, l2))
+            logits = block(features)
+            loss = float(penalised_loss(data_loss(logits, labels), head, l2))
     finally:
         block.train(was_training)
-    iterations = lbfgs.state[lbfgs.param_groups[0]["params"][0]].get("n_iter", 0)
-    return final, iterations
+    return HeadFit(loss, logits, lbfgs.state[lbfgs.param_groups[0]["params"][0]].get("n_iter", 0))

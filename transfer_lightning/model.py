@@ -190,6 +190,8 @@ class TransferClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         #: lbfgs: one manual full-batch solve per epoch instead of Lightning's step per batch.
         self.automatic_optimization = head_solver == "gradient"
+        #: lbfgs: every training feature and label, on the model's device, during fit.
+        self._lbfgs_rows: tuple[Tensor, Tensor] | None = None
         self.network, self.parts = create_network(backbone, weights, num_classes)
         #: Names of the outermost modules before ``trainable_from``: frozen for the whole run, and
         #: of the parameters that enclosing modules hold directly (ViT's class token), frozen with them.
@@ -425,10 +427,16 @@ class TransferClassifier(pl.LightningModule):
             )
         if not self.trainer.max_epochs or self.trainer.max_epochs < 1:
             raise UserInputError("head_solver lbfgs tries one L2 strength per epoch: set trainer.max_epochs >= 1.")
-        # Lightning's loop would give each epoch one step per batch; the step fits on the whole training set.
+        # Lightning's loop would give each epoch one step per batch; the step fits on the whole training set,
+        # gathered here once for every epoch.
         self.trainer.limit_train_batches = 1
+        features, labels = self.trainer.datamodule.train_set.to_arrays()
+        self._lbfgs_rows = features.to(self.device), labels.to(self.device)
         strengths = ", ".join(f"{l2:.3g}" for l2 in self.lbfgs_strengths())
         rank_zero_info(f"L-BFGS head: one full-batch fit per epoch, L2 strengths {strengths}; picked on validation.")
+
+    def on_fit_end(self) -> None:
+        self._lbfgs_rows = None  # the training features, for the L-BFGS head's steps only
 
     def lbfgs_strengths(self) -> list[float]:
         return linear_probe.l2_strengths(*self.hparams.lbfgs_l2, self.trainer.max_epochs)
@@ -436,10 +444,9 @@ class TransferClassifier(pl.LightningModule):
     def lbfgs_step(self) -> dict[str, Tensor | int]:
         """Fit the head on every cached training feature at this epoch's L2 strength, from the last fit; return
         the loss and how many images that was (for ``train/images_per_sec``)."""
-        features, labels = self.trainer.datamodule.train_set.to_arrays()
-        features, labels = features.to(self.device), labels.to(self.device)
+        features, labels = self._lbfgs_rows
         l2 = self.lbfgs_strengths()[self.current_epoch]
-        loss, iterations = linear_probe.fit_head(
+        loss, logits, iterations = linear_probe.fit_head(
             self.optimizers(),
             self.classifier_block,
             self.head,
@@ -449,9 +456,6 @@ class TransferClassifier(pl.LightningModule):
             l2,
             self.manual_backward,
         )
-        with torch.no_grad():
-            logits = self.classifier_block.eval()(features)
-        self.classifier_block.train()
         if not self.multilabel:
             self.train_acc(logits, labels)
             self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
