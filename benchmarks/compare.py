@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from benchmarks.reference_loop import reference_model, run_reference  # noqa: E402
-from transfer_lightning.callbacks import TrainingSpeed  # noqa: E402
 from transfer_lightning.data import ImageFolderDataModule  # noqa: E402
-from transfer_lightning.features import FrozenFeatureCache  # noqa: E402
 from transfer_lightning.model import TransferClassifier  # noqa: E402
+from transfer_lightning.training import TrainingSpeed  # noqa: E402
+from transfer_lightning.training.feature_cache import FrozenFeatureCache  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -20,8 +20,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 from benchmarks.finetune_speed import training_step  # noqa: E402
-from transfer_lightning.finetuning import run_folded  # noqa: E402
 from transfer_lightning.model import TransferClassifier  # noqa: E402
+from transfer_lightning.network.freezing import run_folded  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
     args = parser.parse_args()
     model = TransferClassifier(backbone="mobilenet_v2", weights=None, trainable_from="features.7")
-    run_folded(model.network.get_submodule(name) for name in model.always_frozen)
+    run_folded(model.frozen.always_frozen_modules())
     step = training_step(model, args.batch_size, args.image_size)
     average = AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(0.999))
     step()

@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import torch
 
 from transfer_lightning.data import ImageFolderDataModule
-from transfer_lightning.features import FrozenFeatureCache
 from transfer_lightning.model import TransferClassifier
+from transfer_lightning.training.feature_cache import FrozenFeatureCache
 
 
 def main() -> None:

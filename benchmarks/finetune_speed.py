@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from transfer_lightning.finetuning import run_folded
 from transfer_lightning.model import TransferClassifier
+from transfer_lightning.network.freezing import run_folded
 
 
 def training_step(model: TransferClassifier, batch_size: int, image_size: int) -> Callable[[], None]:
@@ -81,7 +81,7 @@ def main() -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row = f"| {start or '(whole network)'} | {trainable / 1e6:.2f} M | {speed:.1f} | x{speed / baseline:.2f} |"
         if start:
-            run_folded(model.network.get_submodule(name) for name in model.always_frozen)
+            run_folded(model.frozen.always_frozen_modules())
             folded = images_per_second(model, args.batch_size, args.image_size, args.steps)
             row += f" {folded:.1f} | x{folded / baseline:.2f} |"
         rows.append(row)

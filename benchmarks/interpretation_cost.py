@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 
-from transfer_lightning.cli import TransferLightningCLI
+from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.interpretation import Interpretation
 
 

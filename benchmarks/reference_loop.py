@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_lightning.backbones import create_network
+from transfer_lightning.network.backbones import create_network
 
 
 def reference_transform(image_size: int | None = None) -> T.Compose:

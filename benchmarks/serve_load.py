@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from tests.test_serve import Server  # noqa: E402  (the tests' loopback server: subprocess, SIGTERM)
 from transfer_lightning.data.listing import list_images  # noqa: E402
-from transfer_lightning.serve import load_model  # noqa: E402
+from transfer_lightning.serving.requests import load_model  # noqa: E402
 
 
 def offline_images_per_second(ckpt_path: str, files: list[bytes], batch_size: int = 100) -> float:

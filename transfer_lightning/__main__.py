@@ -1,6 +1,6 @@
 """``python -m transfer_lightning fit --config configs/<x>.yaml``."""
 
-from transfer_lightning.cli import main
+from transfer_lightning.commands.main import main
 
 if __name__ == "__main__":
     main()

@@ -59,6 +59,13 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], resuming_fi
             )
 
 
+def upgrade_state_dict(state_dict: dict[str, Any]) -> None:
+    """Rename, in place, what checkpoints saved before the task objects (2026-12-04) hold under older names:
+    a multi-label model's decision thresholds were the model's own buffer, and are now its task's."""
+    if "thresholds" in state_dict:
+        state_dict["task.thresholds"] = state_dict.pop("thresholds")
+
+
 def model_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The model's hyperparameters as this version takes them (``backbone_lr_scale`` was 0.1 even
     without ``unfreeze_at_epoch`` in checkpoints before 2026-12-01; it now means "not set" there; and

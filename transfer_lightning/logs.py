@@ -82,7 +82,8 @@ class PlainProgress(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active:
             seconds = time.monotonic() - self._epoch_start
-            names = ("train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc", "val/mAP")
+            score = pl_module.task.score if hasattr(pl_module, "task") else "acc"  # any LightningModule
+            names = ("train/loss_epoch", f"train/{score}_epoch", "val/loss", f"val/{score}")
             rank_zero_info(f"{_epoch(trainer)} done in {seconds:.0f} s{_metrics(trainer, names)}")
 
 

@@ -41,9 +41,9 @@ from transfer_lightning.data.store import ImageFolderStore, shared_store_size
 from transfer_lightning.data.tables import TableSource
 from transfer_lightning.data.transforms import NORMALIZATIONS, Normalization, Preprocessing, View, prepare_batch
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.tasks import TaskName
 
 ClassBalance = Literal["none", "sampler", "loss"]
-Task = Literal["multiclass", "multilabel"]
 
 
 class SplitStores(NamedTuple):
@@ -107,7 +107,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             finds label, labels, class, tags, target, ..., else takes the columns that hold only 0 and 1.
         split_column: The table's column of splits (train, val, test); null finds split or subset, if any.
         label_delimiter: What separates several labels in one field: auto (one of ; , | found in the
-            labels, or a space when the split words are a class vocabulary: see the README), none
+            labels, or a space when the split words are a class vocabulary: see docs/guides/your-images.md), none
             (one class name per row, spaces and all), space, or the delimiter itself.
     """
 
@@ -193,7 +193,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return self.folders is not None or self.table is not None
 
     @property
-    def task(self) -> Task:
+    def task(self) -> TaskName:
         """multilabel when the label table gives images several labels (or 0/1 columns), else multiclass."""
         return "multilabel" if self.table is not None and self.table.table.multilabel else "multiclass"
 

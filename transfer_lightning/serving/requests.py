@@ -1,28 +1,13 @@
-"""``python -m transfer_lightning serve``: a trained model behind HTTP, on LitServe.
-
-``POST /predict`` takes one or several images (multipart fields ``file`` / ``files``, or JSON
-``{"image": BASE64}`` / ``{"images": [BASE64, ...]}``) and answers, per image and in the order sent,
-the predicted class and the top-k ``[{"class", "probability"}]``. ``GET /health`` is 200 once the
-model is loaded (503 before), ``GET /info`` describes the model, ``GET /`` is a page to try it.
-
-Images are prepared exactly as ``predict`` prepares them: decoded by PIL, turned upright by their
-EXIF orientation, converted to RGB, resized to cover the checkpoint's stored size and centre-cropped
-(:func:`~transfer_lightning.data.store.decode_image`), so the server and ``predict`` agree on a file.
-Requests are batched by LitServe (``max_batch_size``, ``batch_timeout``). A bad upload is answered
-with a 4xx JSON message for that request alone, and the server goes on serving.
-"""
+"""What ``serve`` does with one request: read its images, prepare them as ``predict`` does, and turn the model's
+probabilities into the answer; a request it cannot answer becomes a :class:`Rejected` with a 4xx status."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import hashlib
-import importlib.util
 import io
 import json
-import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +19,15 @@ from torch import Tensor
 from transfer_lightning.data.store import DECODE_ERRORS, decode_image
 from transfer_lightning.data.transforms import center_crop
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.inference.export import ExportedClassifier, describe, load_classifier
+from transfer_lightning.network.onnx import inference_session
+from transfer_lightning.tasks import Task, create_task
 
 #: Form fields and JSON keys that carry images.
 FILE_FIELDS = ("file", "files")
 JSON_KEYS = ("image", "images")
 #: Images one request may hold.
 MAX_IMAGES_PER_REQUEST = 64
-PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 
 @dataclass(frozen=True)
@@ -58,9 +45,8 @@ class ServedModel:
     run: Callable[[Tensor], Tensor]
     stored_size: tuple[int, int]
     input_size: tuple[int, int]
-    classes: list[str]
-    multilabel: bool
-    thresholds: list[float] | None
+    #: The model's task, which turns its probabilities into answers (with a multi-label model's thresholds).
+    task: Task
     info: dict
 
     def prepare(self, data: bytes) -> Tensor:
@@ -72,16 +58,12 @@ class ServedModel:
 def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> ServedModel:
     """The checkpoint's model (as ``export`` builds it), or an exported ``.pt2`` / ``.onnx`` file with its JSON."""
     if ckpt_path:
-        from transfer_lightning import export
-
-        model, preprocessing = export.load_classifier(ckpt_path)
-        network = model.network.to(device)
+        model, preprocessing = load_classifier(ckpt_path)
         if model.hparams.channels_last:  # as training and predict run it: about twice the images/s on a CPU
-            network.to(memory_format=torch.channels_last)
-        exported = export.ExportedClassifier(network, preprocessing, model.hparams.tta_flip, model.multilabel)
-        exported = exported.to(device)
+            model.network.to(memory_format=torch.channels_last)
+        exported = ExportedClassifier.of(model, preprocessing).to(device)
         # The description export writes beside a file, so that a checkpoint and an exported file are read alike.
-        description = export.describe(model, preprocessing, "checkpoint", ckpt_path, 0.0)
+        description = describe(model, preprocessing, "checkpoint", ckpt_path, 0.0)
         source = Path(ckpt_path)
 
         @torch.inference_mode()
@@ -95,8 +77,6 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
             raise UserInputError(f"--model {model_file} needs the file and {description_file} beside it (from export).")
         description = json.loads(description_file.read_text())
         if source.suffix == ".onnx":
-            from transfer_lightning.runtime import inference_session
-
             session = inference_session(source)  # once: a session per request would cost more than the model
 
             def run(images: Tensor) -> Tensor:
@@ -109,7 +89,8 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
             def run(images: Tensor) -> Tensor:
                 return program(images)
 
-    output = description["output"]
+    task = create_task(description.get("task", "multiclass"), description["classes"])
+    task.load_output_description(description["output"])
     info = {
         "classes": description["classes"],
         "task": description.get("task", "multiclass"),
@@ -119,14 +100,11 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
         "source": str(source),
         "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
     }
-    thresholds = output.get("thresholds")
     return ServedModel(
         run=run,
         stored_size=tuple(description["resize_to_cover"]),
         input_size=tuple(description["center_crop"]),
-        classes=description["classes"],
-        multilabel=info["task"] == "multilabel",
-        thresholds=list(thresholds.values()) if thresholds else None,
+        task=task,
         info=info,
     )
 
@@ -188,84 +166,6 @@ def decode_all(model: ServedModel, images: list[tuple[str, bytes]], max_pixels: 
 
 
 def answer(model: ServedModel, probabilities: Tensor, names: list[str], top_k: int) -> list[dict]:
-    """Per image: the predicted class (multi-label: the labels at or above threshold) and the top-k."""
-    k = min(top_k, len(model.classes))
-    answers = []
-    for name, row in zip(names, probabilities.tolist(), strict=True):
-        ranked = sorted(zip(row, model.classes, strict=True), reverse=True)[:k]
-        entry = {
-            "file": name,
-            "class": ranked[0][1],
-            "probability": ranked[0][0],
-            "top_k": [{"class": c, "probability": p} for p, c in ranked],
-        }
-        if model.multilabel:
-            entry["labels"] = [c for c, p, t in zip(model.classes, row, model.thresholds, strict=True) if p >= t]
-        answers.append(entry)
-    return answers
-
-
-def build_server(args: argparse.Namespace):
-    """The LitServer for ``args`` (see :func:`parser`)."""
-    import litserve as ls
-    from fastapi.responses import FileResponse
-
-    from transfer_lightning.serve_api import ClassifierAPI, RejectBadJSON
-
-    api = ClassifierAPI(args, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
-    server = ls.LitServer(
-        api,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        workers_per_device=args.workers,
-        model_metadata=load_model(args.ckpt_path, args.model, "cpu").info,
-        max_payload_size=int(args.max_image_mb * MAX_IMAGES_PER_REQUEST * 2**20),
-        middlewares=[RejectBadJSON],
-    )
-    # LitServe answers "/" with "litserve running"; the page takes its place.
-    server.app.router.routes = [route for route in server.app.router.routes if getattr(route, "path", None) != "/"]
-    server.app.add_api_route("/", lambda: FileResponse(PAGE, media_type="text/html"), methods=["GET"])
-    return server
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m transfer_lightning serve",
-        description="Serve a trained model over HTTP (LitServe): POST /predict, GET /health, /info and / (a page).",
-    )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt_path", help="checkpoint written by fit")
-    source.add_argument("--model", help="an exported .pt2 or .onnx file, with its .json beside it")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max_batch_size", type=int, default=16, help="requests batched into one forward pass")
-    p.add_argument("--batch_timeout", type=float, default=0.01, help="seconds to wait for a batch to fill")
-    p.add_argument("--workers", type=int, default=1, help="inference processes per device")
-    p.add_argument("--top_k", type=int, default=5)
-    p.add_argument("--max_image_mb", type=float, default=20.0, help="largest image file accepted, in MB")
-    p.add_argument("--max_megapixels", type=float, default=50.0, help="largest image accepted, in megapixels")
-    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--devices", default="auto", help="number of devices, or auto")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    if importlib.util.find_spec("litserve") is None:
-        raise UserInputError("serve needs LitServe: install the serve extra (pip install -e '.[serve]').")
-    if args.devices != "auto":
-        args.devices = int(args.devices)
-    server = build_server(args)
-    # Stop cleanly on SIGTERM (docker stop, kill) and on Ctrl+C, also where SIGINT was ignored when this
-    # process started (commands started with & by a non-interactive shell inherit that).
-    main_process = os.getpid()
-
-    def interrupt(signal_number: int, frame) -> None:
-        if os.getpid() == main_process:
-            raise KeyboardInterrupt  # LitServe's run() shuts its workers down on KeyboardInterrupt
-        signal.signal(signal_number, signal.SIG_DFL)  # a forked server process, stopped by that shutdown
-        os.kill(os.getpid(), signal_number)
-
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, interrupt)
-    server.run(host=args.host, port=args.port, generate_client_file=False)
+    """Per image: the predicted class and the top-k (multi-label: the labels at or above threshold too)."""
+    k = min(top_k, model.task.num_classes)
+    return [{"file": name} | model.task.answer(row, k) for name, row in zip(names, probabilities, strict=True)]

@@ -26,8 +26,10 @@ from typing import Any
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
+from transfer_lightning.commands.cli import TransferLightningCLI, program_name
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
+from transfer_lightning.training import CheckpointOnInterrupt, FrozenFeatureCache
 
 EXTRA = "pip install -e '.[tune]'"
 #: Trials listed in the log at the end (all of them are in trials.csv).
@@ -95,8 +97,6 @@ def as_argument(key: str, value: Any) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from transfer_lightning.cli import program_name
-
     parser = argparse.ArgumentParser(
         prog=f"{program_name()} sweep",
         description="An Optuna study over fit's settings: each trial fits the config with values from the search "
@@ -162,9 +162,6 @@ class Objective:
         self._first = True
 
     def __call__(self, trial) -> float:
-        from transfer_lightning.callbacks import CheckpointOnInterrupt
-        from transfer_lightning.cli import TransferLightningCLI
-
         run_dir = self.sweep_dir / "trials" / f"trial_{trial.number}"
         if run_dir.exists():
             raise UserInputError(
@@ -211,8 +208,6 @@ class Objective:
 
     @staticmethod
     def say_if_features_are_reused(cli) -> None:
-        from transfer_lightning.features import FrozenFeatureCache
-
         for callback in cli.trainer.callbacks:
             if isinstance(callback, FrozenFeatureCache) and callback.store:
                 reason = callback.reason_not_to_cache(cli.model, cli.datamodule)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from transfer_lightning.report import Run, duration, markdown_table, plot_runs
+from transfer_lightning.reporting.runs import Run, duration, markdown_table, plot_runs
 
 #: (heading, file in the run folder, TensorBoard image tag), in page order; the file wins when both exist.
 PICTURES = [

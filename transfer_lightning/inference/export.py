@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from transfer_lightning import __version__, checkpoints
+from transfer_lightning import checkpoints
 from transfer_lightning.data.transforms import Preprocessing, prepare_batch
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
 from transfer_lightning.model import TransferClassifier
-from transfer_lightning.runtime import dynamic_batch, inference_session, missing_onnx_packages, write_onnx
+from transfer_lightning.network.onnx import dynamic_batch, inference_session, missing_onnx_packages, write_onnx
+from transfer_lightning.tasks import Task
 
 Format = Literal["onnx", "pt2"]
 FORMATS: tuple[Format, ...] = ("onnx", "pt2")
@@ -36,27 +38,27 @@ TOLERANCE = 1e-4
 
 
 class ExportedClassifier(nn.Module):
-    """uint8 RGB images ``(N, 3, H, W)`` -> class probabilities ``(N, classes)``, as evaluation in training:
-    softmax, or with ``multilabel`` a sigmoid per class."""
+    """uint8 RGB images ``(N, 3, H, W)`` -> class probabilities ``(N, classes)``, exactly as evaluation in
+    training computes them: the same task's probabilities and, with ``tta_flip``, its same flip average."""
 
-    def __init__(
-        self, network: nn.Module, preprocessing: Preprocessing, tta_flip: bool = False, multilabel: bool = False
-    ) -> None:
+    def __init__(self, network: nn.Module, preprocessing: Preprocessing, task: Task, tta_flip: bool = False) -> None:
         super().__init__()
-        self.network, self.tta_flip, self.multilabel = network, tta_flip, multilabel
+        self.network, self.task, self.tta_flip = network, task, tta_flip
         self.image_size, self.view = preprocessing.image_size, preprocessing.view
         self.register_buffer("mean", torch.tensor(preprocessing.mean))
         self.register_buffer("std", torch.tensor(preprocessing.std))
 
     def forward(self, images: Tensor) -> Tensor:
         inputs = prepare_batch(images, self.mean, self.std, augment=False, image_size=self.image_size, view=self.view)
-        probabilities = self._probabilities(self.network(inputs))
-        if self.tta_flip:  # as the model's tta_flip: the mean with the mirror image's probabilities
-            probabilities = (probabilities + self._probabilities(self.network(inputs.flip(-1)))) / 2
-        return probabilities
+        logits = self.network(inputs)
+        if self.tta_flip:
+            logits = self.task.flip_average(logits, self.network(inputs.flip(-1)))
+        return self.task.probabilities(logits)
 
-    def _probabilities(self, logits: Tensor) -> Tensor:
-        return logits.sigmoid() if self.multilabel else logits.softmax(dim=-1)
+    @classmethod
+    def of(cls, model: TransferClassifier, preprocessing: Preprocessing) -> ExportedClassifier:
+        """The exported form of a trained model."""
+        return cls(model.network, preprocessing, model.task, model.hparams.tta_flip)
 
 
 def load_classifier(ckpt_path: str | Path) -> tuple[TransferClassifier, Preprocessing]:
@@ -85,7 +87,7 @@ def export(ckpt_path: str | Path, output: str | Path, format: Format | None = No
                 f"ONNX export needs {', '.join(missing)}: install the export extra (pip install -e '.[export]')."
             )
     model, preprocessing = load_classifier(ckpt_path)
-    exported = ExportedClassifier(model.network, preprocessing, model.hparams.tta_flip, model.multilabel).eval()
+    exported = ExportedClassifier.of(model, preprocessing).eval()
     with atomic_path(output) as written, atomic_path(f"{output}.json") as json_file:  # both, or neither
         (_write_onnx if format == "onnx" else _write_pt2)(exported, preprocessing, written)
         difference = check(written, format, model, preprocessing)
@@ -113,7 +115,7 @@ def _write_onnx(module: ExportedClassifier, preprocessing: Preprocessing, path: 
 def check(path: Path, format: Format, model: TransferClassifier, preprocessing: Preprocessing) -> float:
     """Largest probability difference between the file at ``path`` and ``model``; fails above :data:`TOLERANCE`."""
     images = example_images(preprocessing, 3, seed=1)  # another batch size than the one exported with
-    expected = model.probabilities(model.evaluation_logits(preprocessing(images)))
+    expected = model.task.probabilities(model.evaluation_logits(preprocessing(images)))
     got = run_exported(path, format, images)
     difference = float((got - expected).abs().max())
     if got.shape != expected.shape or not difference <= TOLERANCE:
@@ -139,16 +141,10 @@ def describe(
     """What ``FILE.json`` says: the classes, the input and output, and what the caller must do first."""
     height, width = preprocessing.caller_size
     output = {"name": "probabilities", "dtype": "float32", "shape": ["N", len(model.class_names)]}
-    if model.multilabel:
-        output |= {
-            "activation": "sigmoid per class (multilabel): an image has every class at or above its threshold",
-            "thresholds": dict(zip(model.class_names, model.thresholds.tolist(), strict=True)),
-        }
-    else:
-        output["activation"] = "softmax (multiclass)"
+    output |= model.task.describe_output()
     return {
         "format": format,
-        "task": model.hparams.task or "multiclass",
+        "task": model.task.name,
         "classes": model.class_names,
         "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, height, width], "channels": "RGB"},
         "output": output,
@@ -165,7 +161,7 @@ def describe(
         "backbone": model.hparams.backbone,
         "checkpoint": str(ckpt_path),
         "checked": {"images": 3, "max_probability_difference": difference, "tolerance": TOLERANCE},
-        "transfer_lightning_version": __version__,
+        "transfer_lightning_version": version("transfer_lightning"),
     }
 
 

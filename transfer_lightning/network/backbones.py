@@ -169,3 +169,24 @@ def _load_state_dict_file(network: nn.Module, backbone: str, head_name: str, pat
             "Is it for another architecture? Pick the matching --model.backbone."
         )
     network.load_state_dict(state_dict, strict=False)
+
+
+@torch.no_grad()
+def check_input_size(
+    network: nn.Module, size: tuple[int, int], backbone: str, min_size: tuple[int, int] | None
+) -> None:
+    """Run one blank image of ``size`` through ``network`` in eval mode, so that a size it cannot take fails
+    here, with a message that names the sizes it takes, not deep inside the first training step."""
+    modes = {module: module.training for module in network.modules()}  # frozen BatchNorm stays in eval mode
+    network.eval()
+    try:
+        network(torch.zeros(1, 3, *size, device=next(network.parameters()).device))
+    except (RuntimeError, ValueError, AssertionError) as error:
+        least = f"at least {min_size[0]}x{min_size[1]}" if min_size else "e.g. 224"
+        raise UserInputError(
+            f"{backbone} cannot take {size[0]}x{size[1]} images ({error}). "
+            f"Set --data.image_size to a size it accepts: {least} (its weights were trained at 224)."
+        ) from None
+    finally:
+        for module, training in modes.items():
+            module.training = training

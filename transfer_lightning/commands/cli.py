@@ -1,4 +1,5 @@
-"""The command line: LightningCLI with this project's trainer defaults, callbacks and links."""
+"""The Lightning subcommands (fit, validate, test, predict): LightningCLI with this project's trainer defaults,
+callbacks and links. The other subcommands are dispatched by :mod:`.main`."""
 
 from __future__ import annotations
 
@@ -12,23 +13,22 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from transfer_lightning import checkpoints, report
-from transfer_lightning.averaging import WeightEMA
-from transfer_lightning.callbacks import (
-    CheckpointOnInterrupt,
-    DashboardLayout,
-    HparamsWithResults,
-    PredictionsCSV,
-    TrainingSpeed,
-)
+from transfer_lightning import checkpoints
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.errors import UserInputError
-from transfer_lightning.features import FrozenFeatureCache
+from transfer_lightning.inference import PredictionsCSV
 from transfer_lightning.interpretation import Interpretation
-from transfer_lightning.logs import PlainProgress, silence_noise
+from transfer_lightning.logs import PlainProgress
 from transfer_lightning.model import TransferClassifier
+from transfer_lightning.training import (
+    CheckpointOnInterrupt,
+    DashboardLayout,
+    FrozenFeatureCache,
+    HparamsWithResults,
+    TrainingSpeed,
+    WeightEMA,
+)
 
 DESCRIPTION = (
     "Transfer learning of torchvision image classifiers with PyTorch Lightning, e.g. "
@@ -102,6 +102,9 @@ class TransferLightningCLI(LightningCLI):
             **kwargs,
         )
 
+    # The three private LightningCLI methods below have no public extension point in Lightning 2.6.6
+    # (tests/test_newcomer.py, test_inference.py and test_bad_input.py fail if Lightning stops calling them).
+
     def _set_seed(self) -> None:
         # LightningCLI seeds before instantiating anything; a seed numpy rejects is a config error too.
         try:
@@ -160,10 +163,9 @@ class TransferLightningCLI(LightningCLI):
             raise UserInputError(f"Invalid configuration: {error}") from None
         if self.datamodule.predict_dir is None:
             self.model.check_task(self.datamodule.task)
-        checkpoint = self.trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.monitor == "val/acc" and self.model.monitor != "val/acc":
-            checkpoint.monitor = self.model.monitor
-            checkpoint.filename = "best-epoch{epoch:02d}-val_mAP{val/mAP:.4f}"
+        checkpoint, task = self.trainer.checkpoint_callback, self.model.task
+        if checkpoint is not None and checkpoint.monitor == "val/acc" and task.monitor != "val/acc":
+            checkpoint.monitor, checkpoint.filename = task.monitor, task.checkpoint_filename
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         """Lightning's subcommands with one-line help texts of ours, and ``report`` in the list too."""
@@ -239,41 +241,3 @@ class TransferLightningCLI(LightningCLI):
             return
         has_best = self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_path
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
-
-
-def main(args: list[str] | None = None) -> None:
-    """Run the CLI; a :class:`UserInputError` is printed as one line and exits with status 2.
-
-    ``report``, ``export``, ``serve``, ``lr_find`` and ``sweep`` are dispatched here: LightningCLI's subcommands are
-    Trainer methods only.
-    """
-    argv = sys.argv[1:] if args is None else args
-    silence_noise()
-    try:
-        if argv[:1] and argv[0].startswith("--print_config"):
-            raise UserInputError(
-                f"Put a subcommand first: {program_name()} fit --config configs/finetune_sgd.yaml --print_config"
-            )
-        if argv[:1] == ["report"]:
-            report.main(argv[1:])
-        elif argv[:1] == ["export"]:
-            from transfer_lightning import export  # imports torch.export and onnx only when asked
-
-            export.main(argv[1:])
-        elif argv[:1] == ["lr_find"]:
-            from transfer_lightning import lr_finder
-
-            lr_finder.main(argv[1:])
-        elif argv[:1] == ["sweep"]:
-            from transfer_lightning import sweep  # imports Optuna only when asked
-
-            sweep.main(argv[1:])
-        elif argv[:1] == ["serve"]:
-            from transfer_lightning import serve  # imports LitServe only when asked
-
-            serve.main(argv[1:])
-        else:
-            TransferLightningCLI(args=args)
-    except (UserInputError, MisconfigurationException) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

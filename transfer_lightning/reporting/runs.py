@@ -1,13 +1,8 @@
-"""``python -m transfer_lightning report [LOGDIR ...]``: a table and a plot of finished runs, and with
-``--html`` one page of everything (:mod:`~transfer_lightning.html_report`).
-
-Reads only the TensorBoard event files of each run (``lightning_logs/version_N``), the same files
-that TensorBoard reads, so any run that TensorBoard shows can be reported.
-"""
+"""Finished runs read back from their TensorBoard event files (``lightning_logs/version_N``), the same files
+that TensorBoard reads, so any run that TensorBoard shows can be reported: a table and a plot of curves."""
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
 from transfer_lightning.errors import UserInputError  # noqa: E402
-from transfer_lightning.files import atomic_path  # noqa: E402
+from transfer_lightning.tasks import TASKS, Task  # noqa: E402
 
 #: Table columns, in order.
 COLUMNS = [
@@ -37,11 +32,9 @@ COLUMNS = [
     "wall time",
     "train images/s",
 ]
-#: (tag of the training curve, tag of the validation curve, axis label) per plot panel; multi-label runs
-#: have no accuracy, and show their validation mAP in the accuracy panel.
-CURVES = [("train/loss_epoch", "val/loss", "loss"), ("train/acc_epoch", "val/acc", "accuracy (multi-label: mAP)")]
-#: Tags of accuracy, and the multi-label runs' metric that takes its place.
-IN_PLACE_OF_ACCURACY = {"val/acc": "val/mAP", "test/acc": "test/mAP"}
+#: (tag of the training curve, tag of the validation curve) per plot panel: the loss, then each run's task's
+#: score (``acc``: accuracy; ``mAP`` for multi-label runs, which have no training score).
+CURVES = [("train/loss_epoch", "val/loss"), ("train/{score}_epoch", "val/{score}")]
 
 
 @dataclass
@@ -79,21 +72,26 @@ class Run:
         return "frozen (BN drifts)" if _is_true(self.hparams.get("update_bn_stats")) else "frozen"
 
     @property
-    def multilabel(self) -> bool:
-        return "val/mAP" in self.scalars or "test/mAP" in self.scalars
+    def task(self) -> type[Task]:
+        """The run's task, as its hyperparameters say (runs before 2026-12-04 did not log it: those that
+        logged a mAP were multi-label)."""
+        name = self.hparams.get("task")
+        if name not in TASKS:
+            name = "multilabel" if "val/mAP" in self.scalars or "test/mAP" in self.scalars else "multiclass"
+        return TASKS[name]
 
     def curve(self, tag: str) -> list[float]:
-        """The values of ``tag``; of val/mAP for val/acc (and test/mAP for test/acc) in multi-label runs."""
-        return self.scalars.get(IN_PLACE_OF_ACCURACY.get(tag, tag) if self.multilabel else tag, [])
+        """The values of ``tag``, where ``{score}`` in it stands for the task's score (acc or mAP)."""
+        return self.scalars.get(tag.format(score=self.task.score), [])
 
-    def best_val_acc(self) -> float | None:
-        """The best validation accuracy, or mAP for a multi-label run."""
-        values = self.curve("val/acc")
+    def best_val_score(self) -> float | None:
+        """The best validation score of the run's task (accuracy, or mAP)."""
+        values = self.curve("val/{score}")
         return max(values) if values else None
 
-    def test_acc(self) -> float | None:
-        """The test accuracy, or mAP for a multi-label run."""
-        values = self.curve("test/acc")
+    def test_score(self) -> float | None:
+        """The test score of the run's task (accuracy, or mAP)."""
+        values = self.curve("test/{score}")
         return values[-1] if values else None
 
     def test_macro_f1(self) -> float | None:
@@ -136,7 +134,7 @@ def read_run(run_dir: Path, root: Path | None = None) -> Run:
         wall_seconds=max(times, default=start) - start,
         images={tag: events.Images(tag)[-1].encoded_image_string for tag in tags["images"]},
     )
-    if run.test_acc() is None:
+    if run.test_score() is None:
         run.notes.append("not tested")
     if not run.epochs:
         run.notes.append("no finished epoch")
@@ -167,7 +165,7 @@ def markdown_table(runs: list[Run]) -> str:
     """One row per run; missing values are shown as an em dash, with a note on why."""
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for run in runs:
-        test = _percent(run.test_acc()) + (" mAP" if run.multilabel and run.test_acc() is not None else "")
+        test = _score(run, run.test_score())
         if run.notes:
             test = f"{test} ({', '.join(run.notes)})"
         cells = [
@@ -176,7 +174,7 @@ def markdown_table(runs: list[Run]) -> str:
             run.mode,
             run.optimizer,
             str(run.epochs),
-            _percent(run.best_val_acc()) + (" mAP" if run.multilabel and run.best_val_acc() is not None else ""),
+            _score(run, run.best_val_score()),
             test,
             _percent(run.test_macro_f1()),
             duration(run.wall_seconds),
@@ -187,7 +185,7 @@ def markdown_table(runs: list[Run]) -> str:
 
 
 def plot_runs(runs: list[Run]) -> Figure:
-    """Loss and accuracy per epoch: one colour per run, training solid, validation dashed."""
+    """Loss and the task's score per epoch: one colour per run, training solid, validation dashed."""
     figure, axes = plt.subplots(1, len(CURVES), figsize=(12, 4.5 + 0.25 * len(runs)), layout="constrained")
     colours = plt.get_cmap("tab10")
     legend = [
@@ -197,13 +195,14 @@ def plot_runs(runs: list[Run]) -> Figure:
     for index, run in enumerate(runs):
         label = f"{run.name}: {run.hparams.get('backbone', '?')}, {run.mode}, {run.optimizer}"
         legend.append(Line2D([], [], color=colours(index % 10), marker=".", label=label))
-        for axis, (train_tag, val_tag, _) in zip(axes, CURVES, strict=True):
+        for axis, (train_tag, val_tag) in zip(axes, CURVES, strict=True):
             for tag, style, split in ((train_tag, "-", "train"), (val_tag, "--", "val")):
                 values = run.curve(tag)
                 if values:
                     epochs = range(len(values))  # from 0, as Lightning's bar, checkpoints and logs count
                     axis.plot(epochs, values, style, color=colours(index % 10), marker=".", label=f"{label} ({split})")
-    for axis, (_, _, name) in zip(axes, CURVES, strict=True):
+    scores = " / ".join(sorted({run.task.score_title for run in runs}))  # one title, unless the tasks differ
+    for axis, name in zip(axes, ["loss", scores], strict=True):
         axis.set_xlabel("epoch (from 0)")
         axis.set_ylabel(name)
         axis.set_title(f"{name} per epoch (train solid, val dashed)")
@@ -211,6 +210,11 @@ def plot_runs(runs: list[Run]) -> Figure:
         axis.xaxis.get_major_locator().set_params(integer=True)
     figure.legend(handles=legend, loc="outside lower center", ncols=min(3, len(legend)), fontsize="small")
     return figure
+
+
+def _score(run: Run, value: float | None) -> str:
+    """A run's score as a percentage, marked as mAP where that is the task's score."""
+    return _percent(value) + ("" if value is None or run.task.score == "acc" else f" {run.task.score}")
 
 
 def _percent(value: float | None) -> str:
@@ -225,42 +229,3 @@ def duration(seconds: float) -> str:
 def _natural_key(path: Path) -> list[object]:
     parts = path.name.replace("_", " ").split()
     return [str(path.parent)] + [int(p) if p.isdigit() else p for p in parts]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m transfer_lightning report",
-        description="Print a markdown table of the runs under LOGDIR and write a PNG of their curves.",
-    )
-    parser.add_argument("log_dirs", nargs="*", type=Path, default=[Path("lightning_logs")], metavar="LOGDIR")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG to write (default: LOGDIR/report.png)")
-    parser.add_argument(
-        "--html",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="also write one self-contained HTML page: settings, curves, classification report, confusion matrix, "
-        "top losses with activation maps and the training batch of each run (the comparison first)",
-    )
-    args = parser.parse_args(argv)
-    run_dirs = find_runs(args.log_dirs)
-    if not run_dirs:
-        raise UserInputError(f"No TensorBoard event files under {', '.join(map(str, args.log_dirs))}. Run fit first.")
-    runs = [read_run(run_dir, _root_of(run_dir, args.log_dirs)) for run_dir in run_dirs]
-    print(markdown_table(runs))
-    plot_path = args.plot or args.log_dirs[0] / "report.png"
-    figure = plot_runs(runs)
-    with atomic_path(plot_path) as partial:  # never leave half a PNG behind
-        figure.savefig(partial, dpi=90, format="png")
-    plt.close(figure)
-    print(f"\nCurves: {plot_path}")
-    if args.html is not None:
-        from transfer_lightning.html_report import write_html
-
-        with atomic_path(args.html) as partial:
-            partial.write_text(write_html(runs, run_dirs), encoding="utf-8")
-        print(f"Report: {args.html}")
-
-
-def _root_of(run_dir: Path, log_dirs: list[Path]) -> Path | None:
-    return next((log_dir for log_dir in log_dirs if run_dir.is_relative_to(log_dir)), None)

@@ -61,6 +61,55 @@ def parameters_of_enclosing_modules(network: nn.Module, name: str) -> list[str]:
     ]
 
 
+class FrozenParts:
+    """Which parameters of a network train: the head alone while the backbone is frozen, else every parameter
+    from ``trainable_from`` on; and which BatchNorm layers must stay in eval mode for that.
+
+    Args:
+        network: The network, with its new head.
+        head: Dotted name of the head.
+        trainable_from: The first module that trains after the backbone is unfrozen (null: all of them).
+        backbone_frozen: Start with the backbone frozen.
+    """
+
+    def __init__(self, network: nn.Module, head: str, trainable_from: str | None, backbone_frozen: bool) -> None:
+        self.network, self.head = network, head
+        #: Names of the outermost modules before ``trainable_from``: frozen for the whole run, and of the
+        #: parameters that enclosing modules hold directly (ViT's class token), frozen with them.
+        self.always_frozen = modules_before(network, trainable_from) if trainable_from else []
+        self.always_frozen_loose = parameters_of_enclosing_modules(network, trainable_from) if trainable_from else []
+        #: Whether the backbone is frozen now (with gradual unfreezing it is until the unfreeze epoch).
+        self.backbone_frozen = False
+        self.freeze_backbone() if backbone_frozen else self.unfreeze_backbone()
+
+    def freeze_backbone(self) -> None:
+        """Set requires_grad False on every parameter outside the head."""
+        self.network.requires_grad_(False)
+        self.network.get_submodule(self.head).requires_grad_(True)
+        self.backbone_frozen = True
+
+    def unfreeze_backbone(self) -> None:
+        """Set requires_grad True on every parameter, except those before ``trainable_from``."""
+        self.network.requires_grad_(True)
+        for parameter in self.always_frozen_parameters():
+            parameter.requires_grad_(False)
+        self.backbone_frozen = False
+
+    def always_frozen_parameters(self) -> list[nn.Parameter]:
+        """The parameters before ``trainable_from``: frozen for the whole run."""
+        inside = [p for name in self.always_frozen for p in self.network.get_submodule(name).parameters()]
+        return inside + [self.network.get_parameter(name) for name in self.always_frozen_loose]
+
+    def always_frozen_modules(self) -> list[nn.Module]:
+        return [self.network.get_submodule(name) for name in self.always_frozen]
+
+    def batchnorms(self) -> list[nn.Module]:
+        """BatchNorm layers of the frozen part: the whole backbone, or the modules before ``trainable_from``."""
+        if self.backbone_frozen:
+            return batchnorms(self.network)
+        return [bn for module in self.always_frozen_modules() for bn in batchnorms(module)]
+
+
 class FrozenBatchNorm(pl.Callback):
     """Runs the frozen part of a :class:`~transfer_lightning.model.TransferClassifier` as frozen.
 
@@ -74,14 +123,14 @@ class FrozenBatchNorm(pl.Callback):
     """
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        frozen = pl_module.frozen_batchnorms()
+        frozen = pl_module.frozen.batchnorms()
         if not frozen or pl_module.hparams.update_bn_stats:
             return
-        until = pl_module.hparams.unfreeze_at_epoch
-        part = "backbone" if pl_module.backbone_frozen else f"part before {pl_module.hparams.trainable_from}"
+        until, backbone_frozen = pl_module.hparams.unfreeze_at_epoch, pl_module.frozen.backbone_frozen
+        part = "backbone" if backbone_frozen else f"part before {pl_module.hparams.trainable_from}"
         when = (
             f"until the backbone is unfrozen at epoch {until}"
-            if pl_module.backbone_frozen and until is not None
+            if backbone_frozen and until is not None
             else "(set model.update_bn_stats true to let them drift)"
         )
         rank_zero_info(
@@ -98,17 +147,13 @@ class FrozenBatchNorm(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         moving_statistics = pl_module.hparams.update_bn_stats and trainer.training
         if not moving_statistics and not pl_module.hparams.compile:
-            run_folded(self._always_frozen(pl_module))
+            run_folded(pl_module.frozen.always_frozen_modules())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        run_unfolded(self._always_frozen(pl_module))
+        run_unfolded(pl_module.frozen.always_frozen_modules())
 
     on_test_start = on_predict_start = on_train_start
     on_test_end = on_predict_end = on_train_end
-
-    @staticmethod
-    def _always_frozen(pl_module: pl.LightningModule) -> list[nn.Module]:
-        return [pl_module.network.get_submodule(name) for name in pl_module.always_frozen]
 
 
 class GradualUnfreezing(BaseFinetuning):
@@ -132,12 +177,12 @@ class GradualUnfreezing(BaseFinetuning):
         self.unfreeze_at_epoch = unfreeze_at_epoch
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
-        pl_module.freeze_backbone()
+        pl_module.frozen.freeze_backbone()
 
     def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
-        if epoch >= self.unfreeze_at_epoch and pl_module.backbone_frozen:
+        if epoch >= self.unfreeze_at_epoch and pl_module.frozen.backbone_frozen:
             # Not BaseFinetuning.make_trainable: the modules before model.trainable_from stay frozen.
-            pl_module.unfreeze_backbone()
+            pl_module.frozen.unfreeze_backbone()
             pl_module.train()  # BatchNorm layers of the backbone now train too
             rank_zero_info(f"Epoch {epoch}: the backbone is unfrozen and trained from now on.")
 

@@ -1,5 +1,5 @@
-"""The LitAPI of ``serve``, in a module of its own: LitServe's worker processes import it by name, and
-only ``serve`` imports LitServe (the [serve] extra)."""
+"""The LitAPI of ``serve``, in a module of its own: LitServe's worker processes import it by name, and only
+the server imports it, so LitServe (the [serve] extra) is needed only to serve."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import litserve as ls
 import torch
 from fastapi.responses import JSONResponse
 
-from transfer_lightning.serve import Rejected, answer, decode_all, load_model, read_images
+from transfer_lightning.serving.requests import Rejected, answer, decode_all, load_model, read_images
 
 
 class ClassifierAPI(ls.LitAPI):

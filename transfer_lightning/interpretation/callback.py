@@ -2,41 +2,30 @@
 
 After ``test``: the test images with the highest loss (often wrongly labelled ones) and examples of
 the most confused class pairs, each as the network saw it (the centre view, de-normalised), with
-Grad-CAM maps (:mod:`~transfer_lightning.cam`) for the predicted and the true class. At the start of
-``fit``: the first training batch after the device transforms, so a user sees what random resized
-crop and flip do to their photos. The pictures are what fastai's ``plot_top_losses`` and
+Grad-CAM maps (:mod:`~transfer_lightning.interpretation.cam`) for the predicted and the true class. At
+the start of ``fit``: the first training batch after the device transforms, so a user sees what random
+resized crop and flip do to their photos. The pictures are what fastai's ``plot_top_losses`` and
 ``most_confused`` and Ultralytics' ``train_batch.jpg`` show.
 """
 
 from __future__ import annotations
 
 import csv
-import io
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from matplotlib import colormaps
-from PIL import Image, ImageDraw, ImageFont
-from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torchmetrics.aggregation import CatMetric
-from torchvision.utils import make_grid
 
-from transfer_lightning.cam import grad_cam, resolve_cam_layer
 from transfer_lightning.data import ImageTensorDataset
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
-
-#: Images per row of the training-batch grid.
-BATCH_GRID_COLUMNS = 8
-#: Smallest side of a picture in the sheets (smaller ones are enlarged), title font size, and the gap between.
-MIN_TILE, TITLE_SIZE, GAP = 160, 12, 6
+from transfer_lightning.interpretation.cam import grad_cam, resolve_cam_layer
+from transfer_lightning.interpretation.pictures import batch_grid, denormalize, overlay, save_sheet, tile_sheet
+from transfer_lightning.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -69,88 +58,6 @@ def most_confused(labels: Tensor, predicted: Tensor, losses: Tensor, pairs: int,
         ranked = members[top_losses(losses[members], per_pair)]
         found.append(ConfusedPair(true, guess, int(counts[code]), ranked.tolist()))
     return found
-
-
-def denormalize(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """The network's normalised input (N, 3, H, W) back to pixel values in [0, 1]."""
-    view = (1, -1, 1, 1)
-    return (batch.float() * std.to(batch.device).view(view) + mean.to(batch.device).view(view)).clamp(0, 1)
-
-
-def overlay(image: Tensor, activation: Tensor, alpha: float = 0.5) -> Tensor:
-    """An image (3, H, W) in [0, 1] blended with its activation map (H, W) in [0, 1] in the jet colours."""
-    heat = torch.from_numpy(colormaps["jet"](activation.cpu().numpy())[..., :3]).permute(2, 0, 1).float()
-    return (1 - alpha) * image.cpu() + alpha * heat
-
-
-def explanation_picture(image: Tensor, activation: Tensor) -> Tensor:
-    """uint8 (3, H, 2W): an image in [0, 1] as the network saw it, beside its activation map over it."""
-    return to_uint8(torch.cat([image.cpu(), overlay(image, activation)], dim=2))
-
-
-def png_bytes(image: Tensor) -> bytes:
-    """A uint8 (3, H, W) image encoded as PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def save_png(image: Tensor, path: Path) -> bytes:
-    """Write a uint8 (3, H, W) image as a PNG, atomically; return its bytes."""
-    encoded = png_bytes(image)
-    with atomic_path(path) as partial:
-        partial.write_bytes(encoded)
-    return encoded
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """Pixel values in [0, 1] -> uint8, rounded to the nearest step (as a PNG stores them)."""
-    return images.mul(255).round().clamp(0, 255).to(torch.uint8)
-
-
-def batch_grid(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 (3, H, W) grid of a normalised batch, de-normalised, :data:`BATCH_GRID_COLUMNS` per row."""
-    return to_uint8(make_grid(denormalize(batch, mean, std).cpu(), nrow=BATCH_GRID_COLUMNS, padding=2))
-
-
-def _font() -> ImageFont.ImageFont:
-    """Pillow's own font at a readable size (a scalable one needs Pillow 10.1 and FreeType; else its bitmap one)."""
-    try:
-        return ImageFont.load_default(size=TITLE_SIZE)
-    except (TypeError, ImportError, OSError):
-        return ImageFont.load_default()
-
-
-def tile_sheet(tiles: list[tuple[Tensor, str]], columns: int) -> Tensor:
-    """uint8 (3, H, W): images (3, h, w) in [0, 1], each under its title (lines split at "\\n"), ``columns``
-    per row, small images enlarged (nearest neighbour) to at least :data:`MIN_TILE` pixels. Drawn with
-    PIL: matplotlib's layout takes seconds for a few dozen titled images, this milliseconds."""
-    height, width = tiles[0][0].shape[-2:]
-    scale = max(1, math.ceil(MIN_TILE / max(height, width)))
-    lines = max(title.count("\n") + 1 for _, title in tiles)
-    title_height = lines * (TITLE_SIZE + 3) + 4
-    cell_height, cell_width = height * scale + title_height, width * scale
-    rows = math.ceil(len(tiles) / columns)
-    sheet = Image.new("RGB", (columns * (cell_width + GAP) - GAP, rows * (cell_height + GAP) - GAP), "white")
-    font = _font()
-    for index, (image, title) in enumerate(tiles):
-        top, left = divmod(index, columns)
-        top, left = top * (cell_height + GAP), left * (cell_width + GAP)
-        pixels = to_uint8(image.cpu()).repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-        sheet.paste(Image.fromarray(pixels.permute(1, 2, 0).numpy()), (left, top + title_height))
-        cell = Image.new("RGB", (cell_width, title_height), "white")  # the title clipped to its own cell
-        ImageDraw.Draw(cell).multiline_text((2, 2), title, fill="black", font=font, spacing=3)
-        sheet.paste(cell, (left, top))
-    return torch.from_numpy(np.asarray(sheet).copy()).permute(2, 0, 1)
-
-
-def save_sheet(sheet: Tensor, path: Path, logger: object = None, tag: str = "", step: int = 0) -> None:
-    """Write a uint8 (3, H, W) picture as a PNG and, given a TensorBoard logger, as its image ``tag``
-    (the same PNG bytes: TensorBoard's ``add_image`` would encode it again)."""
-    encoded = save_png(sheet, path)
-    if isinstance(logger, TensorBoardLogger):
-        image = Summary.Image(height=sheet.shape[1], width=sheet.shape[2], colorspace=3, encoded_image_string=encoded)
-        logger.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 class Interpretation(pl.Callback):
@@ -285,12 +192,11 @@ class Interpretation(pl.Callback):
         positions = gathered["positions"].long().cpu()
         losses, probabilities = gathered["losses"].cpu(), gathered["probabilities"].cpu()
         labels = self._images["test_set"].labels[positions]
-        names = pl_module.class_names
-        multilabel = getattr(pl_module, "multilabel", False)
+        task, names = pl_module.task, pl_module.class_names
         predicted = probabilities.argmax(dim=1)
         top = top_losses(losses, self.top_k)
         folder, logger, step = Path(self._log_dir), trainer.logger, trainer.global_step
-        rows = [self._row(int(positions[i]), labels[i], probabilities[i], float(losses[i]), pl_module) for i in top]
+        rows = [self._row(int(positions[i]), labels[i], probabilities[i], float(losses[i]), task) for i in top]
         with atomic_path(folder / "top_losses.csv") as partial, open(partial, "w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(["rank", "index", "true", "predicted", "probability", "loss"])
@@ -301,36 +207,22 @@ class Interpretation(pl.Callback):
         sheet = tile_sheet(list(zip(shown, titles, strict=True)), min(4, len(titles)))
         save_sheet(sheet, folder / "top_losses.png", logger, "test/top_losses", step)
         if self.cam:
-            true = self._true_classes(labels[top], probabilities[top]) if multilabel else labels[top]
+            true = task.explained_class(labels[top], probabilities[top])
             self._save_maps(pl_module, images, shown, predicted[top], true, names, folder, logger, step)
-        if not multilabel and self.confused_pairs:
+        if task.single_label and self.confused_pairs:  # pairs of (true, predicted) classes
             self._save_confused(trainer, pl_module, labels, predicted, losses, positions, names, folder, step)
         rank_zero_info(f"Top losses and activation maps: {folder}/top_losses*.png (and TensorBoard's Images tab)")
 
     @staticmethod
-    def _row(index: int, label: Tensor, probabilities: Tensor, loss: float, pl_module) -> tuple:
-        """(test index, true class, predicted class, its probability, loss) of one image; for multilabel the
-        true and the predicted (at or above threshold) classes, separated by spaces, and the top probability."""
-        names = pl_module.class_names
-        best = int(probabilities.argmax())
-        if not getattr(pl_module, "multilabel", False):
-            return index, names[int(label)], names[best], float(probabilities[best]), loss
-        chosen = (probabilities >= pl_module.thresholds.cpu()).tolist()
-        true = " ".join(n for n, t in zip(names, label.tolist(), strict=True) if t) or "none"
-        guess = " ".join(n for n, c in zip(names, chosen, strict=True) if c) or "none"
-        return index, true, guess, float(probabilities[best]), loss
+    def _row(index: int, label: Tensor, probabilities: Tensor, loss: float, task: Task) -> tuple:
+        """(test index, true label(s), predicted label(s), probability of the most probable class, loss)."""
+        predicted = task.join(task.chosen(probabilities[None])[0]) or "none"
+        return index, task.label_text(label) or "none", predicted, float(probabilities.max()), loss
 
     def _prepared(self, trainer: pl.Trainer, pl_module: pl.LightningModule, positions: Tensor) -> Tensor:
         """The test images at ``positions`` as the network's input (the centre view), on its device."""
         stored, _ = self._images["test_set"].__getitems__(positions.tolist())
         return trainer.datamodule.batch_transform(stored.to(pl_module.device), train=False)
-
-    @staticmethod
-    def _true_classes(targets: Tensor, probabilities: Tensor) -> Tensor:
-        """Multilabel: each image's true class with the lowest probability (the most missed one); the most
-        probable class for an image without labels."""
-        missed = torch.where(targets.bool(), probabilities, torch.inf).argmin(dim=1)
-        return torch.where(targets.bool().any(dim=1), missed, probabilities.argmax(dim=1))
 
     def _save_maps(self, pl_module, images, shown, predicted, true, names, folder, logger, step) -> None:
         try:

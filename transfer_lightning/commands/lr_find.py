@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateFinder  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from transfer_lightning.commands.cli import TransferLightningCLI, program_name  # noqa: E402
 from transfer_lightning.errors import UserInputError  # noqa: E402
 from transfer_lightning.files import atomic_path  # noqa: E402
 
@@ -127,8 +128,6 @@ def plot(rates: list[float], losses: list[float], best: int) -> Figure:
 
 
 def main(argv: list[str]) -> None:
-    from transfer_lightning.cli import TransferLightningCLI, program_name
-
     parser = argparse.ArgumentParser(
         prog=f"{program_name()} lr_find",
         description="Train a few batches at exponentially rising learning rates (Lightning's learning-rate "
@@ -138,6 +137,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--min_lr", type=float, default=1e-6, help="the first rate tried (default 1e-6)")
     parser.add_argument("--max_lr", type=float, default=1.0, help="the last rate tried (default 1)")
     parser.add_argument("--num_training", type=int, default=100, help="batches, one rate each (default 100)")
+    parser.add_argument(
+        "--early_stop_threshold",
+        type=lambda text: None if text.lower() in ("none", "null") else float(text),
+        default=4.0,
+        help="stop when the loss exceeds this times the best so far (default 4, Lightning's); none: try every rate",
+    )
     parser.add_argument("--apply", type=Path, default=None, metavar="FILE", help="also write the config with the rate")
     args, rest = parser.parse_known_args(argv)
     if not 0 < args.min_lr < args.max_lr or args.num_training < MIN_RATES:
@@ -154,7 +159,9 @@ def main(argv: list[str]) -> None:
             "rate, but the sweep gives both one rate. Run it with unfreeze_at_epoch 1 or more (the head's rate), "
             "or without gradual unfreezing."
         )
-    range_test = RangeTest(args.min_lr, args.max_lr, args.num_training, update_attr=False)
+    range_test = RangeTest(
+        args.min_lr, args.max_lr, args.num_training, early_stop_threshold=args.early_stop_threshold, update_attr=False
+    )
     cli.trainer.callbacks.append(range_test)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     finder = range_test.optimal_lr

@@ -20,7 +20,7 @@ from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
 from transfer_lightning.logs import progress_bar
 from transfer_lightning.model import TransferClassifier
-from transfer_lightning.runtime import OnnxFeatureExtractor, missing_onnx_packages
+from transfer_lightning.network.onnx import OnnxFeatureExtractor, missing_onnx_packages
 
 FeaturePrecision = Literal["trainer", "bf16", "fp32"]
 FeatureEngine = Literal["torch", "onnxruntime", "auto"]

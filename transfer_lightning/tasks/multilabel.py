@@ -1,9 +1,6 @@
-"""The classification report of ``test``: per-class precision, recall and F1, macro-F1, top-5, confusions;
-for multi-label data per-class average precision, F1 at the decision thresholds, missed and invented labels.
-
-All numbers come from torchmetrics (synchronised across processes under DDP). A class without
-test images is reported as absent, not as 0%: its recall is undefined, and so are its F1 and its
-share in macro-F1, which averages over the classes that have test images.
+"""Any number of classes per image: a sigmoid per class, binary cross-entropy, mean average precision, and
+each class's decision threshold picked on validation; the test report gives per-class AP, F1 at those
+thresholds, and the labels most often missed and invented.
 """
 
 from __future__ import annotations
@@ -11,18 +8,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric
 from torchmetrics.aggregation import CatMetric
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 from torchmetrics.functional.classification import (
     multilabel_average_precision,
     multilabel_f1_score,
@@ -32,122 +24,7 @@ from torchmetrics.functional.classification import (
     multilabel_stat_scores,
 )
 
-#: Top-k accuracy is reported for k = 5 when there are more than this many classes.
-TOP_K = 5
-#: Most confused (true, predicted) class pairs in the report.
-CONFUSED_PAIRS = 5
-
-
-@dataclass(frozen=True)
-class ClassificationReport:
-    """Test metrics of one run; per-class values are NaN for classes without test images (and
-    precision for classes that were never predicted)."""
-
-    class_names: list[str]
-    precision: list[float]
-    recall: list[float]
-    f1: list[float]
-    support: list[int]
-    accuracy: float
-    top_k_accuracy: float | None
-    macro_f1: float
-    #: (true class, predicted class, images) of the most frequent confusions, most frequent first.
-    confused: list[tuple[str, str, int]]
-
-    @property
-    def present(self) -> list[bool]:
-        return [count > 0 for count in self.support]
-
-    def to_markdown(self) -> str:
-        lines = [
-            "# Classification report",
-            "",
-            f"{sum(self.support)} test images; accuracy {_percent(self.accuracy)}"
-            + (f", top-{TOP_K} accuracy {_percent(self.top_k_accuracy)}" if self.top_k_accuracy is not None else "")
-            + f", macro-F1 {_percent(self.macro_f1)} (mean over the {sum(self.present)} classes with test images).",
-            "",
-            "| class | precision | recall | F1 | test images |",
-            "| --- | ---: | ---: | ---: | ---: |",
-        ]
-        for name, precision, recall, f1, support in zip(
-            self.class_names, self.precision, self.recall, self.f1, self.support, strict=True
-        ):
-            if support == 0:
-                lines.append(f"| {name} | absent | absent | absent | 0 |")
-            else:
-                lines.append(f"| {name} | {_percent(precision)} | {_percent(recall)} | {_percent(f1)} | {support} |")
-        lines.append("")
-        if self.confused:
-            lines += [
-                "## Most confused classes",
-                "",
-                "| true class | predicted as | images | share of the true class |",
-                "| --- | --- | ---: | ---: |",
-            ]
-            support = dict(zip(self.class_names, self.support, strict=True))
-            lines += [f"| {t} | {p} | {n} | {_percent(n / support[t])} |" for t, p, n in self.confused]
-        else:
-            lines.append("No image was confused with another class.")
-        return "\n".join(lines) + "\n"
-
-
-class ClassificationMetrics(nn.Module):
-    """Accumulates test predictions and turns them into a :class:`ClassificationReport`."""
-
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        per_class = {"average": "none", "zero_division": 0}
-        metrics = {
-            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
-            "precision": MulticlassPrecision(num_classes, **per_class),
-            "recall": MulticlassRecall(num_classes, **per_class),
-            "f1": MulticlassF1Score(num_classes, **per_class),
-        }
-        if num_classes > TOP_K:
-            metrics["top_k_accuracy"] = MulticlassAccuracy(num_classes, top_k=TOP_K, average="micro")
-        self.metrics = MetricCollection(metrics)
-        self.confusion = MulticlassConfusionMatrix(num_classes)
-
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        self.metrics.update(logits, labels)
-        self.confusion.update(logits, labels)
-
-    def reset(self) -> None:
-        self.metrics.reset()
-        self.confusion.reset()
-
-    def compute(self, class_names: list[str]) -> tuple[ClassificationReport, Tensor]:
-        """The report, and the confusion matrix (rows: true class, columns: predicted)."""
-        values = self.metrics.compute()
-        confusion = self.confusion.compute()
-        support = confusion.sum(dim=1)
-        present = support > 0
-
-        def per_class(name: str, defined: Tensor = present) -> list[float]:
-            return torch.where(defined, values[name].float(), math.nan).tolist()
-
-        f1 = values["f1"].float()
-        off_diagonal = confusion.clone().fill_diagonal_(0)
-        counts, flat = off_diagonal.flatten().topk(min(CONFUSED_PAIRS, off_diagonal.numel()))
-        num_classes = len(class_names)
-        confused = [
-            (class_names[i // num_classes], class_names[i % num_classes], int(n))
-            for n, i in zip(counts.tolist(), flat.tolist(), strict=True)
-            if n > 0
-        ]
-        report = ClassificationReport(
-            class_names=list(class_names),
-            precision=per_class("precision", present & (confusion.sum(dim=0) > 0)),  # n/a: never predicted
-            recall=per_class("recall"),
-            f1=per_class("f1"),
-            support=support.tolist(),
-            accuracy=float(values["accuracy"]),
-            top_k_accuracy=float(values["top_k_accuracy"]) if "top_k_accuracy" in values else None,
-            macro_f1=float(f1[present].mean()) if present.any() else math.nan,
-            confused=confused,
-        )
-        return report, confusion
-
+from transfer_lightning.tasks.base import Task, TaskMetrics, TestReport, percent
 
 #: The decision thresholds a multi-label class's threshold is picked from on the validation set.
 THRESHOLD_GRID = torch.linspace(0.01, 0.99, 99)
@@ -158,7 +35,7 @@ WORST_CLASSES = 5
 
 
 @dataclass(frozen=True)
-class MultilabelReport:
+class MultilabelReport(TestReport):
     """Multi-label test metrics of one run; per-class values are NaN for classes without test positives
     (precision: never predicted). F1, precision and recall are at the per-class ``thresholds``."""
 
@@ -182,20 +59,31 @@ class MultilabelReport:
     def present(self) -> list[bool]:
         return [count > 0 for count in self.support]
 
+    def scalars(self) -> dict[str, float]:
+        values = {
+            "test/mAP": self.mean_average_precision,
+            "test/f1_macro": self.macro_f1,
+            "test/f1_micro": self.micro_f1,
+        }
+        for name, ap, present in zip(self.class_names, self.average_precision, self.present, strict=True):
+            if present:
+                values[f"test/AP_{name}"] = ap
+        return values
+
     def to_markdown(self) -> str:
         lines = [
             "# Multi-label classification report",
             "",
-            f"{self.images} test images, {sum(self.support)} labels; mAP {_percent(self.mean_average_precision)} "
+            f"{self.images} test images, {sum(self.support)} labels; mAP {percent(self.mean_average_precision)} "
             f"(mean over the {sum(self.present)} classes with test images), at the decision thresholds "
-            f"macro-F1 {_percent(self.macro_f1)} and micro-F1 {_percent(self.micro_f1)}.",
+            f"macro-F1 {percent(self.macro_f1)} and micro-F1 {percent(self.micro_f1)}.",
             "",
             "| class | AP | precision | recall | F1 | threshold | test images |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         columns = (self.average_precision, self.precision, self.recall, self.f1, self.thresholds, self.support)
         for name, ap, precision, recall, f1, threshold, support in zip(self.class_names, *columns, strict=True):
-            values = [_percent(ap), _percent(precision), _percent(recall), _percent(f1)] if support else ["absent"] * 4
+            values = [percent(ap), percent(precision), percent(recall), percent(f1)] if support else ["absent"] * 4
             lines.append(f"| {name} | {' | '.join(values)} | {threshold:.2f} | {support} |")
         for title, worst, what in (
             ("Most often missed", self.missed, "images that have it but were not given it"),
@@ -296,5 +184,117 @@ def multilabel_report(
     )
 
 
-def _percent(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
+class MultilabelMetrics(TaskMetrics):
+    """Every validation and test probability, gathered for metrics that need the whole split (AP, thresholds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_outputs, self.test_outputs = MultilabelOutputs(), MultilabelOutputs()
+
+    def training_update(self, logits: Tensor, labels: Tensor) -> dict[str, Metric]:
+        return {}  # accuracy does not apply; mAP needs the whole split
+
+    def update(self, stage: Literal["val", "test"], logits: Tensor, labels: Tensor) -> dict[str, Metric]:
+        targets = labels if labels.ndim == 2 else F.one_hot(labels, logits.shape[1])  # single-label data too
+        (self.val_outputs if stage == "val" else self.test_outputs).update(logits.sigmoid(), targets)
+        return {}  # AP and the thresholds need the whole split: validation_end, test_end
+
+    def validation_end(self, task: MultilabelTask, sanity_checking: bool) -> dict[str, float]:
+        """mAP, macro- and micro-F1 and per-class AP; each class's threshold picked here first (unless fixed;
+        not in Lightning's sanity check)."""
+        probabilities, targets = self.val_outputs.compute()  # every process gets the whole split
+        self.val_outputs.reset()
+        if task.pick_thresholds and not sanity_checking:
+            task.thresholds.copy_(pick_thresholds(probabilities, targets))
+        f1, micro_f1 = multilabel_f1(probabilities, targets, task.thresholds)
+        precisions = average_precisions(probabilities, targets)
+        scores = {"val/mAP": mean_over_present(precisions), "val/f1_macro": mean_over_present(f1)}
+        scores["val/f1_micro"] = micro_f1
+        for name, ap in zip(task.class_names, precisions.tolist(), strict=True):
+            if not math.isnan(ap):  # a class without validation positives has no AP
+                scores[f"val/AP_{name}"] = ap
+        return scores
+
+    def test_end(self, task: MultilabelTask) -> MultilabelReport:
+        probabilities, targets = self.test_outputs.compute()
+        self.test_outputs.reset()
+        return multilabel_report(probabilities, targets, task.thresholds, task.class_names)
+
+
+class MultilabelTask(Task):
+    """Any number of classes per image: a sigmoid per class, binary cross-entropy, mean average precision.
+
+    Args:
+        class_names: The classes, in label order.
+        threshold: The probability at or above which an image gets a class, for every class; ``None``
+            picks each class's threshold on validation (best F1), each epoch. The thresholds are a buffer,
+            so checkpoints and exported models carry them.
+    """
+
+    name = "multilabel"
+    score = "mAP"
+    score_title = "mean average precision (mAP)"
+    single_label = False
+    true_column = "true_labels"
+
+    def __init__(self, class_names: list[str], threshold: float | None = None) -> None:
+        super().__init__(class_names)
+        self.pick_thresholds = threshold is None
+        self.register_buffer("thresholds", torch.full((len(class_names),), threshold or DEFAULT_THRESHOLD))
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        return logits.sigmoid()
+
+    def flip_average(self, logits: Tensor, mirrored: Tensor) -> Tensor:
+        """log(p) - log(1 - p) of p, the mean of the two sigmoids (in log space; the halves cancel)."""
+        positive = torch.logsumexp(torch.stack([F.logsigmoid(logits), F.logsigmoid(mirrored)]), dim=0)
+        negative = torch.logsumexp(torch.stack([F.logsigmoid(-logits), F.logsigmoid(-mirrored)]), dim=0)
+        return positive - negative
+
+    def training_loss(
+        self, logits: Tensor, labels: Tensor, label_smoothing: float = 0.0, class_weights: Tensor | None = None
+    ) -> Tensor:
+        """Binary cross-entropy; label smoothing of a sigmoid makes the targets 1 - s/2 and s/2, and the class
+        weights weigh each class's positives."""
+        targets = self.targets(labels).float() * (1 - label_smoothing) + label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=class_weights)
+
+    def evaluation_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The mean over classes of each image's binary cross-entropy."""
+        targets = self.targets(labels).float()
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
+
+    def chosen(self, probabilities: Tensor) -> Tensor:
+        return (probabilities >= self.thresholds.to(probabilities.device)).long()
+
+    def explained_class(self, labels: Tensor, probabilities: Tensor) -> Tensor:
+        """Each image's true class with the lowest probability (the most missed one); the most probable class
+        for an image without labels."""
+        targets = self.targets(labels).bool()
+        missed = torch.where(targets, probabilities, torch.inf).argmin(dim=1)
+        return torch.where(targets.any(dim=1), missed, probabilities.argmax(dim=1))
+
+    def metrics(self) -> MultilabelMetrics:
+        return MultilabelMetrics()
+
+    def describe_output(self) -> dict[str, Any]:
+        return {
+            "activation": "sigmoid per class (multilabel): an image has every class at or above its threshold",
+            "thresholds": dict(zip(self.class_names, self.thresholds.tolist(), strict=True)),
+        }
+
+    def load_output_description(self, output: dict[str, Any]) -> None:
+        self.thresholds.copy_(torch.tensor([output["thresholds"][name] for name in self.class_names]))
+
+    def prediction_header(self, top_k: int) -> list[str]:
+        return ["labels", *(f"probability_{name}" for name in self.class_names)]
+
+    def prediction_cells(self, probabilities: Tensor, top_k: int) -> list[str]:
+        return [self.join(self.chosen(probabilities[None])[0]), *(f"{p:.6f}" for p in probabilities.tolist())]
+
+    def answer(self, probabilities: Tensor, top_k: int) -> dict[str, Any]:
+        labels = [c for c, chosen in zip(self.class_names, self.chosen(probabilities[None])[0], strict=True) if chosen]
+        return super().answer(probabilities, top_k) | {"labels": labels}
+
+    def dashboard(self) -> dict[str, Any]:
+        return self._dashboard([r"val/mAP", r"val/f1_macro", r"val/f1_micro"], "mAP and F1 (val)")

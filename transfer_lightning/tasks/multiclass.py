@@ -1,0 +1,242 @@
+"""One class per image: softmax, cross-entropy, accuracy, and a test report of per-class precision, recall
+and F1, macro-F1, top-5 and the most confused pairs.
+
+All numbers come from torchmetrics (synchronised across processes under DDP). A class without
+test images is reported as absent, not as 0%: its recall is undefined, and so are its F1 and its
+share in macro-F1, which averages over the classes that have test images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from transfer_lightning.tasks.base import Task, TaskMetrics, TestReport, percent
+
+#: Top-k accuracy is reported for k = 5 when there are more than this many classes.
+TOP_K = 5
+#: Most confused (true, predicted) class pairs in the report.
+CONFUSED_PAIRS = 5
+
+
+@dataclass(frozen=True)
+class ClassificationReport(TestReport):
+    """Test metrics of one run; per-class values are NaN for classes without test images (and
+    precision for classes that were never predicted)."""
+
+    class_names: list[str]
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+    support: list[int]
+    accuracy: float
+    top_k_accuracy: float | None
+    macro_f1: float
+    #: (true class, predicted class, images) of the most frequent confusions, most frequent first.
+    confused: list[tuple[str, str, int]]
+    #: Test images per (true class, predicted class).
+    confusion: Tensor
+
+    @property
+    def present(self) -> list[bool]:
+        return [count > 0 for count in self.support]
+
+    def scalars(self) -> dict[str, float]:
+        values = {"test/acc": self.accuracy, "test/f1_macro": self.macro_f1}
+        if self.top_k_accuracy is not None:
+            values[f"test/acc_top{TOP_K}"] = self.top_k_accuracy
+        for name, recall, present in zip(self.class_names, self.recall, self.present, strict=True):
+            if present:  # a class without test images has no accuracy, rather than 0%
+                values[f"test/acc_{name}"] = recall
+        return values
+
+    def figures(self) -> dict[str, Any]:
+        figure, _ = MulticlassConfusionMatrix(len(self.class_names)).plot(self.confusion, labels=self.class_names)
+        figure.set_size_inches(8, 8)
+        return {"test/confusion_matrix": figure}
+
+    def to_markdown(self) -> str:
+        lines = [
+            "# Classification report",
+            "",
+            f"{sum(self.support)} test images; accuracy {percent(self.accuracy)}"
+            + (f", top-{TOP_K} accuracy {percent(self.top_k_accuracy)}" if self.top_k_accuracy is not None else "")
+            + f", macro-F1 {percent(self.macro_f1)} (mean over the {sum(self.present)} classes with test images).",
+            "",
+            "| class | precision | recall | F1 | test images |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, precision, recall, f1, support in zip(
+            self.class_names, self.precision, self.recall, self.f1, self.support, strict=True
+        ):
+            if support == 0:
+                lines.append(f"| {name} | absent | absent | absent | 0 |")
+            else:
+                lines.append(f"| {name} | {percent(precision)} | {percent(recall)} | {percent(f1)} | {support} |")
+        lines.append("")
+        if self.confused:
+            lines += [
+                "## Most confused classes",
+                "",
+                "| true class | predicted as | images | share of the true class |",
+                "| --- | --- | ---: | ---: |",
+            ]
+            support = dict(zip(self.class_names, self.support, strict=True))
+            lines += [f"| {t} | {p} | {n} | {percent(n / support[t])} |" for t, p, n in self.confused]
+        else:
+            lines.append("No image was confused with another class.")
+        return "\n".join(lines) + "\n"
+
+
+class ClassificationMetrics(nn.Module):
+    """Accumulates test predictions and turns them into a :class:`ClassificationReport`."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        per_class = {"average": "none", "zero_division": 0}
+        metrics = {
+            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+            "precision": MulticlassPrecision(num_classes, **per_class),
+            "recall": MulticlassRecall(num_classes, **per_class),
+            "f1": MulticlassF1Score(num_classes, **per_class),
+        }
+        if num_classes > TOP_K:
+            metrics["top_k_accuracy"] = MulticlassAccuracy(num_classes, top_k=TOP_K, average="micro")
+        self.metrics = MetricCollection(metrics)
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        self.metrics.update(logits, labels)
+        self.confusion.update(logits, labels)
+
+    def reset(self) -> None:
+        self.metrics.reset()
+        self.confusion.reset()
+
+    def compute(self, class_names: list[str]) -> ClassificationReport:
+        """The report, with the confusion matrix (rows: true class, columns: predicted)."""
+        values = self.metrics.compute()
+        confusion = self.confusion.compute()
+        support = confusion.sum(dim=1)
+        present = support > 0
+
+        def per_class(name: str, defined: Tensor = present) -> list[float]:
+            return torch.where(defined, values[name].float(), math.nan).tolist()
+
+        f1 = values["f1"].float()
+        off_diagonal = confusion.clone().fill_diagonal_(0)
+        counts, flat = off_diagonal.flatten().topk(min(CONFUSED_PAIRS, off_diagonal.numel()))
+        num_classes = len(class_names)
+        confused = [
+            (class_names[i // num_classes], class_names[i % num_classes], int(n))
+            for n, i in zip(counts.tolist(), flat.tolist(), strict=True)
+            if n > 0
+        ]
+        return ClassificationReport(
+            class_names=list(class_names),
+            precision=per_class("precision", present & (confusion.sum(dim=0) > 0)),  # n/a: never predicted
+            recall=per_class("recall"),
+            f1=per_class("f1"),
+            support=support.tolist(),
+            accuracy=float(values["accuracy"]),
+            top_k_accuracy=float(values["top_k_accuracy"]) if "top_k_accuracy" in values else None,
+            macro_f1=float(f1[present].mean()) if present.any() else math.nan,
+            confused=confused,
+            confusion=confusion,
+        )
+
+
+class MulticlassMetrics(TaskMetrics):
+    """Accuracy in training and validation; the :class:`ClassificationMetrics` of the test."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_metrics = ClassificationMetrics(num_classes)
+
+    def training_update(self, logits: Tensor, labels: Tensor) -> dict[str, Metric]:
+        self.train_acc(logits, labels)
+        return {"train/acc": self.train_acc}
+
+    def update(self, stage: Literal["val", "test"], logits: Tensor, labels: Tensor) -> dict[str, Metric]:
+        if stage == "test":
+            self.test_metrics.update(logits, labels)  # logged from the report, at the test's end
+            return {}
+        self.val_acc.update(logits, labels)
+        return {"val/acc": self.val_acc}
+
+    def validation_end(self, task: Task, sanity_checking: bool) -> dict[str, float]:
+        return {}  # accuracy is logged per batch, and Lightning computes it for the epoch
+
+    def test_end(self, task: Task) -> ClassificationReport:
+        report = self.test_metrics.compute(task.class_names)
+        self.test_metrics.reset()
+        return report
+
+
+class MulticlassTask(Task):
+    """One class per image: a softmax over the classes, cross-entropy, accuracy."""
+
+    name = "multiclass"
+    score = "acc"
+    score_title = "accuracy"
+    single_label = True
+    true_column = "true_class"
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        return logits.softmax(dim=-1)
+
+    def flip_average(self, logits: Tensor, mirrored: Tensor) -> Tensor:
+        """The log of the mean of the two softmaxes (in log space, so nothing underflows)."""
+        both = torch.stack([logits.log_softmax(dim=-1), mirrored.log_softmax(dim=-1)])
+        return torch.logsumexp(both, dim=0) - math.log(2)
+
+    def training_loss(
+        self, logits: Tensor, labels: Tensor, label_smoothing: float = 0.0, class_weights: Tensor | None = None
+    ) -> Tensor:
+        return F.cross_entropy(logits, labels, weight=class_weights, label_smoothing=label_smoothing)
+
+    def evaluation_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    def chosen(self, probabilities: Tensor) -> Tensor:
+        return F.one_hot(probabilities.argmax(dim=-1), self.num_classes)
+
+    def explained_class(self, labels: Tensor, probabilities: Tensor) -> Tensor:
+        return labels
+
+    def metrics(self) -> MulticlassMetrics:
+        return MulticlassMetrics(self.num_classes)
+
+    def describe_output(self) -> dict[str, Any]:
+        return {"activation": "softmax (multiclass)"}
+
+    def prediction_header(self, top_k: int) -> list[str]:
+        ranked = [f"top{rank}_{what}" for rank in range(1, top_k + 1) for what in ("class", "probability")]
+        return ["predicted_class", "probability", *ranked]
+
+    def prediction_cells(self, probabilities: Tensor, top_k: int) -> list[str]:
+        top_probabilities, top_classes = probabilities.topk(top_k)
+        ranked = [
+            cell
+            for c, p in zip(top_classes.tolist(), top_probabilities.tolist(), strict=True)
+            for cell in (self.class_names[c], f"{p:.6f}")
+        ]
+        return [*ranked[:2], *ranked]
+
+    def dashboard(self) -> dict[str, Any]:
+        return self._dashboard([r"train/acc_epoch", r"val/acc"], "accuracy (train, val)")

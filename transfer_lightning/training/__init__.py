@@ -1,0 +1,18 @@
+"""What runs around ``fit`` besides the model: the frozen-feature cache (:mod:`.feature_cache`), weight averaging
+(:mod:`.averaging`), training speed (:mod:`.speed`), a checkpoint on interrupt (:mod:`.interrupt`) and what
+TensorBoard shows (:mod:`.dashboards`)."""
+
+from transfer_lightning.training.averaging import WeightEMA
+from transfer_lightning.training.dashboards import DashboardLayout, HparamsWithResults
+from transfer_lightning.training.feature_cache import FrozenFeatureCache
+from transfer_lightning.training.interrupt import CheckpointOnInterrupt
+from transfer_lightning.training.speed import TrainingSpeed
+
+__all__ = [
+    "CheckpointOnInterrupt",
+    "DashboardLayout",
+    "FrozenFeatureCache",
+    "HparamsWithResults",
+    "TrainingSpeed",
+    "WeightEMA",
+]
