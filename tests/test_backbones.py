@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 from tests.conftest import SHARED_MOBILENET, needs_shared
-from transfer_lightning.backbones import create_network
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.network.backbones import create_network
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from tests.conftest import assert_test_scores_by_hand, write_image_folder
-from transfer_lightning.cli import TransferLightningCLI, main
+from transfer_lightning.commands.cli import TransferLightningCLI
+from transfer_lightning.commands.main import main
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
 
@@ -38,6 +39,8 @@ def weights_file(root: Path, kind: str) -> Path:
 
 CASES = {
     "missing data_dir": (lambda tmp: ["--data.data_dir=does/not/exist"], "data.data_dir does/not/exist does not exist"),
+    # Through LightningCLI's private _set_seed, which the CLI overrides: this fails if Lightning stops calling it.
+    "seed out of range": (lambda tmp: ["--seed_everything=-1"], "seed_everything: -1 is not in bounds"),
     "corrupt image": (lambda tmp: [f"--data.data_dir={broken_tree(tmp, 'corrupt')}"], "Cannot decode image"),
     "empty class folder": (
         lambda tmp: [f"--data.data_dir={broken_tree(tmp, 'empty_class')}"],

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transfer_lightning.cli import main
+from transfer_lightning.commands.main import main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 CASES = 24
@@ -71,3 +71,10 @@ def test_perturbed_config_runs_or_fails_clearly(case, image_folder, run_dir, cap
         error_lines = [line for line in err.splitlines() if line.strip()]
         assert any(line.startswith("error:") for line in error_lines), description
         assert len(error_lines) <= 20, f"{description}: {err}"
+    elif not description.startswith("missing key"):  # it ran: with the value written, not a silent default
+        with pytest.raises(SystemExit):
+            main(["fit", f"--config={path}", "--print_config"])
+        resolved, written = yaml.safe_load(capsys.readouterr().out), broken
+        for key in description.split(" at ")[1].split("."):
+            resolved, written = resolved[key], written[key]
+        assert resolved == written, description

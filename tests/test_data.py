@@ -124,7 +124,8 @@ def test_train_and_test_with_different_classes_is_a_clear_error(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(UserInputError, match="data_dir .*nothing does not exist.*cifar-10-batches-py"):
+    # The CLI's one line for it is tested with the other bad input (test_bad_input.py); here, what it says.
+    with pytest.raises(UserInputError, match=r"data_dir .*nothing does not exist.*train/<class>.*cifar-10-batches-py"):
         CIFAR10DataModule(data_dir=str(tmp_path / "nothing"), download=False)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("no images here")

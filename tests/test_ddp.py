@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from transfer_lightning.report import read_run
+from transfer_lightning.reporting.runs import read_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
@@ -60,7 +60,7 @@ def test_ddp_fit_and_test_and_evaluation_equals_single_process(config, image_fol
     args = [f"--config={CONFIGS / config}.yaml", *common(image_folder, tmp_path / "cache")]
     run_cli("fit", *args, *DDP, cwd=tmp_path)  # version_0: fit, then test of the best checkpoint
     fitted = read_run(tmp_path / "lightning_logs" / "version_0")
-    assert fitted.epochs == 1 and fitted.test_acc() is not None
+    assert fitted.epochs == 1 and fitted.test_score() is not None
 
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     for subcommand in ("validate", "test"):

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfer_lightning.cli import TransferLightningCLI, main
+from transfer_lightning.commands.cli import TransferLightningCLI
+from transfer_lightning.commands.main import main
 from transfer_lightning.data.transforms import prepare_batch
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"

@@ -21,7 +21,7 @@ from tests.conftest import (
     write_photo_folder,
 )
 from tests.test_model import SGD, make_trainer
-from transfer_lightning.cli import TransferLightningCLI
+from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.data import ImageFolderDataModule, ImageFolderStore, center_crop, decode_image, store
 from transfer_lightning.data.datasets import EpochSampler
 from transfer_lightning.data.transforms import random_resized_crop

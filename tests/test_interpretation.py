@@ -20,11 +20,12 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from tests.test_inference import QUIET, trained  # noqa: F401  (the fixture: a small fitted checkpoint)
-from transfer_lightning.cam import find_cam_layer, grad_cam, resolve_cam_layer
-from transfer_lightning.cli import TransferLightningCLI, main
+from transfer_lightning.commands.cli import TransferLightningCLI
+from transfer_lightning.commands.main import main
 from transfer_lightning.data import prepare_batch
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.interpretation import most_confused, top_losses
+from transfer_lightning.interpretation.cam import find_cam_layer, grad_cam, resolve_cam_layer
 from transfer_lightning.model import TransferClassifier
 
 PATCH = 8  # side of the bright patch, in a 32 x 32 image

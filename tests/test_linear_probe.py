@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfer_lightning.callbacks import TrainingSpeed
-from transfer_lightning.cli import TransferLightningCLI, main
-from transfer_lightning.linear_probe import fit_head, l2_strengths, make_lbfgs
+from transfer_lightning.commands.cli import TransferLightningCLI
+from transfer_lightning.commands.main import main
 from transfer_lightning.model import TransferClassifier
+from transfer_lightning.optim.linear_probe import LBFGSHead, fit_head, l2_strengths, make_lbfgs
+from transfer_lightning.training import TrainingSpeed
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "feature_extractor_adam.yaml"
 
@@ -97,10 +98,10 @@ def test_fit_tries_a_strength_per_epoch_and_keeps_the_best_on_validation(small_r
     the best checkpoint is the epoch of the highest val/acc, and its head equals Newton's method by hand on
     the training features at that strength; the test after fit scored it."""
     forwards, during_steps = [], []
-    forward, lbfgs_step = TransferClassifier.forward, TransferClassifier.lbfgs_step
+    forward, lbfgs_step = TransferClassifier.forward, LBFGSHead.step
     monkeypatch.setattr(TransferClassifier, "forward", lambda self, x: forwards.append(1) or forward(self, x))
     monkeypatch.setattr(
-        TransferClassifier, "lbfgs_step", lambda self: during_steps.append(len(forwards)) or lbfgs_step(self)
+        LBFGSHead, "step", lambda self, model: during_steps.append(len(forwards)) or lbfgs_step(self, model)
     )
     cli = TransferLightningCLI(
         args=[
@@ -129,7 +130,7 @@ def test_fit_tries_a_strength_per_epoch_and_keeps_the_best_on_validation(small_r
 
     images, labels = cli.datamodule.train_set.to_arrays()
     features = cli.model.classifier_inputs(cli.datamodule.batch_transform(images, train=False)).double().numpy()
-    head = cli.model.head_name
+    head = cli.model.parts.head
     weight, bias = (best["state_dict"][f"network.{head}.{name}"].double().numpy() for name in ("weight", "bias"))
     # The objective is strictly convex in the weights: its minimum is where its gradient, computed here
     # in numpy, vanishes. At the neighbouring strength it does not: the check can tell strengths apart.

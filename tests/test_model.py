@@ -11,6 +11,7 @@ import torch
 from transfer_lightning.data import CIFAR10DataModule, prepare_batch
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.model import TransferClassifier
+from transfer_lightning.network.freezing import batchnorms
 
 SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 
@@ -39,7 +40,7 @@ def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
 
 def backbone_state(model: TransferClassifier) -> dict[str, torch.Tensor]:
     """Every backbone tensor (weights and BatchNorm buffers), copied."""
-    head = model.head_name + "."
+    head = model.parts.head + "."
     return {k: v.clone() for k, v in model.network.state_dict().items() if not k.startswith(head)}
 
 
@@ -60,7 +61,7 @@ def test_frozen_backbone_is_bit_identical_after_training(image_folder, tmp_path,
     backbone_after = backbone_state(model)
     assert all(torch.equal(backbone_before[k], backbone_after[k]) for k in backbone_before)
     assert any(not torch.equal(head_before[k], v) for k, v in head_state(model).items())
-    assert all(not bn.training for bn in model.backbone_batchnorms())
+    assert all(not bn.training for bn in batchnorms(model.network))
 
 
 def test_update_bn_stats_lets_only_the_statistics_drift(image_folder, tmp_path):

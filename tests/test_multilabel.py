@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import TAGS, tagged_image, write_tagged_images
-from transfer_lightning import export
-from transfer_lightning.cli import TransferLightningCLI, main
+from transfer_lightning.commands.cli import TransferLightningCLI
+from transfer_lightning.commands.main import main
 from transfer_lightning.data import ImageFolderDataModule, decode_image, prepare_batch
 from transfer_lightning.data.datasets import positive_weights
-from transfer_lightning.evaluation import multilabel_report, pick_thresholds
+from transfer_lightning.inference import export
 from transfer_lightning.model import TransferClassifier
-from transfer_lightning.report import markdown_table, read_run
+from transfer_lightning.reporting.runs import markdown_table, read_run
+from transfer_lightning.tasks.multilabel import multilabel_report, pick_thresholds
 
 QUIET = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 FORMATS = ["pt2"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else [])
@@ -162,8 +163,8 @@ def test_fit_picks_thresholds_on_validation_and_test_scores_equal_a_computation_
     # The thresholds saved are those that give the best F1 on the validation images, recomputed here.
     val_probabilities = network_probabilities(model, datamodule, "val_set")
     expected = pick_thresholds(val_probabilities, datamodule.val_set.labels)
-    assert torch.equal(checkpoint["state_dict"]["thresholds"], expected)
-    assert torch.equal(model.thresholds, expected)  # reloaded from the checkpoint
+    assert torch.equal(checkpoint["state_dict"]["task.thresholds"], expected)
+    assert torch.equal(model.task.thresholds, expected)  # reloaded from the checkpoint
     # The test scores logged by fit's test of the best checkpoint, against AP computed by hand.
     run = read_run(tagged / "lightning_logs" / "version_0")
     test_probabilities = network_probabilities(model, datamodule, "test_set")
@@ -208,13 +209,13 @@ def test_predict_writes_the_labels_above_threshold_and_every_probability(tagged,
         main(["export", f"--ckpt_path={best_checkpoint(tagged)}", f"--output={output}"])
         description = json.loads(Path(f"{output}.json").read_text())
         assert description["task"] == "multilabel"
-        assert list(description["output"]["thresholds"].values()) == pytest.approx(model.thresholds.tolist())
+        assert list(description["output"]["thresholds"].values()) == pytest.approx(model.task.thresholds.tolist())
         images = torch.stack([torch.from_numpy(decode_image(str(new / row["path"]))) for row in rows])
         probabilities = export.run_exported(output, format, images)
         for row, expected in zip(rows, probabilities, strict=True):
             written = [float(row[f"probability_{name}"]) for name in names]
             assert written == pytest.approx(expected.tolist(), abs=1e-4)
-            chosen = [name for name, p, t in zip(names, written, model.thresholds.tolist(), strict=True) if p >= t]
+            chosen = [name for name, p, t in zip(names, written, model.task.thresholds.tolist(), strict=True) if p >= t]
             assert row["labels"] == " ".join(chosen)
 
 
@@ -245,7 +246,7 @@ def test_multilabel_trains_with_the_options_of_the_recipes(options, tagged, run_
     if "--model.freeze_backbone=true" in options and len(options) == 1:
         assert "Frozen-feature cache: features of" in caplog.text
     if "--model.threshold=0.4" in options:
-        assert cli.model.thresholds.tolist() == pytest.approx([0.4] * 4)
+        assert cli.model.task.thresholds.tolist() == pytest.approx([0.4] * 4)
         weights = cli.datamodule.loss_weights
         positives = cli.datamodule.train_set.labels.double().sum(dim=0)
         assert weights.tolist() == pytest.approx(((len(cli.datamodule.train_set) - positives) / positives).tolist())
@@ -275,7 +276,7 @@ def test_a_folder_data_set_trains_as_multilabel_when_asked(image_folder, run_dir
     cli = TransferLightningCLI(
         args=["fit", *args, "--model.weights=null", "--model.task=multilabel", "--trainer.fast_dev_run=true", *QUIET]
     )
-    assert cli.model.multilabel and "test/mAP" in cli.trainer.callback_metrics
+    assert not cli.model.task.single_label and "test/mAP" in cli.trainer.callback_metrics
     shutil.rmtree(run_dir / "lightning_logs", ignore_errors=True)
 
 
@@ -291,5 +292,5 @@ def test_multilabel_configs_run_and_comment_every_setting(config, tagged, run_di
         shrink.append("--model.scheduler.warmup_steps=1")
     args = [*table_args(tagged / "tags.csv", tagged / "cache"), *shrink]
     cli = TransferLightningCLI(args=["fit", f"--config={config}", *args])
-    assert cli.model.multilabel and cli.trainer.current_epoch == 2
+    assert not cli.model.task.single_label and cli.trainer.current_epoch == 2
     assert "test/mAP" in cli.trainer.callback_metrics

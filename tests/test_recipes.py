@@ -14,15 +14,15 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from tests.conftest import assert_test_scores_by_hand
 from tests.test_model import datamodule_for, make_trainer
-from transfer_lightning.cli import TransferLightningCLI
+from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.data.transforms import Preprocessing
 from transfer_lightning.errors import UserInputError
-from transfer_lightning.export import ExportedClassifier
-from transfer_lightning.features import FrozenFeatureCache
-from transfer_lightning.finetuning import FrozenBatchNorm, run_folded
+from transfer_lightning.inference.export import ExportedClassifier
 from transfer_lightning.model import TransferClassifier
-from transfer_lightning.report import read_run
+from transfer_lightning.network.freezing import FrozenBatchNorm, batchnorms, run_folded
+from transfer_lightning.reporting.runs import read_run
 from transfer_lightning.schedules import WarmupCosineLR
+from transfer_lightning.training.feature_cache import FrozenFeatureCache
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 STEPS = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1"]
@@ -65,7 +65,7 @@ def test_one_cycle_without_total_steps_gets_the_whole_run(small_run_args, run_di
 
 
 def test_epoch_interval_schedules_count_epochs(small_run_args, run_dir):
-    scheduler = ["--model.scheduler=transfer_lightning.schedules.WarmupCosineLR", "--model.scheduler.warmup_steps=1"]
+    scheduler = ["--model.scheduler=transfer_lightning.optim.WarmupCosineLR", "--model.scheduler.warmup_steps=1"]
     cli = fit(small_run_args, *scheduler)
     assert cli.trainer.lr_scheduler_configs[0].interval == "epoch"
     assert cli.trainer.lr_scheduler_configs[0].scheduler._schedulers[1].T_max == 1  # 2 epochs, 1 of warmup
@@ -202,7 +202,7 @@ def module_state(model: TransferClassifier, prefix: str) -> dict[str, torch.Tens
 
 def test_trainable_from_freezes_the_modules_before_it(image_folder, tmp_path):
     model = TransferClassifier(weights=None, num_classes=4, trainable_from="layer3", optimizer=SGD)
-    assert model.always_frozen == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
+    assert model.frozen.always_frozen == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
     early, late = module_state(model, "layer2"), module_state(model, "layer3")
     stem = module_state(model, "bn1")
     make_trainer(tmp_path).fit(model, datamodule_for(image_folder, tmp_path))
@@ -253,7 +253,7 @@ def test_modules_before_trainable_from_run_with_batchnorm_folded(image_folder, t
     # The folded forward computes the same function, and state_dict keys are untouched. Statistics
     # and affine parameters away from BatchNorm's initial identity, so that a wrong fold shows.
     generator = torch.Generator().manual_seed(0)
-    for batchnorm in model.backbone_batchnorms():
+    for batchnorm in batchnorms(model.network):
         for tensor, (low, high) in zip(
             (batchnorm.running_mean, batchnorm.running_var, batchnorm.weight.data, batchnorm.bias.data),
             ((-1, 1), (0.5, 2), (0.5, 1.5), (-1, 1)),
@@ -329,7 +329,7 @@ def test_tta_flip_averages_the_probabilities_of_the_image_and_its_mirror():
     preprocessing = Preprocessing((32, 32), "resize", None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     uint8 = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
-        exported = ExportedClassifier(model.network, preprocessing, tta_flip=True).eval()(uint8)
+        exported = ExportedClassifier(model.network, preprocessing, model.task, tta_flip=True).eval()(uint8)
         lightning = model.evaluation_logits(preprocessing(uint8)).softmax(-1)
     torch.testing.assert_close(exported, lightning)
 

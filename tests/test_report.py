@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from transfer_lightning.cli import TransferLightningCLI, main
-from transfer_lightning.report import COLUMNS, find_runs, plot_runs, read_run
+from transfer_lightning.commands.cli import TransferLightningCLI
+from transfer_lightning.commands.main import main
+from transfer_lightning.reporting.runs import COLUMNS, find_runs, plot_runs, read_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PARTIAL = "--model.trainable_from=layer3"  # the third run fine-tunes from layer3 on

@@ -10,7 +10,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from transfer_lightning.cli import TransferLightningCLI, main
+from transfer_lightning.commands.cli import TransferLightningCLI
+from transfer_lightning.commands.main import main
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
 

@@ -28,7 +28,7 @@ from PIL import Image
 from tests.conftest import PHOTO_SIZES, photo
 from tests.test_inference import CLASSES, QUIET, trained  # noqa: F401  (the fixture: a small fitted checkpoint)
 from tests.test_multilabel import tagged  # noqa: F401  (the fixture: a multi-label model fitted on tagged images)
-from transfer_lightning.cli import main
+from transfer_lightning.commands.main import main
 
 pytest.importorskip("litserve", reason="the [serve] extra is not installed")
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from transfer_lightning.cli import main
-from transfer_lightning.features import FrozenFeatureCache
+from transfer_lightning.commands.main import main
 from transfer_lightning.model import TransferClassifier
+from transfer_lightning.training.feature_cache import FrozenFeatureCache
 
 optuna = pytest.importorskip("optuna", reason="the [tune] extra is not installed")
 

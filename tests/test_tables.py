@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import CLASSES, class_images, write_image_folder
-from transfer_lightning.cli import main
+from transfer_lightning.commands.main import main
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.data.datasets import iterative_stratified_split
 from transfer_lightning.data.tables import find_label_delimiter, read_label_table
