@@ -13,7 +13,7 @@ import torch
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune_sgd.yaml"
 
 
 class InterruptAtStep(pl.Callback):
@@ -60,7 +60,7 @@ def fit_args(small_run_args: list[str], log_dir: Path, *extra: str) -> list[str]
 
 
 def interrupt_and_resume(small_run_args: list[str], log_dir: Path, step: int, *extra: str) -> TransferLightningCLI:
-    interrupt = {"class_path": "tests.test_resume.InterruptAtStep", "init_args": {"step": step}}
+    interrupt = {"class_path": "tests.model.test_resume.InterruptAtStep", "init_args": {"step": step}}
     with pytest.raises(SystemExit):  # Lightning exits with status 1 after a KeyboardInterrupt
         main(fit_args(small_run_args, log_dir, f"--trainer.callbacks+={interrupt}"))
     last = log_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -82,7 +82,7 @@ def test_resume_at_an_epoch_boundary_is_bit_exact(small_run_args, run_dir):
 def test_resume_mid_epoch_finishes_the_run(small_run_args, run_dir):
     # The DataLoader does not record its position, so the resumed epoch restarts its batch order
     # (Lightning warns about it): the run completes, but is not bit-identical to an uninterrupted one.
-    start = {"class_path": "tests.test_resume.WeightsAtStart"}
+    start = {"class_path": "tests.model.test_resume.WeightsAtStart"}
     # --ckpt_path last needs no pretrained weights: the checkpoint's replace them (this file does not exist).
     no_weights = "--model.weights=weights_deleted_since.pth"
     resumed = interrupt_and_resume(small_run_args, run_dir, 4, f"--trainer.callbacks+={start}", no_weights)
@@ -104,7 +104,7 @@ def test_resume_last_without_any_checkpoint_is_a_clear_error(small_run_args, run
 
 
 def test_sigterm_leaves_a_checkpoint_to_resume_from(small_run_args, run_dir):
-    terminate = {"class_path": "tests.test_resume.TerminateAtStep", "init_args": {"step": 4}}
+    terminate = {"class_path": "tests.model.test_resume.TerminateAtStep", "init_args": {"step": 4}}
     previous = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit):  # Lightning stops at the next step with SIGTERMException

@@ -19,7 +19,7 @@ from transfer_lightning.commands.main import main
 from transfer_lightning.data.listing import IMAGE_EXTENSIONS, LeftOut
 from transfer_lightning.model import TransferClassifier
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune_sgd.yaml"
 FAST = ["--trainer.fast_dev_run=true"]
 
 

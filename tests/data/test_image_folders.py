@@ -20,7 +20,7 @@ from tests.conftest import (
     write_image_folder,
     write_photo_folder,
 )
-from tests.test_model import SGD, make_trainer
+from tests.model.test_model import SGD, make_trainer
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.data import ImageFolderDataModule, ImageFolderStore, center_crop, decode_image, store
 from transfer_lightning.data.datasets import EpochSampler

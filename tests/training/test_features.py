@@ -13,14 +13,14 @@ import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 
 from tests.conftest import assert_test_scores_by_hand
-from tests.test_model import SGD, datamodule_for, head_state, make_trainer
+from tests.model.test_model import SGD, datamodule_for, head_state, make_trainer
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.network.onnx import missing_onnx_packages
 from transfer_lightning.training.feature_cache import FrozenFeatureCache
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "feature_extractor_sgd.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "feature_extractor_sgd.yaml"
 
 
 class RecordInputs(pl.Callback):

@@ -13,15 +13,16 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
+from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.reporting.runs import read_run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
 
 
 def run_cli(*args: str, cwd: Path) -> None:
     """The real entry point in a fresh process: Lightning's DDP launcher starts the second one."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "transfer_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
@@ -55,36 +56,37 @@ def common(image_folder: Path, cache: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("config", ["feature_extractor_sgd", "finetune_adam"])
-def test_ddp_fit_and_test_and_evaluation_equals_single_process(config, image_folder, tmp_path):
-    args = [f"--config={CONFIGS / config}.yaml", *common(image_folder, tmp_path / "cache")]
-    run_cli("fit", *args, *DDP, cwd=tmp_path)  # version_0: fit, then test of the best checkpoint
-    fitted = read_run(tmp_path / "lightning_logs" / "version_0")
-    assert fitted.epochs == 1 and fitted.test_score() is not None
+def in_one_process(subcommand: str, args: list[str], checkpoint: Path, cwd: Path, monkeypatch) -> dict[str, float]:
+    """The same evaluation of ``checkpoint`` in this process, on one device: what it logged."""
+    monkeypatch.chdir(cwd)
+    single = ["--trainer.accelerator=cpu", "--trainer.devices=1", f"--ckpt_path={checkpoint}"]
+    cli = TransferLightningCLI(args=[subcommand, *args, *single])
+    return {name: float(value) for name, value in cli.trainer.callback_metrics.items()}
 
+
+@pytest.mark.parametrize("config", ["feature_extractor_sgd", "finetune_adam"])
+def test_ddp_fit_and_test_and_evaluation_equals_single_process(config, image_folder, tmp_path, monkeypatch):
+    """One DDP fit (validation each epoch, then the test of the best checkpoint, here the only one) scores
+    what one process scores on the same checkpoint. The frozen config tests on cached features both ways; its
+    validation in fit sees features and a plain validate sees images, so only the fine-tuned one compares those."""
+    args = [f"--config={CONFIGS / config}.yaml", *common(image_folder, tmp_path / "cache")]
+    run_cli("fit", *args, *DDP, cwd=tmp_path)  # version_0
+    ddp = read_run(tmp_path / "lightning_logs" / "version_0")
+    assert ddp.epochs == 1 and ddp.test_score() is not None
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    for subcommand in ("validate", "test"):
-        run_cli(subcommand, *args, *DDP, f"--ckpt_path={checkpoint}", cwd=tmp_path)
-        run_cli(
-            subcommand,
-            *args,
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            f"--ckpt_path={checkpoint}",
-            cwd=tmp_path,
-        )
-    versions = [read_run(tmp_path / "lightning_logs" / f"version_{i}") for i in range(1, 5)]
-    ddp_val, single_val, ddp_test, single_test = versions
-    assert ddp_val.scalars["val/acc"] == single_val.scalars["val/acc"]
-    assert ddp_test.scalars["test/acc"] == single_test.scalars["test/acc"]
-    assert ddp_test.scalars["test/acc_cat"] == single_test.scalars["test/acc_cat"]
-    # Losses are means over images: 21 images in uneven shares (11 and 10) still give one process's value.
-    assert ddp_val.scalars["val/loss"] == pytest.approx(single_val.scalars["val/loss"], abs=1e-6)
-    assert ddp_test.scalars["test/loss"] == pytest.approx(single_test.scalars["test/loss"], abs=1e-6)
+    single_test = in_one_process("test", args, checkpoint, tmp_path, monkeypatch)  # version_1
+    for tag in ("test/acc", "test/acc_cat"):
+        assert ddp.scalars[tag][-1] == pytest.approx(single_test[tag], abs=1e-6), tag
+    # Losses are means over images: uneven shares (21 validation images: 11 and 10) still give one process's value.
+    assert ddp.scalars["test/loss"][-1] == pytest.approx(single_test["test/loss"], abs=1e-6)
     # The top losses are gathered from both processes, with each image's position in the test split.
-    ddp_top, single_top = (top_losses_of(tmp_path / "lightning_logs" / f"version_{i}") for i in (3, 4))
+    ddp_top, single_top = (top_losses_of(tmp_path / "lightning_logs" / f"version_{i}") for i in (0, 1))
     assert [index for index, _ in ddp_top] == [index for index, _ in single_top]
     assert [loss for _, loss in ddp_top] == pytest.approx([loss for _, loss in single_top], abs=1e-5)
+    if config == "finetune_adam":
+        single_val = in_one_process("validate", args, checkpoint, tmp_path, monkeypatch)
+        assert ddp.scalars["val/acc"][-1] == pytest.approx(single_val["val/acc"], abs=1e-6)
+        assert ddp.scalars["val/loss"][-1] == pytest.approx(single_val["val/loss"], abs=1e-6)
 
 
 def top_losses_of(run_dir: Path) -> list[tuple[int, float]]:
@@ -96,7 +98,7 @@ def test_ddp_training_shards_are_disjoint_and_cover_the_training_set(image_folde
     """Each of 2 processes trains on its own half of every epoch, the two halves making up the whole
     training set (one image repeated to even them out, as DistributedSampler pads), in an order that
     changes between epochs."""
-    record = {"class_path": "tests.test_ddp.RecordTrainingOrder", "init_args": {"folder": str(tmp_path)}}
+    record = {"class_path": "tests.training.test_ddp.RecordTrainingOrder", "init_args": {"folder": str(tmp_path)}}
     args = [f"--config={CONFIGS / 'finetune_adam'}.yaml", *common(image_folder, tmp_path / "cache")]
     args += ["--trainer.max_epochs=2", "--test_after_fit=false", f"--trainer.callbacks+={json.dumps(record)}"]
     run_cli("fit", *args, *DDP, cwd=tmp_path)
@@ -111,22 +113,19 @@ def test_ddp_training_shards_are_disjoint_and_cover_the_training_set(image_folde
     assert first != second
 
 
-def test_ddp_multilabel_metrics_equal_a_single_process(tmp_path):
+def test_ddp_multilabel_metrics_equal_a_single_process(tmp_path, monkeypatch):
     """mAP and F1 need every image's probabilities at once: under DDP they are gathered from both
-    processes, so validate and test give exactly what one process gives (33 images: uneven shares)."""
-    from tests.test_multilabel import table_args, write_tagged_table
+    processes, so validation (with the thresholds picked on it) and the test give exactly what one process
+    gives (33 images: uneven shares)."""
+    from tests.tasks.test_multilabel import table_args, write_tagged_table
 
     table = write_tagged_table(tmp_path / "data", train=40, val=33, test=33)
     args = [*table_args(table, tmp_path / "cache"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
-    run_cli("fit", *args, *DDP, "--test_after_fit=false", cwd=tmp_path)
+    run_cli("fit", *args, *DDP, cwd=tmp_path)  # validates, then tests its only checkpoint
+    ddp = read_run(tmp_path / "lightning_logs" / "version_0")
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    for subcommand in ("validate", "test"):
-        for devices in (DDP, ["--trainer.devices=1"]):
-            run_cli(subcommand, *args, *devices, f"--ckpt_path={checkpoint}", cwd=tmp_path)
-    ddp_val, single_val, ddp_test, single_test = (
-        read_run(tmp_path / "lightning_logs" / f"version_{i}") for i in range(1, 5)
-    )
-    for tag in ("val/mAP", "val/f1_macro", "val/f1_micro", "val/loss"):
-        assert ddp_val.scalars[tag] == pytest.approx(single_val.scalars[tag], abs=1e-6), tag
-    for tag in ("test/mAP", "test/f1_macro", "test/f1_micro", "test/AP_sea", "test/loss"):
-        assert ddp_test.scalars[tag] == pytest.approx(single_test.scalars[tag], abs=1e-6), tag
+    single = in_one_process("validate", args, checkpoint, tmp_path, monkeypatch)
+    single |= in_one_process("test", args, checkpoint, tmp_path, monkeypatch)
+    tags = ["val/mAP", "val/f1_macro", "val/f1_micro", "val/loss", "test/mAP", "test/f1_macro", "test/f1_micro"]
+    for tag in [*tags, "test/AP_sea", "test/loss"]:
+        assert ddp.scalars[tag][-1] == pytest.approx(single[tag], abs=1e-6), tag

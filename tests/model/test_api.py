@@ -11,7 +11,7 @@ from lightning.pytorch import seed_everything
 import transfer_lightning
 from transfer_lightning import TransferClassifier
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "python-api.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guides" / "python-api.md"
 
 
 def test_the_documented_example_trains_with_a_plain_trainer(image_folder, tmp_path, monkeypatch):

@@ -280,7 +280,7 @@ def test_a_folder_data_set_trains_as_multilabel_when_asked(image_folder, run_dir
     shutil.rmtree(run_dir / "lightning_logs", ignore_errors=True)
 
 
-MULTILABEL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "multilabel").glob("*.yaml"))
+MULTILABEL_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "multilabel").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", MULTILABEL_CONFIGS, ids=lambda path: path.stem)

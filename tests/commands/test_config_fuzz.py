@@ -11,7 +11,7 @@ import yaml
 
 from transfer_lightning.commands.main import main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 CASES = 24
 
 

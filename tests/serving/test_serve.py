@@ -26,13 +26,13 @@ import torch
 from PIL import Image
 
 from tests.conftest import PHOTO_SIZES, photo
-from tests.test_inference import CLASSES, QUIET, trained  # noqa: F401  (the fixture: a small fitted checkpoint)
-from tests.test_multilabel import tagged  # noqa: F401  (the fixture: a multi-label model fitted on tagged images)
+from tests.inference.test_inference import CLASSES, QUIET, trained  # noqa: F401  (the fixture: a small fitted checkpoint)
+from tests.tasks.test_multilabel import tagged  # noqa: F401  (the fixture: a multi-label model fitted on tagged images)
 from transfer_lightning.commands.main import main
 
 pytest.importorskip("litserve", reason="the [serve] extra is not installed")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -281,7 +281,7 @@ def test_without_the_serve_extra_serve_names_it(trained, monkeypatch, capsys):  
 
 
 def test_a_multilabel_model_answers_the_labels_above_their_thresholds(tagged, tmp_path):  # noqa: F811
-    from tests.test_multilabel import best_checkpoint
+    from tests.tasks.test_multilabel import best_checkpoint
 
     checkpoint = best_checkpoint(tagged)
     main(["export", f"--ckpt_path={checkpoint}", f"--output={tmp_path / 'model.pt2'}"])

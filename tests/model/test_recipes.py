@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from tests.conftest import assert_test_scores_by_hand
-from tests.test_model import datamodule_for, make_trainer
+from tests.model.test_model import datamodule_for, make_trainer
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.data.transforms import Preprocessing
 from transfer_lightning.errors import UserInputError
@@ -341,7 +341,7 @@ def test_feature_cache_is_off_with_tta_flip(image_folder, tmp_path):
 
 # --- recipe configs ------------------------------------------------------------------------------
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs" / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)

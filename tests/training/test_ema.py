@@ -13,7 +13,7 @@ from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
 from transfer_lightning.data.transforms import prepare_batch
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune_sgd.yaml"
 DECAY, START = 0.7, 1
 
 
@@ -58,7 +58,7 @@ def test_evaluated_and_checkpointed_weights_are_torchs_ema(small_run_args, run_d
     """After 6 steps with decay 0.7 from step 1: the checkpoints' weights, the model after fit and the
     weights the test after fit scored are the EMA computed by hand from the recorded weights; the
     trained weights are kept beside them for resuming."""
-    recorder = {"class_path": "tests.test_ema.RecordWeights"}
+    recorder = {"class_path": "tests.training.test_ema.RecordWeights"}
     cli = fit(
         small_run_args,
         run_dir,
@@ -111,7 +111,7 @@ def test_resuming_keeps_the_average(small_run_args, run_dir):
     """Interrupted after epoch 0 and resumed, the run ends with the same average and weights as straight."""
     ema = ["--ema.enabled=true", f"--ema.decay={DECAY}", "--test_after_fit=false", "--trainer.max_epochs=3"]
     straight = fit(small_run_args, run_dir / "straight", *ema).model.state_dict()
-    interrupt = {"class_path": "tests.test_resume.InterruptAtStep", "init_args": {"step": 3}}
+    interrupt = {"class_path": "tests.model.test_resume.InterruptAtStep", "init_args": {"step": 3}}
     with pytest.raises(SystemExit):  # Lightning exits with status 1 after a KeyboardInterrupt
         main(["fit", *run_args(small_run_args, run_dir / "cut", *ema, f"--trainer.callbacks+={interrupt}")])
     resumed = fit(small_run_args, run_dir / "cut", *ema, "--ckpt_path=last")

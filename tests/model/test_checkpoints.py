@@ -20,7 +20,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import write_image_folder
-from tests.test_multilabel import write_tagged_table
+from tests.tasks.test_multilabel import write_tagged_table
 from transfer_lightning import checkpoints
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
@@ -30,7 +30,7 @@ from transfer_lightning.inference import export
 #: main before the package split and the task objects (issue 28): its multi-label checkpoints keep the
 #: decision thresholds as the model's own buffer, and its modules had other names.
 OLD_COMMIT = "6028e19"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUIET = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 TRAIN = ["--model.weights=null", "--model.optimizer=SGD", "--model.optimizer.lr=0.05", "--trainer.max_epochs=2"]
 

@@ -11,7 +11,7 @@ from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
 from transfer_lightning.reporting.runs import COLUMNS, find_runs, plot_runs, read_run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PARTIAL = "--model.trainable_from=layer3"  # the third run fine-tunes from layer3 on
 
 

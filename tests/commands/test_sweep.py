@@ -16,7 +16,7 @@ from transfer_lightning.training.feature_cache import FrozenFeatureCache
 
 optuna = pytest.importorskip("optuna", reason="the [tune] extra is not installed")
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "feature_extractor_adam.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "feature_extractor_adam.yaml"
 SWEEP_DIR = Path("lightning_logs") / "sweeps" / "sweep"
 
 

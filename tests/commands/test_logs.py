@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "feature_extractor_sgd.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "feature_extractor_sgd.yaml"
 NOISE = ("💡 Tip: For seamless", "LeafSpec", "module(s) in eval mode")
 
 

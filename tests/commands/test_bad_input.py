@@ -13,7 +13,7 @@ from tests.conftest import assert_test_scores_by_hand, write_image_folder
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune_sgd.yaml"
 
 
 def broken_tree(root: Path, damage: str) -> Path:

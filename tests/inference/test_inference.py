@@ -299,7 +299,7 @@ def test_report_numbers_by_hand():
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="the [export] extra is not installed")
 def test_the_guide_snippets_run_without_this_package_and_agree_with_predict(trained, run_dir):
-    guide = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "use.md").read_text()
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "guides" / "use.md").read_text()
     section = guide[guide.index("Without this package, ONNX") :]
     onnx_snippet, torch_snippet = (block.split("\n", 1)[1] for block in section.split("```python")[1:3])
     onnx_snippet, torch_snippet = (block[: block.index("```")] for block in (onnx_snippet, torch_snippet))

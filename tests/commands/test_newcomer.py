@@ -14,7 +14,7 @@ from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.data.sources import download_cifar10
 from transfer_lightning.errors import UserInputError
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune_sgd.yaml"
 
 
 def test_help_names_the_module_and_lists_every_subcommand(capsys):

@@ -16,7 +16,7 @@ from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
 from transfer_lightning.reporting.runs import read_run
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 OVERRIDES = sorted((CONFIGS[0].parent / "overrides").glob("*.yaml"))
 REFERENCE_CONFIGS = ["finetune_sgd", "finetune_adam", "feature_extractor_sgd", "feature_extractor_adam"]
 

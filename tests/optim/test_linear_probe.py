@@ -16,7 +16,7 @@ from transfer_lightning.model import TransferClassifier
 from transfer_lightning.optim.linear_probe import LBFGSHead, fit_head, l2_strengths, make_lbfgs
 from transfer_lightning.training import TrainingSpeed
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "feature_extractor_adam.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "feature_extractor_adam.yaml"
 
 
 def by_hand_logistic_regression(x: np.ndarray, y: np.ndarray, l2: float, steps: int = 50) -> np.ndarray:
