@@ -9,7 +9,7 @@ The public Python API, for programs that use a plain ``Trainer`` rather than the
     model = TransferClassifier("resnet18", num_classes=data.num_classes, class_names=data.class_names)
     Trainer(max_epochs=3).fit(model, datamodule=data)
 
-(docs/guides/python-api.md has the whole example, run by tests/test_api.py.)
+(docs/guides/python-api.md has the whole example, run by tests/model/test_api.py.)
 """
 
 from transfer_lightning.data import CIFAR10DataModule, ImageFolderDataModule

@@ -13,6 +13,7 @@ from tests.conftest import CLASSES, SHARED_CIFAR10, needs_shared, write_image_fo
 from transfer_lightning.data import (
     CIFAR10_CLASSES,
     CIFAR10DataModule,
+    ImageFolderDataModule,
     ImageFolderStore,
     prepare_batch,
     random_crop,
@@ -215,3 +216,10 @@ def test_ddp_training_shards_are_disjoint_and_cover_the_training_set(size, world
     single = list(EpochSampler(size, seed=3))
     interleaved = [shares[i % world_size][i // world_size] for i in range(size)]
     assert interleaved == single  # rank r takes every world_size-th image of the one epoch order
+
+
+def test_class_names_that_contradict_the_folders_are_one_clear_error(image_folder):
+    with pytest.raises(UserInputError, match=r"differ from the class folders of .*'ship'\]\. Leave data.class_names"):
+        ImageFolderDataModule(data_dir=str(image_folder), class_names=["a", "b", "c", "d"])
+    given = ImageFolderDataModule(data_dir=str(image_folder), class_names=["cat", "dog", "frog", "ship"])
+    assert given.class_names == ["cat", "dog", "frog", "ship"]

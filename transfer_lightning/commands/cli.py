@@ -21,6 +21,7 @@ from transfer_lightning.inference import PredictionsCSV
 from transfer_lightning.interpretation import Interpretation
 from transfer_lightning.logs import PlainProgress
 from transfer_lightning.model import TransferClassifier
+from transfer_lightning.tasks import MulticlassTask
 from transfer_lightning.training import (
     CheckpointOnInterrupt,
     DashboardLayout,
@@ -52,6 +53,10 @@ EXPORT_HELP = "A stand-alone model file: export --ckpt_path CKPT --format onnx|p
 SERVE_HELP = "An HTTP endpoint on LitServe (the [serve] extra): serve --ckpt_path CKPT [--port 8000]."
 LR_FIND_HELP = "Learning-rate range test on fit's config: lr_find --config CFG [--apply FILE] (plot in the run folder)."
 SWEEP_HELP = "An Optuna study over fit's settings (the [tune] extra): sweep --config CFG --sweep SPACE.yaml --trials N."
+
+
+#: The task of a model whose config names none, until the data says otherwise: it sets the checkpoint defaults.
+DEFAULT_TASK = MulticlassTask(class_names=[])
 
 
 def program_name() -> str:
@@ -103,7 +108,7 @@ class TransferLightningCLI(LightningCLI):
         )
 
     # The three private LightningCLI methods below have no public extension point in Lightning 2.6.6
-    # (tests/test_newcomer.py, test_inference.py and test_bad_input.py fail if Lightning stops calling them).
+    # (tests/commands/test_newcomer.py, test_inference.py and test_bad_input.py fail if Lightning stops calling them).
 
     def _set_seed(self) -> None:
         # LightningCLI seeds before instantiating anything; a seed numpy rejects is a config error too.
@@ -164,7 +169,7 @@ class TransferLightningCLI(LightningCLI):
         if self.datamodule.predict_dir is None:
             self.model.check_task(self.datamodule.task)
         checkpoint, task = self.trainer.checkpoint_callback, self.model.task
-        if checkpoint is not None and checkpoint.monitor == "val/acc" and task.monitor != "val/acc":
+        if checkpoint is not None and checkpoint.monitor == DEFAULT_TASK.monitor and task.monitor != checkpoint.monitor:
             checkpoint.monitor, checkpoint.filename = task.monitor, task.checkpoint_filename
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
@@ -189,11 +194,11 @@ class TransferLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/acc",
+                "checkpoint.monitor": DEFAULT_TASK.monitor,
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
                 # Metric names hold "/", so Lightning must not insert them into the file name.
-                "checkpoint.filename": "best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
+                "checkpoint.filename": DEFAULT_TASK.checkpoint_filename,
                 "checkpoint.auto_insert_metric_name": False,
             }
         )

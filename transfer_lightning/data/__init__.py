@@ -4,6 +4,9 @@
 - :mod:`~transfer_lightning.data.store`: decoding image folders once into a memory-mapped store;
 - :mod:`~transfer_lightning.data.datasets`: splits as index sets, batches by indexing, the training order;
 - :mod:`~transfer_lightning.data.transforms`: normalisation and augmentation of whole batches on the device;
+- :mod:`~transfer_lightning.data.tables`, :mod:`~transfer_lightning.data.table_source`: label tables, and
+  their rows joined with the image files;
+- :mod:`~transfer_lightning.data.settings`: the data module's arguments checked, and the class names they imply;
 - :mod:`~transfer_lightning.data.module`: the LightningDataModule that puts them together.
 """
 

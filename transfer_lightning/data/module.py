@@ -1,8 +1,7 @@
 """ImageFolderDataModule: CIFAR-10, your own image folders or a label table, honest splits, batches made on the device.
 
-The module puts together the pieces of :mod:`transfer_lightning.data` (sources, store, splits and
-samplers, batch transforms) for Lightning's hooks. It is over 300 lines because a sixth of them
-document the arguments, which LightningCLI turns into ``--help`` and the YAML configs.
+The module puts together the pieces of :mod:`transfer_lightning.data` (sources, tables, store, splits
+and samplers, batch transforms, settings) for Lightning's hooks; a sixth of it documents the arguments.
 """
 
 from __future__ import annotations
@@ -29,16 +28,20 @@ from transfer_lightning.data.datasets import (
     positive_weights,
     validation_count,
 )
+from transfer_lightning.data.settings import (
+    DEFAULT_DATA_DIR,
+    check_data_settings,
+    default_cache_dir,
+    resolve_class_names,
+)
 from transfer_lightning.data.sources import (
-    CIFAR10_CLASSES,
     cifar10_source,
     download_cifar10,
     find_split_folders,
-    image_folder_classes,
     read_cifar10_batches,
 )
 from transfer_lightning.data.store import ImageFolderStore, shared_store_size
-from transfer_lightning.data.tables import TableSource
+from transfer_lightning.data.table_source import TableSource
 from transfer_lightning.data.transforms import NORMALIZATIONS, Normalization, Preprocessing, View, prepare_batch
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.tasks import TaskName
@@ -138,9 +141,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         super().__init__()
         # class_names would clash with the model's hyperparameter of that name, which holds the resolved list.
         self.save_hyperparameters(ignore=["class_names"])
-        _check_arguments(batch_size, num_workers, val_size, image_size, crop_scale, normalization, class_balance)
+        check_data_settings(batch_size, num_workers, val_size, image_size, crop_scale, normalization, class_balance)
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else DEFAULT_DATA_DIR
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.predict_dir = Path(predict_dir).expanduser() if predict_dir else None
         if self.predict_dir is not None and not self.predict_dir.exists():
             raise UserInputError(f"data.predict_dir {predict_dir} does not exist: pass a folder of images or an image.")
@@ -165,7 +168,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
             and not self._has_cifar10()
             and (data_dir is None or (self.data_dir.is_dir() and not any(self.data_dir.iterdir())))
         )
-        self.class_names = self._find_class_names(class_names)
+        self.class_names = resolve_class_names(
+            class_names,
+            self.table.table if self.table is not None else None,
+            self.folders,
+            self.data_dir,
+            predicting=self.predict_dir is not None,
+            cifar10_available=self._has_cifar10() or self.downloads,
+        )
         mean, std = NORMALIZATIONS[normalization]
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         self._stats_by_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -244,38 +254,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _has_cifar10(self) -> bool:
         return (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir()
 
-    def _find_class_names(self, class_names: list[str] | None) -> list[str]:
-        if self.predict_dir is not None and class_names is not None:
-            return list(class_names)  # predicting needs no training data
-        if self.table is not None:
-            found = self.table.table.class_names
-            if class_names is not None and list(class_names) != found:
-                raise UserInputError(
-                    f"data.class_names {list(class_names)} differ from the classes of {self.table.table.path}: "
-                    f"{found}. Leave data.class_names unset to use the table's."
-                )
-            return found
-        if self.folders is not None:
-            found = image_folder_classes(self.folders)
-            if class_names is not None and list(class_names) != found:
-                raise UserInputError(
-                    f"data.class_names {list(class_names)} differ from the class folders of {self.data_dir}: "
-                    f"{found}. Leave data.class_names unset to use the folders."
-                )
-            return found
-        if class_names is not None:
-            if len(class_names) != len(CIFAR10_CLASSES):
-                raise UserInputError(f"CIFAR-10 has 10 classes; data.class_names gives {len(class_names)}.")
-            return list(class_names)
-        if self._has_cifar10() or self.downloads:
-            return list(CIFAR10_CLASSES)
-        raise UserInputError(
-            f"No data in {self.data_dir}: expected torchvision's CIFAR-10 folder "
-            f"{self.data_dir / 'cifar-10-batches-py'} or an image-folder tree such as "
-            f"{self.data_dir}/train/<class>/*.jpg and {self.data_dir}/val/<class>/*.jpg. Point --data.data_dir at "
-            f"one of them, or leave it unset with --data.download true to fetch CIFAR-10 into ./{DEFAULT_DATA_DIR}."
-        )
-
     def prepare_data(self) -> None:
         """Download CIFAR-10, or decode the image folders into their stores (once per node)."""
         if self.predict_dir is not None and self.trainer is not None and self.trainer.predicting:
@@ -301,7 +279,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         no_test, root = "no test folder", self.data_dir
         if self.reads_image_files:
             stores, size = self._split_stores()
-            train, val, test = (self._map(store, size) for store in (stores.train, stores.val, stores.test))
+            train, val, test = (store.dataset(size) if store else None for store in stores)
             names = self._pool_names()
             if self.table is not None:
                 no_test, root = "no test rows", self.table.table.path
@@ -353,13 +331,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         size, self.view = shared_store_size(stores, self.hparams.image_size, self.data_dir)
         return self._stores, size
 
-    @staticmethod
-    def _map(store: ImageFolderStore | None, size: tuple[int, int]) -> ImageTensorDataset | None:
-        if store is None:
-            return None
-        stored = store.load(size)
-        return ImageTensorDataset(stored.arrays, stored.rows, source=str(stored.path.resolve()))
-
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
 
@@ -402,7 +373,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """Normalise (and in training, augment) the uint8 batch on the device it now lives on."""
         images, labels = batch
-        if images.dtype != torch.uint8:  # cached backbone features (features.py) arrive ready to use
+        if images.dtype != torch.uint8:  # cached backbone features (the frozen-feature cache) arrive ready to use
             return batch
         if self._predict_preprocessing is not None and self.trainer is not None and self.trainer.predicting:
             return self._predict_preprocessing(images), labels  # new images, prepared as the checkpoint says
@@ -427,36 +398,3 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
 #: The earlier name, kept so that existing code and configs work.
 CIFAR10DataModule = ImageFolderDataModule
-
-
-def _check_arguments(
-    batch_size: int,
-    num_workers: int,
-    val_size: int | float,
-    image_size: int | None,
-    crop_scale: tuple[float, float],
-    normalization: str,
-    class_balance: str,
-) -> None:
-    if batch_size < 1:
-        raise UserInputError(f"batch_size must be at least 1, got {batch_size}.")
-    if num_workers < 0:
-        raise UserInputError(f"num_workers must be 0 or more, got {num_workers}.")
-    if val_size < 0:
-        raise UserInputError(f"val_size must be 0 or more, got {val_size}.")
-    if image_size is not None and image_size < 1:
-        raise UserInputError(f"image_size must be a positive number of pixels or null, got {image_size}.")
-    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise UserInputError(f"crop_scale must be two fractions 0 < low <= high <= 1, got {list(crop_scale)}.")
-    if normalization not in NORMALIZATIONS:
-        raise UserInputError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}.")
-    if class_balance not in ("none", "sampler", "loss"):
-        raise UserInputError(f"class_balance must be none, sampler or loss, got {class_balance!r}.")
-
-
-#: Where CIFAR-10 is read from, and downloaded to, when data.data_dir is not set.
-DEFAULT_DATA_DIR = Path("data")
-
-
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transfer_lightning"

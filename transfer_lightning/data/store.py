@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageOps
 
-from transfer_lightning.data.datasets import ImageArrays
+from transfer_lightning.data.datasets import ImageArrays, ImageTensorDataset
 from transfer_lightning.data.listing import list_images
 from transfer_lightning.data.transforms import View, stored_size
 from transfer_lightning.errors import UserInputError
@@ -208,6 +208,11 @@ class ImageFolderStore:
         if not (path / "info.json").is_file():
             self._build(path, size)
         return path
+
+    def dataset(self, size: tuple[int, int]) -> ImageTensorDataset:
+        """The rows that decoded, at ``size``, as a dataset named by its store's folder."""
+        stored = self.load(size)
+        return ImageTensorDataset(stored.arrays, stored.rows, source=str(stored.path.resolve()))
 
     def load(self, size: tuple[int, int]) -> StoredImages:
         """The store of this tree at ``size`` (H, W), memory-mapped (built first if need be)."""
