@@ -29,8 +29,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserInputError(f"Checkpoint {path} does not exist. Pass a .ckpt file from lightning_logs/*/checkpoints.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as error:
-        raise UserInputError(f"{path} is not a checkpoint saved by Lightning ({type(error).__name__}).") from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as error:
+        raise UserInputError(
+            f"{path} is not a checkpoint saved by Lightning, or it is damaged: cut short by a copy or a full disk "
+            f"({type(error).__name__}). Use another .ckpt of the run, e.g. last.ckpt or best-*.ckpt."
+        ) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "backbone" not in hparams or "state_dict" not in checkpoint:
         raise UserInputError(

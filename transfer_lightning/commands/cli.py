@@ -23,6 +23,7 @@ from transfer_lightning.logs import PlainProgress
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.tasks import MulticlassTask
 from transfer_lightning.training import (
+    AtomicCheckpointIO,
     CheckpointOnInterrupt,
     DashboardLayout,
     FrozenFeatureCache,
@@ -98,6 +99,7 @@ class TransferLightningCLI(LightningCLI):
                     CheckpointOnInterrupt(),
                     PlainProgress(),
                 ],
+                "plugins": lazy_instance(AtomicCheckpointIO),  # lazy: the saved config.yaml names it
             },
             parser_kwargs={"description": DESCRIPTION, "prog": program_name()},
             parser_class=ShortErrorParser,
@@ -230,6 +232,7 @@ class TransferLightningCLI(LightningCLI):
                 f"--ckpt_path last: no last.ckpt under {self.trainer.logger.root_dir}/*/checkpoints. "
                 "Pass the path of a checkpoint instead."
             )
+        checkpoints.read_checkpoint(candidates[-1])  # a damaged last.ckpt is one line here, not Lightning's traceback
         config["ckpt_path"] = str(candidates[-1])
         rank_zero_info(f"Resuming from {candidates[-1]}")
 

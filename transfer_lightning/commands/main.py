@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import sys
+from pathlib import Path
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -43,4 +45,12 @@ def main(args: list[str] | None = None) -> None:
             TransferLightningCLI(args=args)
     except (UserInputError, MisconfigurationException) as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        # A disk that fills where no writer checks first (a checkpoint, predictions.csv, an export): the writers
+        # use temporary names, so nothing half-written is left under a final name.
+        where = Path(error.filename).parent if error.filename else "a file"
+        print(f"error: the disk filled while writing into {where}: free space, or write elsewhere.", file=sys.stderr)
         sys.exit(2)

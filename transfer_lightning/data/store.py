@@ -18,12 +18,12 @@ crash never leaves half a store. Large trees are decoded by several processes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +38,7 @@ from transfer_lightning.data.datasets import ImageArrays, ImageTensorDataset
 from transfer_lightning.data.listing import list_images
 from transfer_lightning.data.transforms import View, stored_size
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.files import check_free_space, remove_leftovers, reserve, temporary_path
 from transfer_lightning.logs import progress_bar
 
 #: Files that are read, and decoded in one process below this many images (no process start-up).
@@ -197,16 +198,26 @@ class ImageFolderStore:
         Read from an existing store of this tree when there is one, else from every file's header.
         """
         for info_file in self.cache_dir.glob(f"{self.key}-*/info.json"):
-            size = json.loads(info_file.read_text())["uniform_size"]
-            return tuple(size) if size else None
+            if store_damage(info_file.parent) is None:  # a damaged store says nothing; build() replaces it
+                size = json.loads(info_file.read_text())["uniform_size"]
+                return tuple(size) if size else None
         sizes = {size for size in self._header_sizes() if isinstance(size, tuple)}
         return sizes.pop() if len(sizes) == 1 else None
 
     def build(self, size: tuple[int, int]) -> Path:
-        """The folder of this tree's store at ``size`` (H, W), built first if it does not exist yet."""
+        """The folder of this tree's store at ``size`` (H, W), built first if it does not exist yet, or again
+        if it is damaged (cut short by a copy or a full disk): said in one line, never a traceback."""
         path = self.cache_dir / f"{self.key}-{size[0]}x{size[1]}"
-        if not (path / "info.json").is_file():
-            self._build(path, size)
+        if (path / "info.json").is_file():
+            damage = store_damage(path)
+            if damage is None:
+                return path
+            rank_zero_info(f"The decoded store {path} is damaged ({damage}): building it again.")
+            discard = temporary_path(path)
+            path.rename(discard)  # out of the way at once; another process may look for it meanwhile
+            shutil.rmtree(discard, ignore_errors=True)
+        remove_leftovers(self.cache_dir)
+        self._build(path, size)
         return path
 
     def dataset(self, size: tuple[int, int]) -> ImageTensorDataset:
@@ -250,10 +261,16 @@ class ImageFolderStore:
         self._check_bad(bad)
         sizes = {header_sizes[i] for i in good}
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        label_bytes = np.asarray(self.samples[good[0]][1], dtype=np.int64).nbytes
+        needed = len(good) * (3 * size[0] * size[1] + label_bytes) + 2**20  # and the headers and lists
+        what = f"The decoded store of {self.described} at {size[0]}x{size[1]}"
+        check_free_space(path.parent, needed, what, "--data.cache_dir")
+        temporary = temporary_path(path)
+        temporary.mkdir()
         try:
             store_file = str(temporary / "images.npy")
             np.lib.format.open_memmap(store_file, mode="w+", dtype=np.uint8, shape=(len(good), 3, *size)).flush()
+            reserve(Path(store_file), os.path.getsize(store_file))  # a full disk fails here, not as SIGBUS later
             rows = list(range(len(good)))
             tasks = [
                 (store_file, size, chunk, [self.samples[i][0] for i in indices])
@@ -270,12 +287,20 @@ class ImageFolderStore:
             (temporary / "files.json").write_text(json.dumps([self.samples[i][0] for i in good]))
             info = {"source": str(self.folder.resolve()), "images": len(good), "size": list(size)}
             info["uniform_size"] = list(sizes.pop()) if len(sizes) == 1 else None
+            info |= {"images_bytes": os.path.getsize(store_file), "images_digest": edges_digest(Path(store_file))}
             (temporary / "info.json").write_text(json.dumps(info, indent=1))
             try:
                 temporary.rename(path)
             except OSError:  # another process built the same store meanwhile
                 if not (path / "info.json").is_file():
                     raise
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise UserInputError(
+                f"The disk filled while writing {what} into {path.parent}. Free some space, or put it on another "
+                "disk with --data.cache_dir; nothing of it was left behind."
+            ) from None
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
 
@@ -312,3 +337,48 @@ class ImageFolderStore:
 
 def _chunks(items: list) -> list[list]:
     return [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]
+
+
+#: Bytes at each end of a store's images file that its digest covers: a cheap check that it is the file written.
+DIGEST_EDGE = 4096
+
+
+def edges_digest(path: Path) -> str:
+    """SHA-256 of the first and last :data:`DIGEST_EDGE` bytes of a file (its header and its end), not a full read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        digest.update(file.read(DIGEST_EDGE))
+        file.seek(max(0, os.path.getsize(path) - DIGEST_EDGE))
+        digest.update(file.read(DIGEST_EDGE))
+    return digest.hexdigest()
+
+
+def store_damage(path: Path) -> str | None:
+    """Why the store in ``path`` cannot be used (``None`` when it is whole), checked against its ``info.json``:
+    the images file's length and digest (stores of older versions: the length its header implies), and the
+    number of labels."""
+    try:
+        info = json.loads((path / "info.json").read_text())
+        images = path / "images.npy"
+        length, expected = images.stat().st_size, info.get("images_bytes") or npy_length(images)
+        if length != expected:
+            return f"images.npy holds {length} bytes, not {expected}"
+        if "images_digest" in info and edges_digest(images) != info["images_digest"]:
+            return "images.npy is not the file that was written: its first or last bytes differ"
+        labels = np.load(path / "labels.npy", mmap_mode="r")
+        if len(labels) != info["images"]:
+            return f"labels.npy holds {len(labels)} labels for {info['images']} images"
+        if not (path / "skipped.txt").is_file():
+            return "skipped.txt is missing"
+    except (OSError, ValueError, KeyError) as error:  # json's errors are ValueErrors
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def npy_length(path: Path) -> int:
+    """The length in bytes that a ``.npy`` file's header says the whole file has."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(file)
+        return file.tell() + int(np.prod(shape)) * dtype.itemsize

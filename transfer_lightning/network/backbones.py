@@ -143,7 +143,10 @@ def _load_state_dict_file(network: nn.Module, backbone: str, head_name: str, pat
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch.load fails on foreign bytes with many exception types
-        raise UserInputError(f"Weights file {path} is not a state_dict saved with torch.save ({error}).") from None
+        raise UserInputError(
+            f"Weights file {path} is not a state_dict saved with torch.save, or it is cut short (a download or copy "
+            f"that stopped): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}."
+        ) from None
     if isinstance(state_dict, Mapping) and "state_dict" in state_dict:
         raise UserInputError(
             f"{path} is a Lightning checkpoint, not a backbone state_dict: "

@@ -75,15 +75,23 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
         description_file = Path(f"{model_file}.json")
         if not source.is_file() or not description_file.is_file():
             raise UserInputError(f"--model {model_file} needs the file and {description_file} beside it (from export).")
-        description = json.loads(description_file.read_text())
+        try:
+            description = json.loads(description_file.read_text())
+            if source.suffix == ".onnx":
+                session = inference_session(source)  # once: a session per request would cost more than the model
+            else:
+                program = torch.export.load(source).module()
+        except Exception as error:  # noqa: BLE001 - json, onnxruntime and torch.export fail on damaged files in many ways
+            raise UserInputError(
+                f"--model {model_file} (or its .json) cannot be read: cut short by a copy or a full disk, or not "
+                f"written by export ({type(error).__name__}). Export the checkpoint again."
+            ) from None
         if source.suffix == ".onnx":
-            session = inference_session(source)  # once: a session per request would cost more than the model
 
             def run(images: Tensor) -> Tensor:
                 return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
         else:
-            program = torch.export.load(source).module()
 
             @torch.inference_mode()
             def run(images: Tensor) -> Tensor:

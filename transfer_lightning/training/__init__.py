@@ -3,12 +3,14 @@
 TensorBoard shows (:mod:`.dashboards`)."""
 
 from transfer_lightning.training.averaging import WeightEMA
+from transfer_lightning.training.checkpoint_io import AtomicCheckpointIO
 from transfer_lightning.training.dashboards import DashboardLayout, HparamsWithResults
 from transfer_lightning.training.feature_cache import FrozenFeatureCache
 from transfer_lightning.training.interrupt import CheckpointOnInterrupt
 from transfer_lightning.training.speed import TrainingSpeed
 
 __all__ = [
+    "AtomicCheckpointIO",
     "CheckpointOnInterrupt",
     "DashboardLayout",
     "FrozenFeatureCache",

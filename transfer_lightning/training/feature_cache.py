@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
+import pickle
 import time
+import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +20,7 @@ from torch import Tensor
 
 from transfer_lightning.data import ImageArrays, ImageFolderDataModule, ImageTensorDataset
 from transfer_lightning.errors import UserInputError
-from transfer_lightning.files import atomic_path
+from transfer_lightning.files import check_free_space, remove_leftovers, write_torch_file
 from transfer_lightning.logs import progress_bar
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.network.onnx import OnnxFeatureExtractor, missing_onnx_packages
@@ -183,15 +186,30 @@ class FrozenFeatureCache(pl.Callback):
         mirrored: bool = False,
     ) -> torch.Tensor:
         """The features of ``images`` (or of their mirror images): from the store when a file for exactly
-        these inputs exists."""
+        these inputs exists and is whole (a damaged one is computed again, said in one line)."""
         path = self.stored_path(model, datamodule, images, trainer, mirrored) if self.store else None
         if path is not None and path.is_file():
-            rank_zero_info(f"Frozen-feature cache: reusing the stored features of {split} ({path}).")
-            return torch.load(path, map_location="cpu", weights_only=True)["features"]
+            stored = read_stored_features(path, len(images))
+            if isinstance(stored, Tensor):
+                rank_zero_info(f"Frozen-feature cache: reusing the stored features of {split} ({path}).")
+                return stored
+            rank_zero_info(f"Frozen-feature cache: {path} is damaged ({stored}); computing the features again.")
+        if path is not None and trainer.is_global_zero:  # before the backbone's work, not after it
+            remove_leftovers(path.parent)
+            needed = len(images) * model.head.in_features * 4 + 2**20  # float32 features of the head's input
+            what = f"The frozen features of {split}"
+            check_free_space(path.parent, needed, what, "--feature_cache.cache_dir (or --feature_cache.store false)")
         features = self.compute(model, datamodule, images, split, trainer, mirrored)
         if path is not None and trainer.is_global_zero:
-            with atomic_path(path) as partial:
-                torch.save({"features": features}, partial)
+            try:
+                write_torch_file({"features": features}, path)
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                raise UserInputError(
+                    f"The disk filled while storing {what} in {path.parent}. Free some space, or use "
+                    "--feature_cache.cache_dir on another disk; nothing of it was left behind."
+                ) from None
             rank_zero_info(f"Frozen-feature cache: stored the features of {split} in {path}.")
         return features
 
@@ -297,6 +315,18 @@ class FrozenFeatureCache(pl.Callback):
             )
         self._onnx = (key, extractor)
         return extractor
+
+
+def read_stored_features(path: Path, rows: int) -> Tensor | str:
+    """The features stored at ``path``, or why they cannot be used: a file cut short or overwritten fails torch's
+    zip checks, and one of another set has another number of rows."""
+    try:
+        features = torch.load(path, map_location="cpu", weights_only=True)["features"]
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+    if not isinstance(features, Tensor) or len(features) != rows:
+        return f"{len(features) if isinstance(features, Tensor) else 'no'} rows for {rows} images"
+    return features
 
 
 def backbone_digest(model: TransferClassifier) -> str:
