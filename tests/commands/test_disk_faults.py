@@ -159,3 +159,17 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_is_one_line(small_run_a
         assert not list(disk.rglob("*.ckpt")) and no_temporary_files(disk)
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)  # the event writer may hold a file open
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(checkpoint, run_dir, capsys):
+    disk = run_dir / "small_disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        code, err = run(["export", f"--ckpt_path={checkpoint}", f"--output={disk / 'model.pt2'}"], capsys)
+        assert_one_line(code, err, "the disk filled while writing into", "small_disk")
+        assert list(disk.iterdir()) == []  # neither the model nor its .json, nor a temporary file
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)

@@ -15,6 +15,7 @@ Lightning model must give the same probabilities (within :data:`TOLERANCE`) on a
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from importlib.metadata import version
 from pathlib import Path
@@ -104,7 +105,9 @@ def example_images(preprocessing: Preprocessing, count: int, seed: int = 0) -> T
 
 def _write_pt2(module: ExportedClassifier, preprocessing: Preprocessing, path: Path) -> None:
     program = torch.export.export(module, (example_images(preprocessing, 2),), dynamic_shapes=dynamic_batch())
-    torch.export.save(program, path)
+    buffer = io.BytesIO()  # written from Python: torch's own writer reports a full disk as a RuntimeError
+    torch.export.save(program, buffer)
+    path.write_bytes(buffer.getbuffer())
 
 
 def _write_onnx(module: ExportedClassifier, preprocessing: Preprocessing, path: Path) -> None:
