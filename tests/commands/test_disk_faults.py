@@ -4,11 +4,13 @@ half-written or temporary left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,22 @@ def no_temporary_files(root: Path) -> bool:
     return not [path for path in root.rglob("*") if path.name.endswith(".tmp")]
 
 
+needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@contextlib.contextmanager
+def small_disk(run_dir: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted in the test's folder: a real disk that fills (ENOSPC)."""
+    disk = run_dir / "small_disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # the event writer may hold a file open
+
+
 def cut_short(path: Path, keep: float = 0.5) -> None:
     with open(path, "r+b") as file:
         file.truncate(int(path.stat().st_size * keep))
@@ -60,21 +78,15 @@ def test_too_little_free_space_for_the_store_stops_before_writing(small_run_args
     assert not list((run_dir / "cache").glob("*x*")) and no_temporary_files(run_dir)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@needs_root
 def test_a_disk_that_fills_while_the_store_is_written_is_one_line(small_run_args, run_dir, capsys, monkeypatch):
     """A real ENOSPC: the store goes to a 200 KB tmpfs, past the space check (as when another program fills the
     disk meanwhile). The space is reserved before the memory-mapped writes, so it is an error, not a SIGBUS."""
-    disk = run_dir / "small_disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_disk(run_dir, "200k") as disk:
         monkeypatch.setattr(store, "check_free_space", lambda *args: None)
         code, err = run(["fit", f"--config={CONFIG}", *small_run_args, f"--data.cache_dir={disk}", *SHORT], capsys)
         assert_one_line(code, err, "The disk filled while writing", "--data.cache_dir")
         assert list(disk.iterdir()) == []  # nothing left to keep the disk full
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # the event writer may hold a file open
 
 
 def test_a_damaged_store_is_built_again(small_run_args, run_dir, capsys, caplog):
@@ -145,31 +157,19 @@ def test_a_damaged_exported_model_is_one_line(checkpoint, run_dir):
         load_model(None, str(written), "cpu")
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@needs_root
 def test_a_disk_that_fills_while_a_checkpoint_is_written_is_one_line(small_run_args, run_dir, capsys):
     """The run folder on a 2 MB tmpfs: the event files fit, ResNet18's checkpoint (about 45 MB) does not."""
-    disk = run_dir / "small_disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_disk(run_dir, "2m") as disk:
         logs = [f"--trainer.logger.init_args.save_dir={disk}", "--trainer.max_steps=1", "--test_after_fit=false"]
         code, err = run(["fit", f"--config={CONFIG}", *small_run_args, *logs], capsys)
         assert_one_line(code, err, "the disk filled while writing into", "small_disk")
         assert not list(disk.rglob("*.ckpt")) and no_temporary_files(disk)
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # the event writer may hold a file open
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@needs_root
 def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(checkpoint, run_dir, capsys):
-    disk = run_dir / "small_disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_disk(run_dir, "1m") as disk:
         code, err = run(["export", f"--ckpt_path={checkpoint}", f"--output={disk / 'model.pt2'}"], capsys)
         assert_one_line(code, err, "the disk filled while writing into", "small_disk")
         assert list(disk.iterdir()) == []  # neither the model nor its .json, nor a temporary file
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)
