@@ -4,7 +4,7 @@ Runs SGD training steps (forward, loss, backward, update) of a :class:`TransferC
 random batches for the whole network and for each ``--trainable_from`` module, and prints
 training images/s and the speed-up over the whole network. The frozen modules before
 ``trainable_from`` run forward only, in eval mode; the last columns run them as a run does, with
-their BatchNorm layers folded into the convolutions (``transfer_lightning.finetuning.run_folded``).
+their BatchNorm layers folded into the convolutions (``transfer_lightning.network.freezing.run_folded``).
 Accuracy is measured by the recipe runs in docs/results.md, not here.
 
     python benchmarks/finetune_speed.py --backbone mobilenet_v2 --image_size 96 \

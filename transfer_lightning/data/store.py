@@ -191,6 +191,8 @@ class ImageFolderStore:
         #: How progress bars and messages name these images: the folder, and the table split's name.
         self.described = f"{folder} ({name})" if name else str(folder)
         self._sizes: list[tuple[int, int] | str] | None = None
+        #: Store folders checked whole, or built, by this process: checked once, not at every look.
+        self._whole: set[Path] = set()
 
     def uniform_size(self) -> tuple[int, int] | None:
         """(H, W) when every decodable image has that one size; ``None`` for mixed sizes.
@@ -198,7 +200,7 @@ class ImageFolderStore:
         Read from an existing store of this tree when there is one, else from every file's header.
         """
         for info_file in self.cache_dir.glob(f"{self.key}-*/info.json"):
-            if store_damage(info_file.parent) is None:  # a damaged store says nothing; build() replaces it
+            if self._is_whole(info_file.parent):  # a damaged store says nothing; build() replaces it
                 size = json.loads(info_file.read_text())["uniform_size"]
                 return tuple(size) if size else None
         sizes = {size for size in self._header_sizes() if isinstance(size, tuple)}
@@ -208,9 +210,12 @@ class ImageFolderStore:
         """The folder of this tree's store at ``size`` (H, W), built first if it does not exist yet, or again
         if it is damaged (cut short by a copy or a full disk): said in one line, never a traceback."""
         path = self.cache_dir / f"{self.key}-{size[0]}x{size[1]}"
+        if path in self._whole:
+            return path
         if (path / "info.json").is_file():
             damage = store_damage(path)
             if damage is None:
+                self._whole.add(path)
                 return path
             rank_zero_info(f"The decoded store {path} is damaged ({damage}): building it again.")
             discard = temporary_path(path)
@@ -218,7 +223,13 @@ class ImageFolderStore:
             shutil.rmtree(discard, ignore_errors=True)
         remove_leftovers(self.cache_dir)
         self._build(path, size)
+        self._whole.add(path)
         return path
+
+    def _is_whole(self, path: Path) -> bool:
+        if path not in self._whole and store_damage(path) is None:
+            self._whole.add(path)
+        return path in self._whole
 
     def dataset(self, size: tuple[int, int]) -> ImageTensorDataset:
         """The rows that decoded, at ``size``, as a dataset named by its store's folder."""
