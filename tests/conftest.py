@@ -134,13 +134,15 @@ def assert_test_scores_by_hand(cli, batches: int | None = None, autocast: bool =
     from transfer_lightning.data import prepare_batch
 
     model, datamodule = cli.model.eval(), cli.datamodule
-    settings = {"image_size": datamodule.hparams.image_size, "view": datamodule.view}
+    prep = datamodule.preparation  # the settings with auto resolved; the scoring below is this test's own
+    mean, std = torch.tensor(prep.mean), torch.tensor(prep.std)
+    settings = {"image_size": prep.image_size, "view": datamodule.view, "interpolation": prep.interpolation}
     correct, losses, total = 0, [], 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for index, (images, labels) in enumerate(datamodule.test_set.batches(datamodule.hparams.batch_size)):
             if batches is not None and index == batches:
                 break
-            inputs = prepare_batch(images, datamodule.mean, datamodule.std, augment=False, **settings)
+            inputs = prepare_batch(images, mean, std, augment=False, **settings)
             probabilities = model.network(inputs).float().softmax(dim=1)
             if model.hparams.tta_flip:
                 probabilities = (probabilities + model.network(inputs.flip(-1)).float().softmax(dim=1)) / 2

@@ -1,4 +1,4 @@
-"""TransferClassifier: a pretrained torchvision backbone with a new head, fine-tuned or frozen.
+"""TransferClassifier: a pretrained torchvision or timm backbone with a new head, fine-tuned or frozen.
 
 The LightningModule reads as network, forward, steps, metrics and optimizers. What it is built from
 lives in packages of its own and is asked, not re-decided here: the network and its frozen parts
@@ -18,11 +18,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from transfer_lightning import checkpoints
-from transfer_lightning.errors import UserInputError
+from transfer_lightning.data.transforms import WeightsPreprocessing
 from transfer_lightning.model_settings import check_model_settings
 from transfer_lightning.network import FrozenBatchNorm, FrozenParts, GradualUnfreezing, check_input_size, create_network
-from transfer_lightning.optim import LBFGSHead, build_optimizer, build_scheduler, parameter_groups
-from transfer_lightning.tasks import Task, TaskName, TestReport, create_task
+from transfer_lightning.network.timm_backbones import layer_decay_scales
+from transfer_lightning.optim import LBFGSHead, optimization, parameter_groups
+from transfer_lightning.tasks import Task, TaskName, TestReport, create_task, task_for_data
 from transfer_lightning.tasks.report_files import ClassificationReportFiles
 
 #: The backbone's learning rate relative to the head's after gradual unfreezing, unless set.
@@ -31,12 +32,13 @@ HeadSolver = Literal["gradient", "lbfgs"]
 
 
 class TransferClassifier(pl.LightningModule):
-    """An ImageNet-pretrained torchvision classifier whose last Linear layer is replaced for the task.
+    """A pretrained classifier (torchvision's or timm's) whose last Linear layer is replaced for the task.
 
     Args:
-        backbone: torchvision classification model name (resnet18, mobilenet_v2, ...).
-        weights: torchvision weights name (DEFAULT, IMAGENET1K_V1), a local state_dict file
-            (with or without the classifier), or null for random initialisation.
+        backbone: torchvision model name (resnet18, mobilenet_v2, ...), timm/NAME[.TAG] (timm/convnext_tiny.fb_in22k),
+            hf-hub:ORG/NAME[@REVISION], or local-dir:PATH (a timm folder: config.json, model.safetensors).
+        weights: DEFAULT (the backbone's own: torchvision's, the Hub's, the folder's), a torchvision weights
+            name (IMAGENET1K_V1), a local state_dict or .safetensors file, or null for random initialisation.
         num_classes: Outputs of the new head; linked from the datamodule by the CLI.
         class_names: Names of the classes, for per-class test metrics; linked from the datamodule.
         freeze_backbone: Train only the new head (fixed feature extractor). The backbone's
@@ -75,6 +77,12 @@ class TransferClassifier(pl.LightningModule):
         lbfgs_l2: The strongest and weakest L2 strength, ``trainer.max_epochs`` of them log-spaced; the loss
             is the mean over images, so scikit-learn's ``C`` is ``1 / (strength * training images)``.
         lbfgs_max_iter: L-BFGS iterations at most per strength.
+        backbone_image_size: timm vision transformers: the input side their position embeddings are resized
+            to (DINOv2's 518 -> 224); null keeps the weights'. Set data.image_size to the same.
+        layer_decay: timm backbones: layer-wise learning-rate decay (0.75: each layer's rate is the next
+            one's times 0.75, by timm's group_matcher); null: one rate.
+        gradient_checkpointing: timm backbones: recompute activations in the backward pass (timm's
+            set_grad_checkpointing): less memory, about a third more time.
     """
 
     def __init__(
@@ -101,6 +109,9 @@ class TransferClassifier(pl.LightningModule):
         head_solver: HeadSolver = "gradient",
         lbfgs_l2: tuple[float, float] = (1e-1, 1e-6),
         lbfgs_max_iter: int = 500,
+        backbone_image_size: int | None = None,
+        layer_decay: float | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_model_settings(locals())
@@ -108,12 +119,12 @@ class TransferClassifier(pl.LightningModule):
         #: lbfgs: the head fitted by full-batch L-BFGS, one strength per epoch, by hand (manual optimization).
         self.head_fitter = LBFGSHead(*lbfgs_l2, lbfgs_max_iter) if head_solver == "lbfgs" else None
         self.automatic_optimization = self.head_fitter is None
-        self.network, self.parts = create_network(backbone, weights, num_classes)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.network, self.parts = create_network(
+            backbone, weights, num_classes, backbone_image_size, gradient_checkpointing
+        )
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.frozen = FrozenParts(self.network, self.parts.head, trainable_from, freeze_backbone)
-        #: Set by :class:`~transfer_lightning.training.FrozenFeatureCache` while batches hold the
-        #: cached inputs of :attr:`classifier_block` instead of images.
+        #: Set by :class:`~transfer_lightning.training.FrozenFeatureCache` while batches are cached features.
         self.inputs_are_features = False
         self._compiled = False
         #: Per-class weights of the training loss (``data.class_balance: loss``), set in :meth:`setup`.
@@ -133,22 +144,19 @@ class TransferClassifier(pl.LightningModule):
 
     def check_task(self, data_task: TaskName) -> None:
         """Take the data's task when ``task`` is null; refuse multi-label data for a multiclass model."""
+        chosen = task_for_data(self.hparams.task, self.hparams.threshold, data_task)
         if self.hparams.task is None:
-            if data_task == "multiclass" and self.hparams.threshold is not None:
-                raise UserInputError(
-                    "model.threshold is the decision threshold of multilabel models; this one is multiclass."
-                )
-            self.use_task(data_task)
-            self.hparams.task = data_task  # saved in checkpoints as the resolved task
-        elif data_task == "multilabel" and self.task.single_label:
-            raise UserInputError(
-                "The data gives images several labels, but model.task is multiclass (one class per image): "
-                "set --model.task multilabel (or leave it unset), or train on single-label data."
-            )
+            self.use_task(chosen)
+            self.hparams.task = chosen  # saved in checkpoints as the resolved task
 
     @property
     def class_names(self) -> list[str]:
         return self.task.class_names
+
+    @property
+    def weights_preprocessing(self) -> WeightsPreprocessing:
+        """What the backbone's weights expect of their input: ``data.normalization auto`` asks for it."""
+        return self.parts.preprocessing
 
     @property
     def head(self) -> nn.Linear:
@@ -264,19 +272,12 @@ class TransferClassifier(pl.LightningModule):
             return self.head_fitter.optimizer(self)
         never_trained = {id(p) for p in self.frozen.always_frozen_parameters()}
         split_backbone = self.hparams.unfreeze_at_epoch is not None
-        groups = parameter_groups(
-            self.network, self.head, never_trained, split_backbone, self.hparams.no_weight_decay_on_norm_and_bias
-        )
-        scale = self.hparams.backbone_lr_scale or DEFAULT_BACKBONE_LR_SCALE
-        optimizer = build_optimizer(self.optimizer_factory, groups, scale if split_backbone else None)
-        if self.scheduler_factory is None:
-            return optimizer
+        lr_scales = layer_decay_scales(self.network, self.hparams.layer_decay) if self.hparams.layer_decay else None
+        no_decay = self.hparams.no_weight_decay_on_norm_and_bias
+        groups = parameter_groups(self.network, self.head, never_trained, split_backbone, no_decay, lr_scales)
+        scale = (self.hparams.backbone_lr_scale or DEFAULT_BACKBONE_LR_SCALE) if split_backbone else None
         interval = self.hparams.scheduler_interval
-        scheduler = build_scheduler(self.scheduler_factory, optimizer, interval, self.trainer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"},
-        }
+        return optimization(self.optimizer_factory, self.scheduler_factory, groups, scale, interval, self._trainer)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The frozen part's BatchNorm policy, the test report's files, gradual unfreezing when

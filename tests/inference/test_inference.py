@@ -209,7 +209,7 @@ def test_checkpoints_carry_what_inference_needs(trained):
     assert checkpoints.data_settings(checkpoint) == {
         "class_names": list(CLASSES),
         "image_size": 32,
-        "normalization": "imagenet",
+        "normalization": "auto",  # resolved from the weights: ImageNet statistics, as below
     }
     preprocessing = checkpoints.preprocessing(checkpoint, "last.ckpt")
     assert (preprocessing.stored_size, preprocessing.view, preprocessing.image_size) == ((37, 37), "crop", 32)

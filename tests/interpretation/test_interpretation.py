@@ -194,7 +194,10 @@ def test_fit_writes_the_pictures(interpreted):
         assert (version / name).is_file(), name
 
     datamodule = cli.datamodule
-    mean, std = datamodule.mean.view(1, 3, 1, 1), datamodule.std.view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor(datamodule.preparation.mean).view(1, 3, 1, 1),
+        torch.tensor(datamodule.preparation.std).view(1, 3, 1, 1),
+    )
     pixels = (first_batch[:32] * std + mean).clamp(0, 1)
     expected = make_grid(pixels, nrow=8, padding=2).mul(255).round().to(torch.uint8)
     assert torch.equal(png((version / "train_batch.png").read_bytes()), expected)
@@ -203,7 +206,14 @@ def test_fit_writes_the_pictures(interpreted):
     assert {"test/top_losses", "test/top_losses_cam", "test/most_confused"} <= set(events.Tags()["images"])
 
     images, labels = datamodule.test_set.to_arrays()
-    inputs = prepare_batch(images, datamodule.mean, datamodule.std, augment=False, image_size=None, view="resize")
+    inputs = prepare_batch(
+        images,
+        torch.tensor(datamodule.preparation.mean),
+        torch.tensor(datamodule.preparation.std),
+        augment=False,
+        image_size=None,
+        view="resize",
+    )
     with torch.no_grad():
         losses = F.cross_entropy(cli.model.eval().network(inputs), labels, reduction="none")
     with open(version / "top_losses.csv") as file:

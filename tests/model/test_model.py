@@ -92,7 +92,13 @@ def test_logged_test_accuracy_equals_accuracy_by_hand(image_folder, tmp_path):
     predictions, labels = [], []
     with torch.no_grad():
         for images, batch_labels in datamodule.test_dataloader():
-            batch = prepare_batch(images, datamodule.mean, datamodule.std, augment=False, image_size=None)
+            batch = prepare_batch(
+                images,
+                torch.tensor(datamodule.preparation.mean),
+                torch.tensor(datamodule.preparation.std),
+                augment=False,
+                image_size=None,
+            )
             predictions.append(model(batch).argmax(dim=1))
             labels.append(batch_labels)
     predictions, labels = torch.cat(predictions), torch.cat(labels)

@@ -85,7 +85,14 @@ def test_evaluated_and_checkpointed_weights_are_torchs_ema(small_run_args, run_d
     best = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=False)
     datamodule = cli.datamodule
     images, labels = datamodule.test_set.to_arrays()
-    inputs = prepare_batch(images, datamodule.mean, datamodule.std, augment=False, image_size=None, view="resize")
+    inputs = prepare_batch(
+        images,
+        torch.tensor(datamodule.preparation.mean),
+        torch.tensor(datamodule.preparation.std),
+        augment=False,
+        image_size=None,
+        view="resize",
+    )
 
     def test_loss(state: dict[str, torch.Tensor]) -> float:
         cli.model.load_state_dict(state)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from transfer_lightning.commands import lr_find, sweep
+from transfer_lightning.commands import backbones, lr_find, sweep
 from transfer_lightning.commands.cli import TransferLightningCLI, program_name
 from transfer_lightning.errors import UserInputError
-from transfer_lightning.inference import export
+from transfer_lightning.inference import command as export_command
 from transfer_lightning.logs import silence_noise
 from transfer_lightning.reporting import command as reporting_command
 from transfer_lightning.serving import server
@@ -21,8 +21,8 @@ from transfer_lightning.serving import server
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; a :class:`UserInputError` is printed as one line and exits with status 2.
 
-    ``report``, ``export``, ``serve``, ``lr_find`` and ``sweep`` are dispatched here: LightningCLI's subcommands are
-    Trainer methods only.
+    ``report``, ``export``, ``serve``, ``backbones``, ``lr_find`` and ``sweep`` are dispatched here: LightningCLI's
+    subcommands are Trainer methods only.
     """
     argv = sys.argv[1:] if args is None else args
     silence_noise()
@@ -34,7 +34,9 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] == ["report"]:
             reporting_command.main(argv[1:])
         elif argv[:1] == ["export"]:
-            export.main(argv[1:])
+            export_command.main(argv[1:])
+        elif argv[:1] == ["backbones"]:
+            backbones.main(argv[1:])
         elif argv[:1] == ["lr_find"]:
             lr_find.main(argv[1:])
         elif argv[:1] == ["sweep"]:

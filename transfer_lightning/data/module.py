@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -28,8 +28,10 @@ from transfer_lightning.data.datasets import (
     positive_weights,
     validation_count,
 )
+from transfer_lightning.data.preparation import BatchPreparation, ImageSize, Preparation
 from transfer_lightning.data.settings import (
     DEFAULT_DATA_DIR,
+    ClassBalance,
     check_data_settings,
     default_cache_dir,
     resolve_class_names,
@@ -42,11 +44,9 @@ from transfer_lightning.data.sources import (
 )
 from transfer_lightning.data.store import ImageFolderStore, shared_store_size
 from transfer_lightning.data.table_source import TableSource
-from transfer_lightning.data.transforms import NORMALIZATIONS, Normalization, Preprocessing, View, prepare_batch
+from transfer_lightning.data.transforms import Normalization, Preprocessing, View
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.tasks import TaskName
-
-ClassBalance = Literal["none", "sampler", "loss"]
 
 
 class SplitStores(NamedTuple):
@@ -68,7 +68,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ``download`` is true: a folder the user names is never downloaded into unless it is empty, so a
     mistyped path is an error, not a CIFAR-10 run. Image folders are decoded once into a memory-mapped store under
     ``cache_dir``. Images of one size keep it (CIFAR-10's 32x32); mixed sizes are stored at
-    ``image_size x 8/7`` (shorter side, centre square: 256 for 224) and cropped on the device.
+    ``image_size / crop_pct`` (shorter side, centre square: 256 for 224) and cropped on the device.
 
     With ``labels_file``, a CSV or TSV table names the images (under ``images_dir``, or ``data_dir``, or
     the table's folder) and their labels: one class per image, or several (multi-label: ``task`` is
@@ -84,12 +84,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
             set, which only reproduces the reference recipe: a model picked on the test set has no
             honest test score.
         split_seed: Seed of the validation split; the same seed gives the same split.
-        normalization: imagenet (suits pretrained weights), cifar10 (its own statistics) or
-            reference (mean = std = 0.5, as the published recipe).
+        normalization: auto (the mean, std, crop fraction and interpolation of the backbone's weights,
+            from their metadata; ImageNet's for a data module used without the model), imagenet,
+            cifar10 (its own statistics) or reference (mean = std = 0.5, as the published recipe).
         augment: Random augmentation of training batches: for images kept at their own size a
             4-pixel padded random crop and a flip; for resized images a random resized crop and a flip.
-        image_size: Side of the square images the network gets (e.g. 64, 128, 224); null keeps the
-            images' own size, which needs images of one size.
+        image_size: Side of the square images the network gets (e.g. 64, 128, 224); auto: the size the
+            backbone's weights were trained at; null keeps the images' own size, which needs images of one size.
         crop_scale: Area range (fractions of the image) of the random resized crop.
         skip_bad_images: Skip image files that do not decode (logged, and listed in the store's
             skipped.txt) instead of stopping at the first.
@@ -122,9 +123,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         val_size: int | float = 5000,
         split_seed: int = 0,
-        normalization: Normalization = "imagenet",
+        normalization: Normalization = "auto",
         augment: bool = False,
-        image_size: int | None = None,
+        image_size: ImageSize = None,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         skip_bad_images: bool = False,
         class_balance: ClassBalance = "none",
@@ -176,9 +177,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             predicting=self.predict_dir is not None,
             cifar10_available=self._has_cifar10() or self.downloads,
         )
-        mean, std = NORMALIZATIONS[normalization]
-        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
-        self._stats_by_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._preparer = BatchPreparation(normalization, image_size, tuple(crop_scale))
         #: How stored images become the network's input; set by :meth:`setup` (see ``prepare_batch``).
         self.view: View = "resize"
         self._stores: SplitStores | None = None
@@ -210,8 +209,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     @property
     def input_size(self) -> tuple[int, int] | None:
         """(height, width) of the batches the network gets; ``None`` before ``setup``."""
-        if self.hparams.image_size is not None:
-            return (self.hparams.image_size, self.hparams.image_size)
+        if self.preparation.image_size is not None:
+            return (self.preparation.image_size,) * 2
         return tuple(self.test_set.arrays.images.shape[-2:]) if self.test_set is not None else None
 
     @property
@@ -234,12 +233,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
             size = (32, 32)
         else:
             raise UserInputError(
-                "The checkpoint does not say how its images were prepared (it was saved before 2026-11-28) and "
-                "there is no training data to tell: pass the training data's --data.data_dir and "
-                "--data.image_size too, or use a checkpoint saved by this version."
+                "The checkpoint does not say how its images were prepared (saved before 2026-11-28) and there is no "
+                "training data to tell: pass the training data's --data.data_dir and --data.image_size too."
             )
-        mean, std = NORMALIZATIONS[self.hparams.normalization]
-        return Preprocessing(size, self.view, self.hparams.image_size, mean, std)
+        p = self.preparation
+        return Preprocessing(size, self.view, p.image_size, p.mean, p.std, p.interpolation)
+
+    @property
+    def preparation(self) -> Preparation:
+        """The settings with ``auto`` resolved from the weights of the model this data serves (resolved once)."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        return self._preparer.resolved(getattr(model, "weights_preprocessing", None))
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: :attr:`preprocessing`, which the hyperparameters alone do not
@@ -309,7 +313,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _split_stores(self) -> tuple[SplitStores, tuple[int, int]]:
         """The store of every split folder (or split of the table), and the one size they all use: the
-        images' own if they share one that is not larger than needed, else image_size x 8/7 (sets
+        images' own if they share one that is not larger than needed, else image_size / crop_pct (sets
         :attr:`view` to match)."""
         if self._stores is None:  # listed once, whether prepare_data ran in this process or not
             skip = self.hparams.skip_bad_images
@@ -328,7 +332,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 ]
             self._stores = SplitStores(*stores)
         stores = [store for store in self._stores if store is not None]
-        size, self.view = shared_store_size(stores, self.hparams.image_size, self.data_dir)
+        prep = self.preparation
+        size, self.view = shared_store_size(stores, prep.image_size, self.data_dir, prep.crop_pct)
         return self._stores, size
 
     def train_dataloader(self) -> DataLoader:
@@ -382,18 +387,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def batch_transform(self, images: Tensor, train: bool) -> Tensor:
         """uint8 images on any device -> the network's input; random augmentation only if ``train``."""
-        if images.device not in self._stats_by_device:  # copy mean and std to a GPU once, not per batch
-            self._stats_by_device[images.device] = (self.mean.to(images.device), self.std.to(images.device))
-        mean, std = self._stats_by_device[images.device]
-        return prepare_batch(
-            images,
-            mean,
-            std,
-            augment=self.hparams.augment and train,
-            image_size=self.hparams.image_size,
-            view=self.view,
-            crop_scale=tuple(self.hparams.crop_scale),
-        )
+        return self._preparer(images, self.preparation, augment=self.hparams.augment and train, view=self.view)
 
 
 #: The earlier name, kept so that existing code and configs work.

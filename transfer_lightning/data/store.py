@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 
 from transfer_lightning.data.datasets import ImageArrays, ImageTensorDataset
 from transfer_lightning.data.listing import list_images
-from transfer_lightning.data.transforms import View, stored_size
+from transfer_lightning.data.transforms import DEFAULT_CROP_PCT, View, stored_size
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import check_free_space, remove_leftovers, reserve, temporary_path
 from transfer_lightning.logs import progress_bar
@@ -134,24 +134,24 @@ def _decode_rows(store_file: str, size: tuple[int, int], rows: list[int], paths:
 
 
 def shared_store_size(
-    stores: list[ImageFolderStore], image_size: int | None, root: Path
+    stores: list[ImageFolderStore], image_size: int | None, root: Path, crop_pct: float = DEFAULT_CROP_PCT
 ) -> tuple[tuple[int, int], View]:
     """The one size (H, W) that the stores of a data set's split folders use, and the view it needs.
 
     The images' own size when they all share one no larger than needed (CIFAR-10's 32x32; batches are
-    then resized on the device, ``resize`` view); otherwise ``image_size x 8/7`` (``crop`` view: the
+    then resized on the device, ``resize`` view); otherwise ``image_size / crop_pct`` (``crop`` view: the
     network sees the centre ``image_size`` square, or a random resized crop in training).
     """
     sizes = {store.uniform_size() for store in stores}
     shared = sizes.pop() if len(sizes) == 1 else None
-    if shared is not None and (image_size is None or max(shared) <= stored_size(image_size)):
+    if shared is not None and (image_size is None or max(shared) <= stored_size(image_size, crop_pct)):
         return shared, "resize"
     if image_size is None:
         raise UserInputError(
             f"The images under {root} have different sizes. Set --data.image_size (e.g. 224): "
             "each image is then resized (aspect ratio kept) and centre-cropped for the network."
         )
-    return (stored_size(image_size),) * 2, "crop"
+    return (stored_size(image_size, crop_pct),) * 2, "crop"
 
 
 class ImageFolderStore:

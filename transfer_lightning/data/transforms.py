@@ -20,21 +20,42 @@ NORMALIZATIONS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "reference": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
-Normalization = Literal["imagenet", "cifar10", "reference"]
+#: ``auto`` takes the mean and std (and the crop fraction and interpolation) of the backbone's weights.
+Normalization = Literal["auto", "imagenet", "cifar10", "reference"]
+#: How images are resampled on the device: the weights' own (timm's ``interpolation``, torchvision's transforms).
+Interpolation = Literal["bilinear", "bicubic"]
 
 #: How a stored image becomes the network's input (see :func:`prepare_batch`).
 View = Literal["resize", "crop"]
 
-#: Stored side / input side for images resized at decode time: torchvision's Resize(256) + CenterCrop(224).
-#: One ratio for every backbone rather than each weights entry's own ``transforms()`` (232 / 224 for
-#: MobileNetV2's DEFAULT, 342 / 299 for Inception v3): a store is decoded once and shared by every
-#: backbone trained on it, and a local weights file carries no such metadata.
-STORE_RATIO = 256 / 224
+#: Input side / stored side for images resized at decode time: torchvision's Resize(256) + CenterCrop(224),
+#: and timm's default ``crop_pct``. With ``normalization: auto`` the weights' own crop fraction is used.
+DEFAULT_CROP_PCT = 224 / 256
 
 
-def stored_size(image_size: int) -> int:
+@dataclass(frozen=True)
+class WeightsPreprocessing:
+    """What a backbone's pretrained weights expect of their input, from the weights' own metadata
+    (timm's ``resolve_model_data_config``, torchvision's ``weights.transforms()``).
+
+    Attributes:
+        mean: Per-channel mean subtracted from pixels in [0, 1].
+        std: Per-channel standard deviation they are divided by.
+        input_size: Side of the square the weights were trained at.
+        crop_pct: Centre-crop side / resized side at evaluation (0.875: Resize(256) + CenterCrop(224)).
+        interpolation: Resampling of the weights' transforms.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int
+    crop_pct: float = DEFAULT_CROP_PCT
+    interpolation: Interpolation = "bilinear"
+
+
+def stored_size(image_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
     """Side of the square an image is stored at, so that ``image_size`` is its centre crop (224 -> 256)."""
-    return round(image_size * STORE_RATIO)
+    return round(image_size / crop_pct)
 
 
 def random_crop(images: Tensor, padding: int) -> Tensor:
@@ -61,11 +82,12 @@ def random_resized_crop(
     size: int,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    interpolation: Interpolation = "bilinear",
 ) -> Tensor:
     """torchvision's ``RandomResizedCrop(size, scale, ratio)`` + ``RandomHorizontalFlip`` for a float batch.
 
     Each image gets its own box (area a uniform fraction ``scale`` of the image, aspect ratio
-    log-uniform in ``ratio``) and flip, and all boxes are resampled bilinearly to ``size`` in one
+    log-uniform in ``ratio``) and flip, and all boxes are resampled (``interpolation``) to ``size`` in one
     ``grid_sample`` call. Where torchvision retries a box that does not fit ten times, this clips
     its sides to the image instead, which keeps the whole batch one tensor operation.
     """
@@ -85,7 +107,7 @@ def random_resized_crop(
     theta[:, 1, 1] = box_h / height
     theta[:, 1, 2] = 2 * centre_y / height - 1
     grid = F.affine_grid(theta.to(images.dtype), [n, images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
 
 
 def center_crop(images: Tensor, size: int) -> Tensor:
@@ -103,6 +125,7 @@ def prepare_batch(
     image_size: int | None,
     view: View = "resize",
     crop_scale: tuple[float, float] = (0.08, 1.0),
+    interpolation: Interpolation = "bilinear",
 ) -> Tensor:
     """uint8 (N, 3, H, W) -> normalised float (N, 3, image_size, image_size), augmented if ``augment``.
 
@@ -113,7 +136,7 @@ def prepare_batch(
     """
     if view == "crop" and image_size is not None:
         if augment:
-            batch = random_resized_crop(images.float().div_(255), image_size, scale=crop_scale)
+            batch = random_resized_crop(images.float().div_(255), image_size, crop_scale, interpolation=interpolation)
         else:
             batch = center_crop(images, image_size).float().div_(255)
     else:
@@ -123,7 +146,7 @@ def prepare_batch(
         if image_size is not None and batch.shape[-2:] != (image_size, image_size):
             downscale = image_size < min(batch.shape[-2:])
             batch = F.interpolate(
-                batch, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=downscale
+                batch, size=(image_size, image_size), mode=interpolation, align_corners=False, antialias=downscale
             )
     return (batch - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
@@ -145,6 +168,7 @@ class Preprocessing:
     image_size: int | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: Interpolation = "bilinear"
 
     @property
     def caller_size(self) -> tuple[int, int]:
@@ -157,7 +181,15 @@ class Preprocessing:
         """uint8 (N, 3, H, W) images from step 1 (or of :attr:`caller_size`) -> the network's input."""
         mean = torch.tensor(self.mean, device=images.device)
         std = torch.tensor(self.std, device=images.device)
-        return prepare_batch(images, mean, std, augment=False, image_size=self.image_size, view=self.view)
+        return prepare_batch(
+            images,
+            mean,
+            std,
+            augment=False,
+            image_size=self.image_size,
+            view=self.view,
+            interpolation=self.interpolation,
+        )
 
     def describe(self) -> str:
         """Step 1 for a caller of an exported model, in words."""
@@ -186,4 +218,5 @@ class Preprocessing:
             image_size=values["image_size"],
             mean=tuple(values["mean"]),
             std=tuple(values["std"]),
+            interpolation=values.get("interpolation", "bilinear"),  # checkpoints before 2026-12-04: bilinear
         )

@@ -14,7 +14,6 @@ Lightning model must give the same probabilities (within :data:`TOLERANCE`) on a
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from importlib.metadata import version
@@ -45,12 +44,19 @@ class ExportedClassifier(nn.Module):
     def __init__(self, network: nn.Module, preprocessing: Preprocessing, task: Task, tta_flip: bool = False) -> None:
         super().__init__()
         self.network, self.task, self.tta_flip = network, task, tta_flip
-        self.image_size, self.view = preprocessing.image_size, preprocessing.view
+        self.image_size, self.view, self.interpolation = (
+            preprocessing.image_size,
+            preprocessing.view,
+            preprocessing.interpolation,
+        )
         self.register_buffer("mean", torch.tensor(preprocessing.mean))
         self.register_buffer("std", torch.tensor(preprocessing.std))
 
     def forward(self, images: Tensor) -> Tensor:
-        inputs = prepare_batch(images, self.mean, self.std, augment=False, image_size=self.image_size, view=self.view)
+        size, view, interpolation = self.image_size, self.view, self.interpolation
+        inputs = prepare_batch(
+            images, self.mean, self.std, augment=False, image_size=size, view=view, interpolation=interpolation
+        )
         logits = self.network(inputs)
         if self.tta_flip:
             logits = self.task.flip_average(logits, self.network(inputs.flip(-1)))
@@ -166,20 +172,3 @@ def describe(
         "checked": {"images": 3, "max_probability_difference": difference, "tolerance": TOLERANCE},
         "transfer_lightning_version": version("transfer_lightning"),
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m transfer_lightning export",
-        description="Write a trained checkpoint as a model file that runs without this package: "
-        "uint8 RGB images (N, 3, H, W) in, class probabilities out; FILE.json says how to prepare images.",
-    )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit (lightning_logs/.../*.ckpt)")
-    parser.add_argument("--format", choices=FORMATS, help="onnx or pt2 (torch.export); default: the suffix of --output")
-    parser.add_argument("--output", help="file to write; default: the checkpoint's path with the format's suffix")
-    args = parser.parse_args(argv)
-    if args.output is None and args.format is None:
-        parser.error("give --format onnx|pt2, or an --output file ending in .onnx or .pt2")
-    output = args.output or str(Path(args.ckpt_path).with_suffix(f".{args.format}"))
-    written = export(args.ckpt_path, output, args.format)
-    print(f"Wrote {written} and {written}.json (checked against the checkpoint).")

@@ -67,7 +67,7 @@ class PredictionsCSV(BasePredictionWriter):
         datamodule, names = trainer.datamodule, pl_module.class_names
         confidence, classes = probabilities.max(dim=1)  # the predicted class; for multilabel the most probable
         maps = grad_cam(pl_module, resolve_cam_layer(pl_module.network, self.cam_layer, images), images, classes)
-        shown = denormalize(images, datamodule.mean, datamodule.std).cpu()
+        shown = denormalize(images, datamodule.preparation.mean, datamodule.preparation.std).cpu()
         paths = getattr(datamodule, "predict_paths", None)
         folder = Path(self._log_dir or ".") / "explanations"
         for index, image, cam, label, p in zip(

@@ -130,7 +130,7 @@ class Interpretation(pl.Callback):
         return (
             self.enabled
             and split in self._images
-            and all(hasattr(datamodule, name) for name in ("batch_transform", "mean", "std"))
+            and all(hasattr(datamodule, name) for name in ("batch_transform", "preparation"))
         )
 
     # What training sees.
@@ -152,7 +152,7 @@ class Interpretation(pl.Callback):
             spread = torch.linspace(0, len(train_set) - 1, count).long().tolist()  # stores list images by class
             stored, _ = train_set.__getitems__(spread)
             images = datamodule.batch_transform(stored.to(pl_module.device), train=True)
-        grid = batch_grid(images, datamodule.mean, datamodule.std)
+        grid = batch_grid(images, datamodule.preparation.mean, datamodule.preparation.std)
         save_sheet(
             grid, Path(self._log_dir or ".") / "train_batch.png", trainer.logger, "train/batch", trainer.global_step
         )
@@ -202,7 +202,7 @@ class Interpretation(pl.Callback):
             writer.writerow(["rank", "index", "true", "predicted", "probability", "loss"])
             writer.writerows([rank, *row[:3], f"{row[3]:.6f}", f"{row[4]:.6f}"] for rank, row in enumerate(rows, 1))
         images = self._prepared(trainer, pl_module, positions[top])
-        shown = denormalize(images, trainer.datamodule.mean, trainer.datamodule.std).cpu()
+        shown = denormalize(images, trainer.datamodule.preparation.mean, trainer.datamodule.preparation.std).cpu()
         titles = [f"{true} / {guess} / {p:.2f}\nloss {loss:.2f}" for _, true, guess, p, loss in rows]
         sheet = tile_sheet(list(zip(shown, titles, strict=True)), min(4, len(titles)))
         save_sheet(sheet, folder / "top_losses.png", logger, "test/top_losses", step)
@@ -252,8 +252,8 @@ class Interpretation(pl.Callback):
         for pair in pairs:
             shown = denormalize(
                 self._prepared(trainer, pl_module, positions[pair.examples]),
-                trainer.datamodule.mean,
-                trainer.datamodule.std,
+                trainer.datamodule.preparation.mean,
+                trainer.datamodule.preparation.std,
             ).cpu()
             title = f"{names[pair.true]} as {names[pair.predicted]}\n({pair.count} images)"
             row = [(image, title) for image in shown]

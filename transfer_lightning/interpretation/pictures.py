@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,10 @@ BATCH_GRID_COLUMNS = 8
 MIN_TILE, TITLE_SIZE, GAP = 160, 12, 6
 
 
-def denormalize(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+def denormalize(batch: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
     """The network's normalised input (N, 3, H, W) back to pixel values in [0, 1]."""
-    view = (1, -1, 1, 1)
-    return (batch.float() * std.to(batch.device).view(view) + mean.to(batch.device).view(view)).clamp(0, 1)
+    mean, std = (torch.as_tensor(v, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1) for v in (mean, std))
+    return (batch.float() * std + mean).clamp(0, 1)
 
 
 def overlay(image: Tensor, activation: Tensor, alpha: float = 0.5) -> Tensor:
@@ -61,7 +62,7 @@ def to_uint8(images: Tensor) -> Tensor:
     return images.mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
-def batch_grid(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+def batch_grid(batch: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
     """uint8 (3, H, W) grid of a normalised batch, de-normalised, :data:`BATCH_GRID_COLUMNS` per row."""
     return to_uint8(make_grid(denormalize(batch, mean, std).cpu(), nrow=BATCH_GRID_COLUMNS, padding=2))
 

@@ -1,12 +1,12 @@
-"""torchvision classification models by name, their pretrained weights, and a new head.
+"""Backbones by name (torchvision's, or timm's: :mod:`.timm_backbones`), their pretrained weights, and a new head.
 
 A backbone name and a weights string from the config are resolved here, once, into a ready
-network; the rest of the package only sees the network and the name of its head layer.
+network; the rest of the package only sees the network, the name of its head layer and what its
+weights expect of their input.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import urllib.error
 from collections.abc import Mapping
@@ -17,7 +17,9 @@ import torch
 import torchvision
 from torch import nn
 
+from transfer_lightning.data.transforms import NORMALIZATIONS, WeightsPreprocessing
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.network.names import parse_backbone
 
 #: Buffers that older state_dicts may lack; torchvision's own loaders ignore them too.
 _OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
@@ -37,11 +39,15 @@ class NetworkParts:
         classifier_block: The top-level module that holds the head (``"fc"``, ``"classifier"``): what
             the frozen-feature cache trains on the backbone's pooled features.
         min_size: Smallest (H, W) input, from the torchvision weights' metadata (``None`` if unknown).
+        preprocessing: What the weights expect: their mean, std, size, crop fraction and interpolation.
+        library: Who built the network: ``torchvision`` or ``timm``.
     """
 
     head: str
     classifier_block: str
     min_size: tuple[int, int] | None
+    preprocessing: WeightsPreprocessing
+    library: str = "torchvision"
 
 
 def available_backbones() -> list[str]:
@@ -49,11 +55,19 @@ def available_backbones() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def create_network(backbone: str, weights: str | None, num_classes: int) -> tuple[nn.Module, NetworkParts]:
-    """Build ``backbone`` with ``weights`` and a new ``Linear(in_features, num_classes)`` head.
+def create_network(
+    backbone: str,
+    weights: str | None,
+    num_classes: int,
+    image_size: int | None = None,
+    gradient_checkpointing: bool = False,
+) -> tuple[nn.Module, NetworkParts]:
+    """Build ``backbone`` (a name of :mod:`.names`) with ``weights`` and a new ``Linear(features, num_classes)`` head.
 
     ``weights`` is a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), ``None`` for random
-    initialisation, or the path of a local ``state_dict`` (with or without the classifier).
+    initialisation, or the path of a local ``state_dict`` (with or without the classifier); for timm
+    backbones ``DEFAULT``, a ``.safetensors``/``.pth`` file or ``None``. ``image_size`` resizes the
+    position embeddings of timm's vision transformers; ``gradient_checkpointing`` turns on timm's.
 
     Returns the network and its :class:`NetworkParts`.
     Raises :class:`UserInputError` for an unknown backbone, unknown weights, an unusable file, or a
@@ -61,7 +75,19 @@ def create_network(backbone: str, weights: str | None, num_classes: int) -> tupl
     """
     if num_classes < 2:
         raise UserInputError(f"num_classes must be at least 2, got {num_classes}.")
-    _check_backbone_name(backbone)
+    name = parse_backbone(backbone)
+    if name.library == "timm":
+        from transfer_lightning.network.timm_backbones import create_timm_network  # imports timm: the extra
+
+        network, preprocessing = create_timm_network(name, weights, num_classes, image_size)
+        if gradient_checkpointing:
+            network.body.set_grad_checkpointing(True)
+        return network, NetworkParts("head", "head", None, preprocessing, "timm")
+    if image_size is not None or gradient_checkpointing:
+        raise UserInputError(
+            "model.backbone_image_size and model.gradient_checkpointing are for timm backbones (timm/NAME, hf-hub:, "
+            f"local-dir:); {backbone} is torchvision's: leave them unset (data.image_size sets the input size)."
+        )
     if weights is not None and _looks_like_path(weights):
         network = _build(backbone, None)
         head_name = find_head(network, backbone)
@@ -73,7 +99,29 @@ def create_network(backbone: str, weights: str | None, num_classes: int) -> tupl
     network.set_submodule(head_name, nn.Linear(old_head.in_features, num_classes))
     default_weights = getattr(torchvision.models.get_model_weights(backbone), "DEFAULT", None)
     min_size = default_weights.meta.get("min_size") if default_weights is not None else None
-    return network, NetworkParts(head_name, head_name.split(".")[0], tuple(min_size) if min_size else None)
+    chosen = _resolve_torchvision_weights(backbone, weights) if weights and not _looks_like_path(weights) else None
+    preprocessing = torchvision_preprocessing(chosen or default_weights)
+    parts = NetworkParts(head_name, head_name.split(".")[0], tuple(min_size) if min_size else None, preprocessing)
+    return network, parts
+
+
+def torchvision_preprocessing(weights: torchvision.models.WeightsEnum | None) -> WeightsPreprocessing:
+    """What torchvision's ``weights.transforms()`` does (ImageNet's statistics at 224 when there are no weights).
+
+    A local weights file carries no metadata: the architecture's DEFAULT weights speak for it.
+    """
+    if weights is None:
+        return WeightsPreprocessing(*NORMALIZATIONS["imagenet"], input_size=224)
+    transforms = weights.transforms()
+    crop, resize = transforms.crop_size[0], transforms.resize_size[0]
+    interpolation = transforms.interpolation.value
+    return WeightsPreprocessing(
+        mean=tuple(transforms.mean),
+        std=tuple(transforms.std),
+        input_size=crop,
+        crop_pct=crop / resize,
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
+    )
 
 
 def find_head(network: nn.Module, backbone: str = "this model") -> str:
@@ -93,14 +141,6 @@ def find_head(network: nn.Module, backbone: str = "this model") -> str:
 
 def _looks_like_path(weights: str) -> bool:
     return os.sep in weights or "/" in weights or weights.endswith((".pth", ".pt", ".ckpt")) or Path(weights).exists()
-
-
-def _check_backbone_name(backbone: str) -> None:
-    names = available_backbones()
-    if backbone not in names:
-        close = difflib.get_close_matches(backbone, names, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(names)}."
-        raise UserInputError(f"Unknown backbone {backbone!r}: not a torchvision classification model.{hint}")
 
 
 def _build(backbone: str, weights: torchvision.models.WeightsEnum | None) -> nn.Module:
@@ -188,7 +228,8 @@ def check_input_size(
         least = f"at least {min_size[0]}x{min_size[1]}" if min_size else "e.g. 224"
         raise UserInputError(
             f"{backbone} cannot take {size[0]}x{size[1]} images ({error}). "
-            f"Set --data.image_size to a size it accepts: {least} (its weights were trained at 224)."
+            f"Set --data.image_size to a size it accepts: {least} (its weights were trained at 224); a timm vision "
+            "transformer takes the size of --model.backbone_image_size."
         ) from None
     finally:
         for module, training in modes.items():

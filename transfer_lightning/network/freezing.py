@@ -33,6 +33,7 @@ def modules_before(network: nn.Module, name: str) -> list[str]:
     """Names of the outermost modules of ``network`` registered before module ``name``, which
     are, in torchvision's models, the ones that run before it (``conv1``, ``bn1``, ``layer1`` ...)."""
     names = [n for n, _ in network.named_modules() if n]
+    name = resolve_module_name(network, name)
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
         top = [n for n in names if n.count(".") <= 1][:12]
@@ -45,6 +46,13 @@ def modules_before(network: nn.Module, name: str) -> list[str]:
         if not is_parent and not inside_earlier:
             before.append(candidate)
     return before
+
+
+def resolve_module_name(network: nn.Module, name: str) -> str:
+    """``name`` as a module of ``network``: timm's own names (``blocks.3``) are under the ``body`` of a
+    :class:`~transfer_lightning.network.timm_backbones.TimmNetwork` (``body.blocks.3``)."""
+    names = dict(network.named_modules())
+    return f"body.{name}" if name not in names and f"body.{name}" in names else name
 
 
 def parameters_of_enclosing_modules(network: nn.Module, name: str) -> list[str]:
@@ -77,7 +85,11 @@ class FrozenParts:
         #: Names of the outermost modules before ``trainable_from``: frozen for the whole run, and of the
         #: parameters that enclosing modules hold directly (ViT's class token), frozen with them.
         self.always_frozen = modules_before(network, trainable_from) if trainable_from else []
-        self.always_frozen_loose = parameters_of_enclosing_modules(network, trainable_from) if trainable_from else []
+        self.always_frozen_loose = (
+            parameters_of_enclosing_modules(network, resolve_module_name(network, trainable_from))
+            if trainable_from
+            else []
+        )
         #: Whether the backbone is frozen now (with gradual unfreezing it is until the unfreeze epoch).
         self.backbone_frozen = False
         self.freeze_backbone() if backbone_frozen else self.unfreeze_backbone()

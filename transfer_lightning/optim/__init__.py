@@ -2,8 +2,8 @@
 (:mod:`.groups`), learning-rate schedules (:mod:`.schedules`), and the L-BFGS linear probe
 (:mod:`.linear_probe`)."""
 
-from transfer_lightning.optim.groups import build_optimizer, build_scheduler, parameter_groups
+from transfer_lightning.optim.groups import build_optimizer, build_scheduler, optimization, parameter_groups
 from transfer_lightning.optim.linear_probe import LBFGSHead
 from transfer_lightning.optim.schedules import WarmupCosineLR
 
-__all__ = ["LBFGSHead", "WarmupCosineLR", "build_optimizer", "build_scheduler", "parameter_groups"]
+__all__ = ["LBFGSHead", "WarmupCosineLR", "build_optimizer", "build_scheduler", "optimization", "parameter_groups"]

@@ -28,6 +28,7 @@ def parameter_groups(
     never_trained: set[int],
     split_backbone: bool,
     no_decay_on_norm_and_bias: bool,
+    lr_scales: dict[int, float] | None = None,
 ) -> list[dict[str, Any]]:
     """The parameters of ``network`` to optimize, in named groups when there are several.
 
@@ -36,7 +37,8 @@ def parameter_groups(
     backbone's group holding its parameters while they are still frozen, so the groups never change
     mid-run. Otherwise one group of the trainable parameters. With ``no_decay_on_norm_and_bias`` each
     group is split again into decayed weights and ``... no decay`` (normalisation layers and biases,
-    weight decay 0).
+    weight decay 0). With ``lr_scales`` (parameter id -> factor: layer-wise decay) each group is split
+    by factor, which it holds as ``lr_scale`` (timm's key) for :func:`build_optimizer` to apply.
     """
     named = [
         (n, p)
@@ -61,13 +63,45 @@ def parameter_groups(
             groups.append({"params": no_decay, "weight_decay": 0.0, "name": f"{part} no decay"})
     else:
         groups = [{"params": [p for _, p in params], "name": part} for part, params in parts.items()]
+    if lr_scales is not None:
+        groups = [scaled for group in groups for scaled in _split_by_scale(group, lr_scales)]
     if len(groups) == 1:
         del groups[0]["name"]  # one group: LearningRateMonitor logs it as lr-<Optimizer>, as always
     return groups
 
 
+def _split_by_scale(group: dict[str, Any], lr_scales: dict[int, float]) -> list[dict[str, Any]]:
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for parameter in group["params"]:
+        by_scale.setdefault(lr_scales.get(id(parameter), 1.0), []).append(parameter)
+    return [
+        {**group, "params": params, "lr_scale": scale, "name": f"{group['name']} x{scale:.3g}"}
+        for scale, params in sorted(by_scale.items())
+    ]
+
+
+def optimization(
+    factory, scheduler_factory, groups: list[dict[str, Any]], backbone_lr_scale: float | None, interval: str, trainer
+) -> Optimizer | dict[str, Any]:
+    """What ``configure_optimizers`` returns: the optimizer of :func:`build_optimizer`, with the scheduler of
+    :func:`build_scheduler` when there is one (stepped per ``interval``)."""
+    optimizer = build_optimizer(factory, groups, backbone_lr_scale)
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = build_scheduler(scheduler_factory, optimizer, interval, trainer)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"},
+    }
+
+
 def build_optimizer(factory, groups: list[dict[str, Any]], backbone_lr_scale: float | None) -> Optimizer:
-    """``factory(groups)``, the ``backbone`` groups' learning rate scaled; bad arguments are a config error."""
+    """``factory(groups)``, the ``backbone`` groups' learning rate scaled by ``backbone_lr_scale`` and every
+    group's by its ``lr_scale`` (layer-wise decay); bad arguments are a config error.
+
+    The rates are set before any scheduler is built, so that torch's and Lightning's schedulers, which
+    start from each group's ``lr``, keep the ratios (timm applies ``lr_scale`` in its own schedulers only).
+    """
     try:
         optimizer = factory(groups)
     except (TypeError, ValueError) as error:
@@ -79,6 +113,7 @@ def build_optimizer(factory, groups: list[dict[str, Any]], backbone_lr_scale: fl
     for group in optimizer.param_groups:
         if backbone_lr_scale is not None and group.get("name", "").startswith("backbone"):
             group["lr"] *= backbone_lr_scale
+        group["lr"] *= group.get("lr_scale", 1.0)
     return optimizer
 
 

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from transfer_lightning.data.store import DECODE_ERRORS, decode_image
-from transfer_lightning.data.transforms import center_crop
+from transfer_lightning.data.transforms import Preprocessing, center_crop
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.inference.export import ExportedClassifier, describe, load_classifier
 from transfer_lightning.network.onnx import inference_session
@@ -70,6 +70,14 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
         def run(images: Tensor) -> Tensor:
             return exported(images.to(device)).cpu()
 
+    elif Path(model_file).is_dir():
+        exported, description = load_hub_folder(Path(model_file))
+        source = Path(model_file) / "model.safetensors"
+
+        @torch.inference_mode()
+        def run(images: Tensor) -> Tensor:
+            return exported(images.to(device)).cpu()
+
     else:
         source = Path(model_file)
         description_file = Path(f"{model_file}.json")
@@ -115,6 +123,36 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
         task=task,
         info=info,
     )
+
+
+def load_hub_folder(folder: Path) -> tuple[ExportedClassifier, dict]:
+    """A folder of ``export --format hub``: timm's model from it, and a description like export's JSON."""
+    from transfer_lightning.inference.hub import CONFIG_KEY, load_folder  # imports timm (the timm extra)
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        ours = config[CONFIG_KEY]
+        preprocessing = Preprocessing.from_dict(ours["preprocessing"])
+        network = load_folder(folder)
+    except Exception as error:  # noqa: BLE001 - json, safetensors and timm fail on damaged folders in many ways
+        raise UserInputError(
+            f"--model {folder} is not a model folder written by export --format hub, or it is damaged "
+            f"({type(error).__name__}): export the checkpoint again."
+        ) from None
+    task = create_task(ours["task"], list(config["label_names"]))
+    task.load_output_description(ours["output"])
+    height, width = preprocessing.caller_size
+    description = {
+        "task": ours["task"],
+        "classes": list(config["label_names"]),
+        "output": ours["output"],
+        "backbone": f"local-dir:{folder}",
+        "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, height, width], "channels": "RGB"},
+        "preprocessing": preprocessing.describe(),
+        "resize_to_cover": list(preprocessing.stored_size),
+        "center_crop": [height, width],
+    }
+    return ExportedClassifier(network, preprocessing, task).eval(), description
 
 
 def read_images(request, max_bytes: int) -> list[tuple[str, bytes]] | Rejected:

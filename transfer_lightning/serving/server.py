@@ -56,7 +56,9 @@ def parser() -> argparse.ArgumentParser:
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt_path", help="checkpoint written by fit")
-    source.add_argument("--model", help="an exported .pt2 or .onnx file, with its .json beside it")
+    source.add_argument(
+        "--model", help="an exported .pt2 or .onnx file with its .json beside it, or a folder of export --format hub"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max_batch_size", type=int, default=16, help="requests batched into one forward pass")

@@ -1,6 +1,7 @@
 """What kind of labels a classifier learns, decided once: :class:`MulticlassTask` (one class per image) or
 :class:`MultilabelTask` (any number). Everything that depends on it asks the task (:mod:`.base`)."""
 
+from transfer_lightning.errors import UserInputError
 from transfer_lightning.tasks.base import Task, TaskMetrics, TaskName, TestReport
 from transfer_lightning.tasks.multiclass import ClassificationReport, MulticlassTask
 from transfer_lightning.tasks.multilabel import MultilabelReport, MultilabelTask
@@ -16,6 +17,19 @@ def create_task(name: TaskName, class_names: list[str], threshold: float | None 
     return TASKS[name](class_names)
 
 
+def task_for_data(model_task: TaskName | None, threshold: float | None, data_task: TaskName) -> TaskName:
+    """The model's task on data of ``data_task``: the data's when the model's is null; multi-label data for
+    a multiclass model, or a threshold for a multiclass task, is refused in one line."""
+    if model_task is None and data_task == "multiclass" and threshold is not None:
+        raise UserInputError("model.threshold is the decision threshold of multilabel models; this one is multiclass.")
+    if model_task == "multiclass" and data_task == "multilabel":
+        raise UserInputError(
+            "The data gives images several labels, but model.task is multiclass (one class per image): "
+            "set --model.task multilabel (or leave it unset), or train on single-label data."
+        )
+    return model_task or data_task
+
+
 __all__ = [
     "TASKS",
     "ClassificationReport",
@@ -27,4 +41,5 @@ __all__ = [
     "TaskName",
     "TestReport",
     "create_task",
+    "task_for_data",
 ]

@@ -238,7 +238,8 @@ class FrozenFeatureCache(pl.Callback):
         digest.update(json.dumps(inputs, sort_keys=True).encode())
         digest.update(backbone_digest(model).encode())
         root = Path(self.cache_dir).expanduser() if self.cache_dir else datamodule.cache_dir / "features"
-        return root / f"{model.hparams.backbone}-{digest.hexdigest()[:20]}.pt"
+        name = Path(model.hparams.backbone.replace(":", "/")).name  # timm/NAME, local-dir:PATH: the last part
+        return root / f"{name}-{digest.hexdigest()[:20]}.pt"
 
     def _precision_name(self, trainer: pl.Trainer) -> str:
         return f"trainer {trainer.precision}" if self.precision == "trainer" else self.precision
