@@ -76,7 +76,7 @@ def test_names_are_resolved_once_with_clear_errors(efficientnet_folder, tmp_path
     assert parse_backbone("timm/convnext_tiny.fb_in22k").model == "convnext_tiny.fb_in22k"
     assert parse_backbone("hf-hub:timm/resnet18.a1_in1k@main").model == "hf-hub:timm/resnet18.a1_in1k@main"
     local = parse_backbone(f"local-dir:{efficientnet_folder}")
-    assert local.library == "timm" and local.architecture == "test_efficientnet"
+    assert local.library == "timm" and local.model == f"local-dir:{efficientnet_folder.resolve()}"
     with pytest.raises(UserInputError, match="Did you mean convnext_tiny"):
         parse_backbone("timm/convnext_tinny")
     with pytest.raises(UserInputError, match="config.json is missing"):
@@ -85,6 +85,17 @@ def test_names_are_resolved_once_with_clear_errors(efficientnet_folder, tmp_path
         parse_backbone("hf-hub:resnet18")
     with pytest.raises(UserInputError, match="timm/NAME"):
         parse_backbone("vit_small_patch14_dinov2")  # timm's, not torchvision's: the message points at timm/NAME
+
+
+def test_without_timm_a_timm_backbone_names_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
+    with pytest.raises(UserInputError, match=r"pip install -e '\.\[timm\]'"):
+        parse_backbone("timm/convnext_tiny")
+    code, err = run(["backbones", "--library", "timm"], capsys)
+    assert code == 2 and "timm extra" in err
 
 
 def test_a_folder_and_a_weights_file_load_the_same_weights(efficientnet_folder):
@@ -107,8 +118,11 @@ def test_a_folder_and_a_weights_file_load_the_same_weights(efficientnet_folder):
 def test_offline_without_cached_weights_is_one_line_and_writes_nothing(
     small_run_args, run_dir, capsys, monkeypatch, tmp_path
 ):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    import huggingface_hub.constants
+
+    # As a user's HF_HUB_OFFLINE=1 with an empty cache; huggingface_hub read the environment when it was imported.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
     args = [a for a in small_run_args if not a.startswith("--model.weights")]
     code, err = run(["fit", *args, "--model.backbone=timm/test_efficientnet.r160_in1k", *QUICK], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -272,6 +286,30 @@ def test_hub_folder_reloads_in_timm_with_the_checkpoints_probabilities(timm_chec
     assert torch.allclose(served.run(raw), model.task.probabilities(model.logits(preprocessing(raw))), atol=1e-5)
 
 
+def test_predict_with_a_hub_folder_gives_the_checkpoints_probabilities(timm_checkpoint, tmp_path, capsys):
+    """predict --model DIR: each image's probability equals the checkpoint's, computed here from the file."""
+    import csv
+
+    from transfer_lightning.data.store import decode_image
+    from transfer_lightning.data.transforms import center_crop
+
+    folder = export_hub(timm_checkpoint, tmp_path / "hub")
+    images = timm_checkpoint.parents[3] / "images" / "test"
+    output = tmp_path / "predictions.csv"
+    code, err = run(["predict", "--model", str(folder), f"--data.predict_dir={images}", f"--output={output}"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(output.open()))
+    assert len(rows) == len(list(images.rglob("*.png"))) == 16
+    model, preprocessing = export.load_classifier(timm_checkpoint)
+    for row in rows[:4]:
+        decoded = torch.from_numpy(decode_image(str(images / row["path"]), preprocessing.stored_size).copy())
+        batch = center_crop(decoded[None], preprocessing.caller_size[0])
+        with torch.no_grad():
+            probabilities = model.task.probabilities(model.logits(preprocessing(batch)))[0]
+        assert row["predicted_class"] == model.class_names[int(probabilities.argmax())]
+        assert float(row["probability"]) == pytest.approx(float(probabilities.max()), abs=1e-4)
+
+
 def test_hub_export_of_a_torchvision_model_or_into_a_full_folder_is_one_line(timm_checkpoint, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
@@ -291,6 +329,53 @@ def test_the_real_efficientnet_lite0_loads_both_ways_and_gives_imagenet_classes(
     images = torch.rand(2, 3, 224, 224) * 2 - 1
     with torch.no_grad():
         assert torch.allclose(folder.eval().body(images), named.eval().body(images), atol=1e-6)
+
+
+@pytest.mark.parametrize("format", ["pt2", "onnx"])
+def test_onnx_and_pt2_exports_of_a_timm_model_are_checked_against_the_checkpoint(timm_checkpoint, tmp_path, format):
+    if format == "onnx":
+        pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+    written = export.export(timm_checkpoint, tmp_path / f"model.{format}")
+    description = json.loads(Path(f"{written}.json").read_text())
+    assert (
+        description["backbone"].startswith("local-dir:") and description["checked"]["max_probability_difference"] < 1e-4
+    )
+    assert description["inside_the_model"]["interpolation"] == "bicubic"  # the weights' own, from the checkpoint
+
+
+def test_grad_cam_pictures_of_a_timm_convnet_and_a_clear_refusal_for_a_vit(timm_checkpoint, dinov2_folder):
+    """fit wrote the top-loss pictures with Grad-CAM of the EfficientNet's last feature map; a ViT is refused."""
+    from transfer_lightning.interpretation.cam import find_cam_layer
+
+    model, _ = export.load_classifier(timm_checkpoint)
+    assert find_cam_layer(model.network, torch.rand(1, 3, 40, 40)) == "body.bn2"  # conv_head's BatchNormAct2d
+    vit, _ = create_network(f"local-dir:{dinov2_folder}", None, 3)
+    with pytest.raises(UserInputError, match="vision transformer"):
+        find_cam_layer(vit.eval(), torch.rand(1, 3, 98, 98))
+
+
+def test_lr_find_and_a_sweep_that_chooses_the_backbone(small_run_args, run_dir, efficientnet_folder, capsys):
+    pytest.importorskip("optuna", reason="the [tune] extra is not installed")
+    args = [*timm_args(small_run_args, efficientnet_folder), "--data.image_size=40"]
+    main(["lr_find", *args, "--num_training=20", "--early_stop_threshold=none"])
+    assert re.search(r"Suggested learning rate: \S+", capsys.readouterr().out)
+    space = run_dir / "space.yaml"
+    space.write_text(f"model.backbone: [resnet18, local-dir:{efficientnet_folder}]\n")
+    config = Path(__file__).resolve().parents[2] / "configs" / "feature_extractor_adam.yaml"
+    sweep = [f"--config={config}", *args, "--model.weights=null", f"--sweep={space}", "--trials=2", "--seed=1"]
+    main(["sweep", *sweep, "--pruner=none"])
+    best = (run_dir / "lightning_logs" / "sweeps" / "sweep" / "best_config.yaml").read_text()
+    assert "model:" in best and "backbone:" in best
+
+
+def test_ddp_with_a_timm_backbone(image_folder, tmp_path, efficientnet_folder):
+    """Two CPU processes (Lightning's DDP launcher, gloo): fit and the test after it, with the folder's weights."""
+    from tests.training.test_ddp import DDP, common, run_cli
+
+    args = [*common(image_folder, tmp_path / "cache"), f"--model.backbone=local-dir:{efficientnet_folder}"]
+    run_cli("fit", *args, "--model.weights=DEFAULT", "--data.image_size=40", *DDP, cwd=tmp_path)
+    assert len(list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))) >= 1
+    assert (tmp_path / "lightning_logs" / "version_0" / "classification_report.md").is_file()
 
 
 # The recipes --------------------------------------------------------------------------------------------------

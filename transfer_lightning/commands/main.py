@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from transfer_lightning.commands import backbones, lr_find, sweep
+from transfer_lightning.commands import backbones, lr_find, predict_model, sweep
 from transfer_lightning.commands.cli import TransferLightningCLI, program_name
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.inference import command as export_command
@@ -35,6 +35,8 @@ def main(args: list[str] | None = None) -> None:
             reporting_command.main(argv[1:])
         elif argv[:1] == ["export"]:
             export_command.main(argv[1:])
+        elif argv[:1] == ["predict"] and predict_model.wants_model(argv[1:]):
+            predict_model.main(argv[1:])  # an exported model or Hub folder; with --ckpt_path it is Lightning's
         elif argv[:1] == ["backbones"]:
             backbones.main(argv[1:])
         elif argv[:1] == ["lr_find"]:

@@ -166,6 +166,7 @@ def describe(
             "mean": list(preprocessing.mean),
             "std": list(preprocessing.std),
             "network_input_size": preprocessing.image_size or list(preprocessing.stored_size),
+            "interpolation": preprocessing.interpolation,
         },
         "backbone": model.hparams.backbone,
         "checkpoint": str(ckpt_path),

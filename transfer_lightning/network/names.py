@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,7 +19,7 @@ import torchvision
 from transfer_lightning.errors import UserInputError
 
 TIMM_PREFIX, HUB_PREFIX, LOCAL_PREFIX = "timm/", "hf-hub:", "local-dir:"
-TIMM_MISSING = "timm backbones need the timm extra: pip install 'transfer-lightning[timm]'."
+TIMM_MISSING = "timm backbones need the timm extra: pip install -e '.[timm]'."
 
 
 @dataclass(frozen=True)
@@ -35,13 +34,6 @@ class BackboneName:
 
     library: Literal["torchvision", "timm"]
     model: str
-
-    @property
-    def architecture(self) -> str:
-        """The architecture without tag or source: ``convnext_tiny``; for a Hub or local folder its config's."""
-        if self.model.startswith(LOCAL_PREFIX):
-            return json.loads((Path(self.model[len(LOCAL_PREFIX) :]) / "config.json").read_text())["architecture"]
-        return self.model.split(".")[0] if self.library == "timm" and ":" not in self.model else self.model
 
 
 def parse_backbone(name: str) -> BackboneName:
