@@ -148,6 +148,56 @@ def test_backbones_lists_torchvision_and_timm_names(capsys):
     assert re.search(r"^resnet18\b", capsys.readouterr().out, re.M)
 
 
+def warm_hub_cache(cache: Path, repo: str, folder: Path) -> None:
+    """The Hugging Face Hub cache as a download leaves it (refs/main -> snapshots/<commit>/), from a local folder."""
+    commit = "0" * 40
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+
+
+def test_hub_models_load_offline_from_a_warm_cache_and_are_listed_as_cached(
+    efficientnet_folder, tmp_path, monkeypatch, capsys
+):
+    """HF_HUB_OFFLINE=1 with the weights in the Hub cache: hf-hub:ORG/NAME and timm/NAME.TAG load them, and
+    backbones --cached lists timm's name."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub_cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    warm_hub_cache(cache, "someone/tiny-efficientnet", efficientnet_folder)
+    warm_hub_cache(cache, "timm/test_efficientnet.r160_in1k", efficientnet_folder)
+    saved = load_file(efficientnet_folder / "model.safetensors")
+    for name in ("hf-hub:someone/tiny-efficientnet", "timm/test_efficientnet.r160_in1k"):
+        network, _ = create_network(name, "DEFAULT", 3)
+        assert torch.equal(network.body.conv_stem.weight, saved["conv_stem.weight"]), name
+    main(["backbones", "--filter", "test_efficientnet*", "--cached"])
+    out = capsys.readouterr().out
+    assert re.search(r"^timm/test_efficientnet\.r160_in1k\s+cached$", out, re.M)
+    assert "1 with weights on this machine" in out
+
+
+def test_the_store_size_follows_the_weights_crop_fraction(tmp_path, efficientnet_folder):
+    """Photos of mixed sizes are stored at image_size / crop_pct: test_efficientnet's 0.95 gives 67 for 64,
+    where the fixed ImageNet normalization keeps torchvision's 0.875 (73)."""
+    from tests.conftest import write_photo_folder
+    from transfer_lightning.data import ImageFolderDataModule
+
+    photos = write_photo_folder(tmp_path / "photos", {"train": 4, "val": 2})
+    model = TransferClassifier(f"local-dir:{efficientnet_folder}", num_classes=2)
+    for normalization, side in (("auto", 67), ("imagenet", 73)):
+        data = ImageFolderDataModule(
+            data_dir=str(photos), image_size=64, normalization=normalization, cache_dir=str(tmp_path / "cache")
+        )
+        data.trainer = type("Attached", (), {"lightning_module": model})()  # what a Trainer gives the data module
+        assert data.preprocessing.stored_size == (side, side) and data.view == "crop"
+
+
 # Every mode through the CLI ------------------------------------------------------------------------------------
 
 

@@ -29,11 +29,11 @@ def torchvision_rows(pattern: str) -> list[tuple[str, bool]]:
 def timm_rows(pattern: str) -> list[tuple[str, bool]]:
     """(``timm/NAME.TAG``, weights in the Hugging Face Hub cache) of timm's pretrained models matching ``pattern``."""
     import timm
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    try:
-        cached = {repo.repo_id for repo in scan_cache_dir().repos if repo.repo_type == "model"}
+    try:  # the cache downloads use ($HF_HUB_CACHE, or $HF_HOME/hub), read where downloads read it
+        cached = {repo.repo_id for repo in scan_cache_dir(constants.HF_HUB_CACHE).repos if repo.repo_type == "model"}
     except CacheNotFound:
         cached = set()
     rows = []

@@ -89,6 +89,8 @@ def export_hub(ckpt_path: str | Path, output: str | Path) -> Path:
         difference = check_folder(partial, model, preprocessing)
         card = model_card(model, preprocessing, Path(ckpt_path), difference)
         (partial / "README.md").write_text(card, encoding="utf-8")
+        for written in partial.iterdir():  # safetensors writes its file for the owner alone: share it as the rest
+            written.chmod(0o644)
         if output.exists():
             output.rmdir()
         partial.rename(output)
@@ -178,9 +180,10 @@ def model_card(model: TransferClassifier, preprocessing: Preprocessing, ckpt_pat
         lines += ["", "Evaluated with flip test-time augmentation; the model here is one pass (average it yourself)."]
     report = run_dir / "classification_report.md"
     lines += ["", "## Test scores", ""]
-    lines += (
-        [report.read_text().strip()] if report.is_file() else ["Not tested: the run has no classification_report.md."]
-    )
+    if report.is_file():  # its headings one level down, under this section's
+        lines += [f"##{line}" if line.startswith("#") else line for line in report.read_text().strip().splitlines()]
+    else:
+        lines += ["Not tested: the run has no classification_report.md."]
     config = run_dir / "config.yaml"
     lines += ["", "## Training", ""]
     if config.is_file():
