@@ -36,6 +36,7 @@ def save_timm_folder(folder: Path, architecture: str, **model_args) -> Path:
     """A random-weight timm model in the Hub's layout, written by timm's own save_for_hf, as a user's download."""
     from timm.models import save_for_hf
 
+    torch.manual_seed(0)  # the same random weights whichever test makes the folder first
     model = timm.create_model(architecture, pretrained=False, **model_args)
     save_for_hf(model, str(folder), model_args=model_args or None, safe_serialization=True)
     return folder
