@@ -1,0 +1,303 @@
+"""Side by side with fastai: the same transfer job, one after the other in this one process.
+
+    python benchmarks/peers.py --job both --train-per-class 500 --test-per-class 200 --epochs 3
+
+Both tools get the same fixed stratified subset of the real CIFAR-10 PNGs of ``../shared`` (the first
+``--train-per-class`` / ``--test-per-class`` files of each class, sorted), the same ImageNet MobileNetV2
+weights file, image size, batch size and epochs, and validate on the same held-out test images after
+every epoch, which gives each tool's accuracy against wall time (time to the same accuracy: the lower of
+the two final accuracies). The final test accuracy of both is scored here (argmax against the labels),
+not by either tool's metric, each on its own evaluation pipeline: ours on the test images resized on the
+device as in training, fastai's on its validation loader (PIL resize). Jobs:
+
+- ``finetune``: fastai's ``vision_learner`` + ``learn.fine_tune(epochs - 1, base_lr)`` (its one frozen epoch,
+  then every layer with discriminative rates: ``epochs`` passes in all), against our closest recipe
+  (``configs/recipes/finetune_fast.yaml``: gradual unfreezing is not it; the early blocks frozen, SGD
+  with warmup and cosine, label smoothing);
+- ``frozen``: fastai's frozen body (``learn.freeze()`` + ``fit_one_cycle``) against our frozen mode with
+  the feature cache (Adam head).
+
+Augmentation differs and is named: fastai's idiomatic ``aug_transforms()`` (flip, rotation, zoom,
+warp, lighting) against our padded crop and flip of the 32 px images; fastai resizes each image with
+PIL (``Resize``), we resize batches on the device. Needs the ``bench`` extra (fastai). The last line is
+machine-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from transfer_lightning.data import ImageFolderDataModule  # noqa: E402
+from transfer_lightning.data.transforms import NORMALIZATIONS  # noqa: E402
+from transfer_lightning.model import TransferClassifier  # noqa: E402
+from transfer_lightning.optim import WarmupCosineLR  # noqa: E402
+from transfer_lightning.training.feature_cache import FrozenFeatureCache  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
+
+
+@dataclass
+class Result:
+    """One tool's run: whole wall time, training images/s, peak resident memory, accuracy after each epoch."""
+
+    tool: str
+    wall_seconds: float = 0.0
+    train_seconds: float = 0.0
+    train_images: int = 0
+    peak_rss_gib: float = 0.0
+    rss_growth_gib: float = 0.0
+    test_accuracy: float = 0.0
+    #: (seconds since the tool started, test accuracy) after each epoch.
+    curve: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.train_images / self.train_seconds if self.train_seconds else float("nan")
+
+    def time_to(self, accuracy: float) -> float:
+        """Seconds until the first epoch whose test accuracy reached ``accuracy`` (inf if none did)."""
+        return next((seconds for seconds, value in self.curve if value >= accuracy - 1e-9), float("inf"))
+
+
+class PeakMemory:
+    """The process's peak resident memory while the ``with`` block runs (sampled every 50 ms from /proc), and
+    its growth over the resident memory at the start: a tool run later in the process inherits what earlier
+    ones left allocated, so the growth is the fairer figure."""
+
+    def __enter__(self) -> PeakMemory:
+        self.peak, self._running = 0, True
+        self.start = self._rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/status") as status:
+            return 1024 * next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+
+
+def make_subset(root: Path, train_per_class: int, test_per_class: int) -> Path:
+    """``root/train/<class>/`` and ``root/test/<class>/`` of links to the first files of each class of ../shared."""
+    source = SHARED / "data" / "cifar10"
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for folder in sorted((source / split).iterdir()):
+            target = root / split / folder.name
+            target.mkdir(parents=True)
+            for file in sorted(folder.iterdir())[:count]:
+                (target / file.name).symlink_to(file)
+    return root
+
+
+@torch.no_grad()
+def score(predict, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """Accuracy of ``predict`` (normalised float batch -> logits) on the test images, computed here."""
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        logits = predict(images[start : start + batch_size])
+        correct += int((logits.argmax(dim=1) == labels[start : start + batch_size]).sum())
+    return correct / len(labels)
+
+
+def test_tensors(subset: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The test images as one normalised batch at ``image_size`` (bilinear resize of the 32 px PNGs), labels."""
+    dataset = torchvision.datasets.ImageFolder(subset / "test")
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATIONS["imagenet"])
+    images = torch.stack([torchvision.transforms.functional.pil_to_tensor(dataset[i][0]) for i in range(len(dataset))])
+    images = torch.nn.functional.interpolate(images.float() / 255, size=image_size, mode="bilinear")
+    return (images - mean) / std, torch.tensor(dataset.targets), dataset.classes
+
+
+class EpochClock(pl.Callback):
+    """Our run's test accuracy (validation here is the test subset) and time after each epoch, and training time."""
+
+    def __init__(self, result: Result, start: float) -> None:
+        self.result, self.start, self._epoch_start = result, start, 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter()
+        if trainer.current_epoch == 0:  # the frozen features are computed before it: training time too
+            self.result.train_seconds += self._epoch_start - self._fit_start
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.result.train_seconds += time.perf_counter() - self._epoch_start
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            accuracy = float(trainer.callback_metrics["val/acc"])
+            self.result.curve.append((time.perf_counter() - self.start, accuracy))
+
+
+def run_ours(args: argparse.Namespace, job: str, subset: Path, cache: Path, test) -> Result:
+    result, start = Result("transfer_lightning"), time.perf_counter()
+    frozen = job == "frozen"
+    data = ImageFolderDataModule(
+        data_dir=str(subset), val_size=0, batch_size=args.batch_size, image_size=args.image_size,
+        normalization="imagenet", augment=not frozen, cache_dir=str(cache),
+    )  # fmt: skip
+    steps = args.epochs * -(-10 * args.train_per_class // args.batch_size)
+    if frozen:
+        optimizer, scheduler = torch.optim.Adam, None
+    else:
+        optimizer = lambda params: torch.optim.SGD(params, lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-5)  # noqa: E731
+        scheduler = lambda opt: WarmupCosineLR(opt, warmup_steps=max(1, steps // 9), total_steps=steps)  # noqa: E731
+    model = TransferClassifier(
+        "mobilenet_v2", str(WEIGHTS), num_classes=10, freeze_backbone=frozen, optimizer=optimizer, scheduler=scheduler,
+        scheduler_interval="epoch" if frozen else "step", label_smoothing=0.0 if frozen else 0.1,
+        trainable_from=None if frozen else "features.7", no_weight_decay_on_norm_and_bias=not frozen,
+    )  # fmt: skip
+    callbacks = [EpochClock(result, start), FrozenFeatureCache(store=False, engine=args.engine)]
+    trainer = pl.Trainer(
+        max_epochs=args.epochs, accelerator=args.accelerator, devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    result.train_images = len(data.train_set) * args.epochs
+    model.eval()
+    result.test_accuracy = score(lambda x: model(x.to(model.device)).cpu(), *test[:2], args.batch_size)
+    result.wall_seconds = time.perf_counter() - start
+    return result
+
+
+def run_fastai(args: argparse.Namespace, job: str, subset: Path, test) -> Result:
+    from fastai.callback.core import Callback
+    from fastai.vision.all import ImageDataLoaders, Resize, accuracy, aug_transforms, imagenet_stats, vision_learner
+    from fastai.vision.learner import default_split, model_meta
+
+    result, start = Result("fastai"), time.perf_counter()
+
+    def mobilenet_v2(weights=None, pretrained=True):
+        """torchvision's MobileNetV2 with the shared ImageNet weights file (fastai would download its own)."""
+        network = torchvision.models.mobilenet_v2(weights=None)
+        network.load_state_dict(torch.load(WEIGHTS, weights_only=True), strict=False)
+        return network
+
+    # fastai finds a body's cut and its layer groups in model_meta (2.8.12's vision_learner drops its cut argument).
+    model_meta[mobilenet_v2] = {"cut": -1, "split": default_split, "stats": imagenet_stats}
+
+    class Clock(Callback):
+        order = 100  # after the Recorder has computed the epoch's metrics
+
+        recording = True  # off for get_preds, which runs the fit and epoch events too
+
+        def before_epoch(self) -> None:
+            self._start = time.perf_counter()
+
+        def after_train(self) -> None:
+            result.train_seconds += time.perf_counter() - self._start
+
+        def after_epoch(self) -> None:
+            if self.recording:
+                result.curve.append((time.perf_counter() - start, float(self.learn.metrics[0].value)))
+
+    dls = ImageDataLoaders.from_folder(
+        subset, train="train", valid="test", item_tfms=Resize(args.image_size), bs=args.batch_size, num_workers=0,
+        batch_tfms=None if job == "frozen" else aug_transforms(), device=torch.device(args.accelerator),
+    )  # fmt: skip
+    clock = Clock()
+    learn = vision_learner(dls, mobilenet_v2, metrics=accuracy, cbs=clock)
+    with learn.no_bar(), learn.no_logging():
+        if job == "frozen":
+            learn.freeze()
+            learn.fit_one_cycle(args.epochs, args.fastai_lr)
+        else:
+            learn.fine_tune(args.epochs - 1, args.fastai_lr)  # 1 frozen epoch, then epochs - 1 with all layers
+    result.train_images = len(dls.train_ds) * args.epochs
+    # fastai's own evaluation pipeline (PIL resize), scored here: argmax against the labels.
+    clock.recording = False
+    probabilities, labels = learn.get_preds(dl=dls.valid)
+    assert list(dls.vocab) == test[2], "both tools must number the classes alike"
+    result.test_accuracy = float((probabilities.argmax(dim=1) == labels).float().mean())
+    result.wall_seconds = time.perf_counter() - start
+    return result
+
+
+def report(job: str, ours: Result, theirs: Result) -> dict[str, float]:
+    target = min(ours.test_accuracy, theirs.test_accuracy)
+    print(f"\n{job}: the same accuracy = {target:.2%} (the lower of the two final test accuracies)")
+    print("| tool | wall s | train images/s | peak RSS GiB (growth) | test acc | s to the same acc | acc per epoch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in (ours, theirs):
+        curve = ", ".join(f"{acc:.2%}@{sec:.0f}s" for sec, acc in r.curve)
+        print(
+            f"| {r.tool} | {r.wall_seconds:.1f} | {r.images_per_second:.0f} | "
+            f"{r.peak_rss_gib:.2f} ({r.rss_growth_gib:+.2f}) | "
+            f"{r.test_accuracy:.2%} | {r.time_to(target):.1f} | {curve} |"
+        )
+    ratios = {
+        f"{job}_wall": theirs.wall_seconds / ours.wall_seconds,
+        f"{job}_images_per_s": ours.images_per_second / theirs.images_per_second,
+        f"{job}_time_to_acc": theirs.time_to(target) / ours.time_to(target),
+    }
+    print(", ".join(f"{name} x{value:.2f}" for name, value in ratios.items()) + " (ours against fastai's)")
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", choices=("finetune", "frozen", "both"), default="both")
+    parser.add_argument("--train-per-class", type=int, default=500)
+    parser.add_argument("--test-per-class", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--fastai-lr", type=float, default=2e-3, help="fastai's base_lr (fine_tune's default)")
+    parser.add_argument("--accelerator", default="cpu", help="cpu or cuda")
+    parser.add_argument("--engine", default="auto", help="our feature cache's engine (auto: onnxruntime on a CPU)")
+    args = parser.parse_args(argv)
+    if not WEIGHTS.is_file():
+        raise SystemExit(f"{WEIGHTS} is missing: this benchmark runs on the project's ../shared data and weights.")
+    try:
+        import fastai  # noqa: F401
+    except ImportError:
+        raise SystemExit("benchmarks/peers.py needs fastai: pip install -e '.[bench]'") from None
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu: {os.cpu_count()} cores")
+    ratios = {}
+    with tempfile.TemporaryDirectory() as folder:
+        subset = make_subset(Path(folder) / "cifar10", args.train_per_class, args.test_per_class)
+        test = test_tensors(subset, args.image_size)
+        for job in ("finetune", "frozen") if args.job == "both" else (args.job,):
+            results = []
+            runners = (
+                partial(run_ours, args, job, subset, Path(folder) / "cache", test),
+                partial(run_fastai, args, job, subset, test),
+            )
+            for runner in runners:
+                with PeakMemory() as memory:
+                    result = runner()
+                result.peak_rss_gib, result.rss_growth_gib = memory.peak / 2**30, (memory.peak - memory.start) / 2**30
+                results.append(result)
+            ratios |= report(job, *results)
+    print("peers " + " ".join(f"{name}={value:.3f}" for name, value in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
