@@ -123,6 +123,15 @@ def private_cache_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
 
 
+def prepared_by_hand(datamodule, images: torch.Tensor, **settings) -> torch.Tensor:
+    """``images`` as the network's input by ``prepare_batch`` with the data's resolved mean and std, outside the
+    data module's own batch transform (``settings``: image_size, view, ...)."""
+    from transfer_lightning.data import prepare_batch
+
+    mean, std = (torch.tensor(values) for values in (datamodule.preparation.mean, datamodule.preparation.std))
+    return prepare_batch(images, mean, std, augment=False, **settings)
+
+
 def assert_test_scores_by_hand(cli, batches: int | None = None, autocast: bool = False) -> None:
     """The test accuracy and loss a CLI run logged equal those recomputed outside Lightning's loop: the
     network's own outputs on the test images prepared by ``prepare_batch`` (no feature cache, no
@@ -131,18 +140,15 @@ def assert_test_scores_by_hand(cli, batches: int | None = None, autocast: bool =
     image. The loss is what catches an input that a barely trained network scores the same way."""
     import torch.nn.functional as F
 
-    from transfer_lightning.data import prepare_batch
-
     model, datamodule = cli.model.eval(), cli.datamodule
     prep = datamodule.preparation  # the settings with auto resolved; the scoring below is this test's own
-    mean, std = torch.tensor(prep.mean), torch.tensor(prep.std)
     settings = {"image_size": prep.image_size, "view": datamodule.view, "interpolation": prep.interpolation}
     correct, losses, total = 0, [], 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for index, (images, labels) in enumerate(datamodule.test_set.batches(datamodule.hparams.batch_size)):
             if batches is not None and index == batches:
                 break
-            inputs = prepare_batch(images, mean, std, augment=False, **settings)
+            inputs = prepared_by_hand(datamodule, images, **settings)
             probabilities = model.network(inputs).float().softmax(dim=1)
             if model.hparams.tta_flip:
                 probabilities = (probabilities + model.network(inputs.flip(-1)).float().softmax(dim=1)) / 2

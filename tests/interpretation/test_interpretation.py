@@ -19,10 +19,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torchvision.utils import make_grid
 
+from tests.conftest import prepared_by_hand
 from tests.inference.test_inference import QUIET, trained  # noqa: F401  (the fixture: a small fitted checkpoint)
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
-from transfer_lightning.data import prepare_batch
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.interpretation import most_confused, top_losses
 from transfer_lightning.interpretation.cam import find_cam_layer, grad_cam, resolve_cam_layer
@@ -206,14 +206,7 @@ def test_fit_writes_the_pictures(interpreted):
     assert {"test/top_losses", "test/top_losses_cam", "test/most_confused"} <= set(events.Tags()["images"])
 
     images, labels = datamodule.test_set.to_arrays()
-    inputs = prepare_batch(
-        images,
-        torch.tensor(datamodule.preparation.mean),
-        torch.tensor(datamodule.preparation.std),
-        augment=False,
-        image_size=None,
-        view="resize",
-    )
+    inputs = prepared_by_hand(datamodule, images, image_size=None, view="resize")
     with torch.no_grad():
         losses = F.cross_entropy(cli.model.eval().network(inputs), labels, reduction="none")
     with open(version / "top_losses.csv") as file:

@@ -8,7 +8,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from transfer_lightning.data import CIFAR10DataModule, prepare_batch
+from tests.conftest import prepared_by_hand
+from transfer_lightning.data import CIFAR10DataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.network.freezing import batchnorms
@@ -92,13 +93,7 @@ def test_logged_test_accuracy_equals_accuracy_by_hand(image_folder, tmp_path):
     predictions, labels = [], []
     with torch.no_grad():
         for images, batch_labels in datamodule.test_dataloader():
-            batch = prepare_batch(
-                images,
-                torch.tensor(datamodule.preparation.mean),
-                torch.tensor(datamodule.preparation.std),
-                augment=False,
-                image_size=None,
-            )
+            batch = prepared_by_hand(datamodule, images, image_size=None)
             predictions.append(model(batch).argmax(dim=1))
             labels.append(batch_labels)
     predictions, labels = torch.cat(predictions), torch.cat(labels)

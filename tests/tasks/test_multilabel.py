@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import TAGS, tagged_image, write_tagged_images
+from tests.conftest import TAGS, prepared_by_hand, tagged_image, write_tagged_images
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
-from transfer_lightning.data import ImageFolderDataModule, decode_image, prepare_batch
+from transfer_lightning.data import ImageFolderDataModule, decode_image
 from transfer_lightning.data.datasets import positive_weights
 from transfer_lightning.inference import export
 from transfer_lightning.model import TransferClassifier
@@ -67,14 +67,7 @@ def tagged(tmp_path_factory) -> Path:
 def network_probabilities(model: TransferClassifier, datamodule: ImageFolderDataModule, split: str) -> torch.Tensor:
     """Sigmoid outputs of the bare network on a split's images, prepared by ``prepare_batch`` (no Lightning loop)."""
     images, _ = getattr(datamodule, split).to_arrays()
-    inputs = prepare_batch(
-        images,
-        torch.tensor(datamodule.preparation.mean),
-        torch.tensor(datamodule.preparation.std),
-        augment=False,
-        image_size=None,
-        view="resize",
-    )
+    inputs = prepared_by_hand(datamodule, images, image_size=None, view="resize")
     with torch.no_grad():
         return model.eval().network(inputs).sigmoid()
 
@@ -185,14 +178,7 @@ def test_fit_picks_thresholds_on_validation_and_test_scores_equal_a_computation_
     assert "mAP" in markdown_table([run])
     # The top losses: each image's binary cross-entropy averaged over the classes, the highest first.
     images, _ = datamodule.test_set.to_arrays()
-    inputs = prepare_batch(
-        images,
-        torch.tensor(datamodule.preparation.mean),
-        torch.tensor(datamodule.preparation.std),
-        augment=False,
-        image_size=None,
-        view="resize",
-    )
+    inputs = prepared_by_hand(datamodule, images, image_size=None, view="resize")
     with torch.no_grad():
         logits = model.eval().network(inputs)
     losses = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").mean(dim=1)
@@ -269,14 +255,7 @@ def test_multilabel_trains_with_the_options_of_the_recipes(options, tagged, run_
     probabilities = network_probabilities(model, datamodule, "test_set")
     if model.hparams.tta_flip:
         images, _ = datamodule.test_set.to_arrays()
-        inputs = prepare_batch(
-            images,
-            torch.tensor(datamodule.preparation.mean),
-            torch.tensor(datamodule.preparation.std),
-            augment=False,
-            image_size=None,
-            view="resize",
-        )
+        inputs = prepared_by_hand(datamodule, images, image_size=None, view="resize")
         with torch.no_grad():
             probabilities = (probabilities + model.network(inputs.flip(-1)).sigmoid()) / 2
     targets = datamodule.test_set.labels

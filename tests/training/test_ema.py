@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import prepared_by_hand
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
-from transfer_lightning.data.transforms import prepare_batch
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune_sgd.yaml"
 DECAY, START = 0.7, 1
@@ -85,14 +85,7 @@ def test_evaluated_and_checkpointed_weights_are_torchs_ema(small_run_args, run_d
     best = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=False)
     datamodule = cli.datamodule
     images, labels = datamodule.test_set.to_arrays()
-    inputs = prepare_batch(
-        images,
-        torch.tensor(datamodule.preparation.mean),
-        torch.tensor(datamodule.preparation.std),
-        augment=False,
-        image_size=None,
-        view="resize",
-    )
+    inputs = prepared_by_hand(datamodule, images, image_size=None, view="resize")
 
     def test_loss(state: dict[str, torch.Tensor]) -> float:
         cli.model.load_state_dict(state)
