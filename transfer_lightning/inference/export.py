@@ -125,12 +125,16 @@ def check(path: Path, format: Format, model: TransferClassifier, preprocessing: 
     """Largest probability difference between the file at ``path`` and ``model``; fails above :data:`TOLERANCE`."""
     images = example_images(preprocessing, 3, seed=1)  # another batch size than the one exported with
     expected = model.task.probabilities(model.evaluation_logits(preprocessing(images)))
-    got = run_exported(path, format, images)
+    return compare_probabilities(run_exported(path, format, images), expected, f"The exported {format} model")
+
+
+def compare_probabilities(got: Tensor, expected: Tensor, what: str) -> float:
+    """Largest difference between ``what``'s probabilities and the checkpoint's; above :data:`TOLERANCE` an error."""
     difference = float((got - expected).abs().max())
     if got.shape != expected.shape or not difference <= TOLERANCE:
         raise UserInputError(
-            f"The exported {format} model does not match the checkpoint: probabilities differ by up to "
-            f"{difference:.2e} (allowed {TOLERANCE:.0e}). This is a bug: please report it with the backbone name."
+            f"{what} does not match the checkpoint: probabilities differ by up to {difference:.2e} "
+            f"(allowed {TOLERANCE:.0e}). This is a bug: please report it with the backbone name."
         )
     return difference
 

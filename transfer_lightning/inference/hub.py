@@ -22,7 +22,7 @@ from torch import nn
 from transfer_lightning.data.transforms import Preprocessing
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import remove_leftovers, temporary_path
-from transfer_lightning.inference.export import TOLERANCE, example_images, load_classifier
+from transfer_lightning.inference.export import compare_probabilities, example_images, load_classifier
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.network.names import HUB_PREFIX, LOCAL_PREFIX, TIMM_PREFIX
 from transfer_lightning.network.timm_backbones import TimmNetwork
@@ -119,14 +119,7 @@ def check_folder(folder: Path, model: TransferClassifier, preprocessing: Preproc
     """Largest probability difference between timm's model from ``folder`` and the checkpoint (one pass, no flip)."""
     images = preprocessing(example_images(preprocessing, 3, seed=1))
     expected = model.task.probabilities(model.logits(images))
-    got = model.task.probabilities(load_folder(folder)(images))
-    difference = float((got - expected).abs().max())
-    if got.shape != expected.shape or not difference <= TOLERANCE:
-        raise UserInputError(
-            f"The Hub folder does not reproduce the checkpoint: probabilities differ by up to {difference:.2e} "
-            f"(allowed {TOLERANCE:.0e}). This is a bug: please report it with the backbone name."
-        )
-    return difference
+    return compare_probabilities(model.task.probabilities(load_folder(folder)(images)), expected, "The Hub folder")
 
 
 def base_model(backbone: str, network: TimmNetwork) -> str | None:

@@ -17,7 +17,8 @@ import torch
 import torchvision
 from torch import nn
 
-from transfer_lightning.data.transforms import NORMALIZATIONS, WeightsPreprocessing
+from transfer_lightning.data.preparation import IMAGENET_WEIGHTS
+from transfer_lightning.data.transforms import WeightsPreprocessing
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.network.names import parse_backbone
 
@@ -111,7 +112,7 @@ def torchvision_preprocessing(weights: torchvision.models.WeightsEnum | None) ->
     A local weights file carries no metadata: the architecture's DEFAULT weights speak for it.
     """
     if weights is None:
-        return WeightsPreprocessing(*NORMALIZATIONS["imagenet"], input_size=224)
+        return IMAGENET_WEIGHTS
     transforms = weights.transforms()
     crop, resize = transforms.crop_size[0], transforms.resize_size[0]
     interpolation = transforms.interpolation.value
