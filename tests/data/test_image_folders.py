@@ -127,12 +127,25 @@ def test_mixed_sizes_without_an_image_size_is_a_clear_error(tmp_path):
 def test_parallel_build_equals_the_single_process_build(tmp_path, monkeypatch):
     root = write_photo_folder(tmp_path / "photos", {"train": 6})
     single = ImageFolderStore(root / "train", ["ants", "bees"], tmp_path / "one").load((24, 24))
-    monkeypatch.setattr(store, "PARALLEL_MIN_IMAGES", 0)
+    monkeypatch.setattr(store, "POOL_MIN_SECONDS", 0.0)
     monkeypatch.setattr(store, "CHUNK", 4)
     monkeypatch.setattr(store.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     parallel = ImageFolderStore(root / "train", ["ants", "bees"], tmp_path / "two").load((24, 24))
     assert torch.equal(single.arrays.images, parallel.arrays.images)
     assert torch.equal(single.arrays.labels, parallel.arrays.labels)
+
+
+def test_a_quick_tree_is_decoded_without_starting_worker_processes(tmp_path, monkeypatch):
+    """Workers start in seconds (each imports torch); small images decode faster than that in this process."""
+    root = write_photo_folder(tmp_path / "photos", {"train": 6})
+    monkeypatch.setattr(store, "CHUNK", 4)
+    monkeypatch.setattr(store.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(store, "ProcessPoolExecutor", None)  # calling it would fail
+    tree = ImageFolderStore(root / "train", ["ants", "bees"], tmp_path / "one")
+    assert len(tree.load((24, 24)).arrays.images) == len(tree.samples) > 2 * store.CHUNK
+    monkeypatch.setattr(store, "POOL_MIN_SECONDS", 0.0)
+    with pytest.raises(TypeError, match="not callable"):
+        ImageFolderStore(root / "train", ["ants", "bees"], tmp_path / "two").load((24, 24))
 
 
 # --- Split layouts -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ undecodable), ``files.json`` (the file of each row),
 ``skipped.txt`` and ``info.json``. The
 fingerprint hashes the tree's path and every file's name, label, size and modification time, so a
 changed tree gets a new store. A store is built in a temporary folder and renamed into place: a
-crash never leaves half a store. Large trees are decoded by several processes.
+crash never leaves half a store. Trees that would take long are decoded by several processes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import check_free_space, remove_leftovers, reserve, temporary_path
 from transfer_lightning.logs import progress_bar
 
-#: Files that are read, and decoded in one process below this many images (no process start-up).
-PARALLEL_MIN_IMAGES = 2000
+#: Seconds of work left, estimated from the first task, above which the rest goes to worker processes. A spawned
+#: worker imports torch first (4-5 s on a 2-core CPU), and this process decodes about 13,000 CIFAR-10 PNGs a
+#: second: below this, the workers' start-up costs more than it saves (docs/performance.md measures it).
+POOL_MIN_SECONDS = 10.0
 #: Images per task handed to a decoding process.
 CHUNK = 256
 #: Skipped files named in the log (all of them are in the store's skipped.txt).
@@ -326,21 +329,29 @@ class ImageFolderStore:
             raise UserInputError(f"None of the {len(bad)} image files of {self.described} decodes.")
 
     def _run(self, function, tasks: list[tuple], description: str) -> list:
-        """``function(*task)`` for every task, in several processes for large trees; results concatenated."""
+        """``function(*task)`` for every task, results concatenated: the first task here, and the rest in
+        several processes when the first one's time says that they would take :data:`POOL_MIN_SECONDS` here."""
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = min(cores, 8)
         progress = progress_bar(total=sum(len(task[-1]) for task in tasks), desc=description, unit="img")
         results = []
         with progress:
-            if workers < 2 or len(self.samples) < PARALLEL_MIN_IMAGES:
-                for task in tasks:
+            first, rest = tasks[:1], tasks[1:]
+            start, seconds_left = time.perf_counter(), 0.0
+            for task in first:
+                results.append(function(*task))
+                progress.update(len(task[-1]))
+                seconds_per_image = (time.perf_counter() - start) / len(task[-1])
+                seconds_left = seconds_per_image * sum(len(other[-1]) for other in rest)
+            if workers < 2 or seconds_left < POOL_MIN_SECONDS:
+                for task in rest:
                     results.append(function(*task))
                     progress.update(len(task[-1]))
             else:
                 # spawn: the parent holds torch's threads, which a forked child must not inherit.
                 context = multiprocessing.get_context("spawn")
                 with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                    for task, result in zip(tasks, pool.map(function, *zip(*tasks, strict=True)), strict=True):
+                    for task, result in zip(rest, pool.map(function, *zip(*rest, strict=True)), strict=True):
                         results.append(result)
                         progress.update(len(task[-1]))
         return [item for result in results for item in result]
