@@ -176,7 +176,19 @@ def test_test_set_is_scored_on_features_and_given_back(image_folder, tmp_path):
 
 
 @pytest.mark.skipif(missing_onnx_packages(), reason="the [export] extra is not installed")
-def test_onnxruntime_features_match_torch_and_get_their_own_file(image_folder, tmp_path):
+@pytest.mark.parametrize("old_exporter_fails", [False, True], ids=["torchscript-export", "torch.export-fallback"])
+def test_onnxruntime_features_match_torch_and_get_their_own_file(
+    image_folder, tmp_path, monkeypatch, old_exporter_fails
+):
+    real_export, exporters = torch.onnx.export, []
+
+    def export(*args, dynamo: bool = True, **kwargs):
+        exporters.append("torch.export" if dynamo else "torchscript")
+        if old_exporter_fails and not dynamo:
+            raise RuntimeError("an operator the TorchScript exporter does not know")
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
     datamodule = datamodule_for(image_folder, tmp_path)
     datamodule.setup("fit")
     model = TransferClassifier(weights=None, num_classes=4, freeze_backbone=True).eval()
@@ -187,6 +199,7 @@ def test_onnxruntime_features_match_torch_and_get_their_own_file(image_folder, t
     fast = onnx_cache.compute(model, datamodule, datamodule.val_set, "val", trainer)
     assert exact.shape == fast.shape == (20, 512) and exact.abs().max() > 1
     torch.testing.assert_close(fast, exact, atol=1e-4, rtol=1e-4)
+    assert exporters == (["torchscript", "torch.export"] if old_exporter_fails else ["torchscript"])
     stored = torch_cache.stored_path(model, datamodule, datamodule.val_set, trainer)
     assert onnx_cache.stored_path(model, datamodule, datamodule.val_set, trainer) != stored
 
