@@ -20,6 +20,7 @@ from torch import nn
 from transfer_lightning.data.preparation import IMAGENET_WEIGHTS
 from transfer_lightning.data.transforms import WeightsPreprocessing
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.network.depthwise import use_small_depthwise_gradients
 from transfer_lightning.network.names import parse_backbone
 
 #: Buffers that older state_dicts may lack; torchvision's own loaders ignore them too.
@@ -83,7 +84,16 @@ def create_network(
         network, preprocessing = create_timm_network(name, weights, num_classes, image_size)
         if gradient_checkpointing:
             network.body.set_grad_checkpointing(True)
-        return network, NetworkParts("head", "head", None, preprocessing, "timm")
+        parts = NetworkParts("head", "head", None, preprocessing, "timm")
+    else:
+        network, parts = _torchvision_network(backbone, weights, num_classes, image_size, gradient_checkpointing)
+    use_small_depthwise_gradients(network)
+    return network, parts
+
+
+def _torchvision_network(
+    backbone: str, weights: str | None, num_classes: int, image_size: int | None, gradient_checkpointing: bool
+) -> tuple[nn.Module, NetworkParts]:
     if image_size is not None or gradient_checkpointing:
         raise UserInputError(
             "model.backbone_image_size and model.gradient_checkpointing are for timm backbones (timm/NAME, hf-hub:, "
