@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torchvision
 import torchvision.transforms as T
 from PIL import Image
 from torch import nn
@@ -55,7 +56,10 @@ class ReferenceResult:
 
 
 def reference_model(backbone: str, weights: str | None, num_classes: int, frozen: bool) -> nn.Module:
-    network, parts = create_network(backbone, weights, num_classes)
+    ours, parts = create_network(backbone, weights, num_classes)  # loads the weights, replaces the head
+    with torch.random.fork_rng():  # its random initialisation is overwritten: leave the seeded stream as it was
+        network = torchvision.models.get_model(backbone, num_classes=num_classes)  # torchvision's: none of our hooks
+    network.load_state_dict(ours.state_dict())
     head_name = parts.head
     if frozen:
         for name, parameter in network.named_parameters():
