@@ -3,7 +3,7 @@
     python benchmarks/store_build.py --per-class 200 500 2000
 
 For each count, the first ``count`` PNGs of each class of the real CIFAR-10 training split of ``../shared``
-(links in a temporary folder) go into a fresh store at 32x32 twice: as ``ImageFolderStore`` decides (the
+(links in a temporary folder) go into a fresh store at 32x32 twice: as ``run_tasks`` decides (the
 first chunk here, the rest in workers only if it says they would take ``POOL_MIN_SECONDS``), and with the
 workers forced (``POOL_MIN_SECONDS = 0``). It prints the seconds of reading the headers and of decoding, and
 their ratio. The last line is machine-readable.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from transfer_lightning.data import store  # noqa: E402
+from transfer_lightning.data import store, workers  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -46,15 +46,15 @@ def main() -> None:
     args = parser.parse_args()
     if not (SHARED / "data" / "cifar10" / "train").is_dir():
         raise SystemExit(f"{SHARED}/data/cifar10/train is missing: this benchmark reads the project's ../shared.")
-    chosen = store.POOL_MIN_SECONDS
+    chosen = workers.POOL_MIN_SECONDS
     print("| images | as decided s | workers forced s | ratio |\n| ---: | ---: | ---: | ---: |")
     ratios = []
     for per_class in args.per_class:
         with tempfile.TemporaryDirectory() as folder:
             tree = linked_tree(Path(folder) / "train", per_class)
-            store.POOL_MIN_SECONDS = chosen
+            workers.POOL_MIN_SECONDS = chosen
             decided = build_seconds(tree, Path(folder) / "decided")
-            store.POOL_MIN_SECONDS = 0.0
+            workers.POOL_MIN_SECONDS = 0.0
             forced = build_seconds(tree, Path(folder) / "forced")
         ratios.append(f"{10 * per_class}={forced / decided:.2f}")
         print(f"| {10 * per_class} | {decided:.2f} | {forced:.2f} | x{forced / decided:.2f} |", flush=True)

@@ -22,7 +22,7 @@ from tests.conftest import (
 )
 from tests.model.test_model import SGD, make_trainer
 from transfer_lightning.commands.cli import TransferLightningCLI
-from transfer_lightning.data import ImageFolderDataModule, ImageFolderStore, center_crop, decode_image, store
+from transfer_lightning.data import ImageFolderDataModule, ImageFolderStore, center_crop, decode_image, store, workers
 from transfer_lightning.data.datasets import EpochSampler
 from transfer_lightning.data.transforms import random_resized_crop
 from transfer_lightning.errors import UserInputError
@@ -127,9 +127,9 @@ def test_mixed_sizes_without_an_image_size_is_a_clear_error(tmp_path):
 def test_parallel_build_equals_the_single_process_build(tmp_path, monkeypatch):
     root = write_photo_folder(tmp_path / "photos", {"train": 6})
     single = ImageFolderStore(root / "train", ["ants", "bees"], tmp_path / "one").load((24, 24))
-    monkeypatch.setattr(store, "POOL_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(workers, "POOL_MIN_SECONDS", 0.0)
     monkeypatch.setattr(store, "CHUNK", 4)
-    monkeypatch.setattr(store.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     parallel = ImageFolderStore(root / "train", ["ants", "bees"], tmp_path / "two").load((24, 24))
     assert torch.equal(single.arrays.images, parallel.arrays.images)
     assert torch.equal(single.arrays.labels, parallel.arrays.labels)
@@ -139,11 +139,11 @@ def test_a_quick_tree_is_decoded_without_starting_worker_processes(tmp_path, mon
     """Workers start in seconds (each imports torch); small images decode faster than that in this process."""
     root = write_photo_folder(tmp_path / "photos", {"train": 6})
     monkeypatch.setattr(store, "CHUNK", 4)
-    monkeypatch.setattr(store.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(store, "ProcessPoolExecutor", None)  # calling it would fail
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(workers, "ProcessPoolExecutor", None)  # calling it would fail
     tree = ImageFolderStore(root / "train", ["ants", "bees"], tmp_path / "one")
     assert len(tree.load((24, 24)).arrays.images) == len(tree.samples) > 2 * store.CHUNK
-    monkeypatch.setattr(store, "POOL_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(workers, "POOL_MIN_SECONDS", 0.0)
     with pytest.raises(TypeError, match="not callable"):
         ImageFolderStore(root / "train", ["ants", "bees"], tmp_path / "two").load((24, 24))
 

@@ -21,12 +21,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +35,10 @@ from PIL import Image, ImageOps
 from transfer_lightning.data.datasets import ImageArrays, ImageTensorDataset
 from transfer_lightning.data.listing import list_images
 from transfer_lightning.data.transforms import DEFAULT_CROP_PCT, View, stored_size
+from transfer_lightning.data.workers import run_tasks
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import check_free_space, remove_leftovers, reserve, temporary_path
-from transfer_lightning.logs import progress_bar
 
-#: Seconds of work left, estimated from the first task, above which the rest goes to worker processes. A spawned
-#: worker imports torch first (4-5 s on a 2-core CPU), and this process decodes about 13,000 CIFAR-10 PNGs a
-#: second: below this, the workers' start-up costs more than it saves (docs/performance.md measures it).
-POOL_MIN_SECONDS = 10.0
 #: Images per task handed to a decoding process.
 CHUNK = 256
 #: Skipped files named in the log (all of them are in the store's skipped.txt).
@@ -265,7 +258,7 @@ class ImageFolderStore:
     def _header_sizes(self) -> list[tuple[int, int] | str]:
         if self._sizes is None:
             paths = [path for path, _ in self.samples]
-            self._sizes = self._run(_read_sizes, [(chunk,) for chunk in _chunks(paths)], f"Reading {self.described}")
+            self._sizes = run_tasks(_read_sizes, [(chunk,) for chunk in _chunks(paths)], f"Reading {self.described}")
         return self._sizes
 
     def _build(self, path: Path, size: tuple[int, int]) -> None:
@@ -290,7 +283,7 @@ class ImageFolderStore:
                 (store_file, size, chunk, [self.samples[i][0] for i in indices])
                 for chunk, indices in zip(_chunks(rows), _chunks(good), strict=True)
             ]
-            failures = self._run(_decode_rows, tasks, f"Decoding {self.described} at {size[0]}x{size[1]}")
+            failures = run_tasks(_decode_rows, tasks, f"Decoding {self.described} at {size[0]}x{size[1]}")
             bad |= {good[row]: error for row, error in failures}
             self._check_bad(bad)
             labels = np.array([self.samples[i][1] for i in good], dtype=np.int64)
@@ -327,34 +320,6 @@ class ImageFolderStore:
             )
         if len(bad) == len(self.samples):
             raise UserInputError(f"None of the {len(bad)} image files of {self.described} decodes.")
-
-    def _run(self, function, tasks: list[tuple], description: str) -> list:
-        """``function(*task)`` for every task, results concatenated: the first task here, and the rest in
-        several processes when the first one's time says that they would take :data:`POOL_MIN_SECONDS` here."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cores, 8)
-        progress = progress_bar(total=sum(len(task[-1]) for task in tasks), desc=description, unit="img")
-        results = []
-        with progress:
-            first, rest = tasks[:1], tasks[1:]
-            start, seconds_left = time.perf_counter(), 0.0
-            for task in first:
-                results.append(function(*task))
-                progress.update(len(task[-1]))
-                seconds_per_image = (time.perf_counter() - start) / len(task[-1])
-                seconds_left = seconds_per_image * sum(len(other[-1]) for other in rest)
-            if workers < 2 or seconds_left < POOL_MIN_SECONDS:
-                for task in rest:
-                    results.append(function(*task))
-                    progress.update(len(task[-1]))
-            else:
-                # spawn: the parent holds torch's threads, which a forked child must not inherit.
-                context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                    for task, result in zip(rest, pool.map(function, *zip(*rest, strict=True)), strict=True):
-                        results.append(result)
-                        progress.update(len(task[-1]))
-        return [item for result in results for item in result]
 
 
 def _chunks(items: list) -> list[list]:
