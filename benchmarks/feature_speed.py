@@ -13,14 +13,18 @@ docs/results.md, not here.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from transfer_lightning.data import ImageFolderDataModule
-from transfer_lightning.model import TransferClassifier
-from transfer_lightning.training.feature_cache import FrozenFeatureCache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from transfer_lightning.data import ImageFolderDataModule  # noqa: E402
+from transfer_lightning.model import TransferClassifier  # noqa: E402
+from transfer_lightning.training.feature_cache import FrozenFeatureCache  # noqa: E402
 
 
 def main() -> None:
