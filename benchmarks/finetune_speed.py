@@ -15,15 +15,19 @@ Accuracy is measured by the recipe runs in docs/results.md, not here.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from transfer_lightning.model import TransferClassifier
-from transfer_lightning.network.freezing import run_folded
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from transfer_lightning.model import TransferClassifier  # noqa: E402
+from transfer_lightning.network.freezing import run_folded  # noqa: E402
 
 
 def training_step(model: TransferClassifier, batch_size: int, image_size: int) -> Callable[[], None]:
