@@ -29,6 +29,7 @@ runs both on a GPU. The last line is machine-readable.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -330,10 +331,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{weights} is missing: this benchmark runs on the project's ../shared data and weights "
             "(or a folder of the same layout: --shared)."
         )
-    try:
-        import fastai  # noqa: F401
-    except ImportError:
-        raise SystemExit("benchmarks/peers.py needs fastai: pip install -e '.[bench]'") from None
+    missing = [name for name in ("fastai", "timm", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"benchmarks/peers.py needs {', '.join(missing)}: pip install -e '.[bench]'")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu: {os.cpu_count()} cores")
     ratios = {}
