@@ -31,17 +31,10 @@ def dynamic_batch() -> tuple[dict[int, torch.export.Dim]]:
 
 def write_onnx(module: nn.Module, example: Tensor, path: Path, input_name: str, output_name: str) -> None:
     """Export ``module`` to the single ONNX file ``path``, its batch size dynamic."""
-    torch.onnx.export(
-        module,
-        (example,),
-        path,
-        input_names=[input_name],
-        output_names=[output_name],
-        dynamic_shapes=dynamic_batch(),
-        dynamo=True,
+    _export(
+        module, example, path, input_name, output_name, dynamo=True, dynamic_shapes=dynamic_batch(),
         external_data=False,  # one self-contained file (ResNet18 and MobileNetV2 are far below protobuf's 2 GB)
-        verbose=False,
-    )
+    )  # fmt: skip
 
 
 def write_onnx_for_this_process(
@@ -49,25 +42,23 @@ def write_onnx_for_this_process(
 ) -> None:
     """Export ``module`` for onnxruntime in this process only (the feature cache), its batch size dynamic.
 
-    torch's TorchScript exporter writes MobileNetV2 or EfficientNet-Lite0 in 0.2-0.3 s where the torch.export
-    one takes 5-6 s (docs/performance.md), a third of a frozen fit on 7,000 small images. It is deprecated, so
-    its file never leaves the process and the caller checks its outputs against torch; a model it cannot
-    export goes through :func:`write_onnx`.
+    torch's TorchScript exporter takes 0.8 s with the check and warm-up for MobileNetV2 where the torch.export
+    one takes 6.5 s (docs/performance.md): a large part of a frozen fit on a few thousand small images. It is
+    deprecated, so its file never leaves the process and the caller checks its outputs against torch; a model
+    it cannot export goes through :func:`write_onnx`.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                module,
-                (example,),
-                path,
-                input_names=[input_name],
-                output_names=[output_name],
-                dynamic_axes={input_name: {0: "batch"}},
-                dynamo=False,
-            )
+            _export(module, example, path, input_name, output_name, dynamo=False, dynamic_axes={input_name: {0: "b"}})
     except Exception:  # noqa: BLE001 - whatever the old exporter trips on, the supported one decides
         write_onnx(module, example, path, input_name, output_name)
+
+
+def _export(module: nn.Module, example: Tensor, path: Path, input_name: str, output_name: str, **exporter) -> None:
+    torch.onnx.export(
+        module, (example,), path, input_names=[input_name], output_names=[output_name], verbose=False, **exporter
+    )
 
 
 def inference_session(path: Path | str):
