@@ -106,3 +106,15 @@ def test_offline_download_says_where_to_put_the_file(tmp_path, monkeypatch):
         create_network("resnet18", "DEFAULT", 10)
     message = str(error.value)
     assert "resnet18-f37072fd.pth" in message and str(tmp_path) in message and "--model.weights" in message
+
+
+def test_a_local_torchvision_weights_file_gets_the_classic_preprocessing(tmp_path):
+    """A state_dict file says nothing of its training: the architecture's first ImageNet weights' recipe (for
+    MobileNetV2 224 of 256, crop 0.875), not its later DEFAULT one (224 of 232)."""
+    file = tmp_path / "weights.pth"
+    torch.save(torchvision.models.mobilenet_v2().features.state_dict(prefix="features."), file)
+    _, local = create_network("mobilenet_v2", str(file), num_classes=3)
+    assert local.preprocessing.crop_pct == pytest.approx(224 / 256)
+    assert local.preprocessing.mean == pytest.approx((0.485, 0.456, 0.406))
+    _, named = create_network("mobilenet_v2", None, num_classes=3)  # no weights: DEFAULT's recipe
+    assert named.preprocessing.crop_pct == pytest.approx(224 / 232)
