@@ -89,6 +89,17 @@ def test_plot_has_one_line_per_run_and_split(runs, tmp_path, capsys):
         assert styles == {"(train)": "-", "(val)": "--"}
 
 
+def test_the_legend_of_runs_with_long_names_fits_in_the_figure(tmp_path):
+    """Three columns of long labels (local-dir: backbones, nested log folders) were wider than the figure, and the
+    PNG cut them off at both sides."""
+    log_dir = tmp_path / "lightning_logs"
+    for index in range(6):
+        SummaryWriter(str(log_dir / f"a_long_experiment_name_with_its_settings_spelled_out_{index}")).close()
+    figure = plot_runs([read_run(run, log_dir) for run in find_runs([log_dir])])
+    (legend,) = figure.legends
+    assert legend.get_window_extent(figure.canvas.get_renderer()).width <= figure.bbox.width
+
+
 def test_a_run_without_any_epoch_is_shown_not_fatal(tmp_path, capsys):
     SummaryWriter(str(tmp_path / "lightning_logs" / "version_7")).close()
     main(["report", str(tmp_path / "lightning_logs")])

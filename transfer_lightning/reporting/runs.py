@@ -208,7 +208,12 @@ def plot_runs(runs: list[Run]) -> Figure:
         axis.set_title(f"{name} per epoch (train solid, val dashed)")
         axis.grid(alpha=0.3)
         axis.xaxis.get_major_locator().set_params(integer=True)
-    figure.legend(handles=legend, loc="outside lower center", ncols=min(3, len(legend)), fontsize="small")
+    renderer = figure.canvas.get_renderer()
+    for columns in range(min(3, len(legend)), 0, -1):  # fewer columns while long labels make it wider than the figure
+        drawn = figure.legend(handles=legend, loc="outside lower center", ncols=columns, fontsize="small")
+        if columns == 1 or drawn.get_window_extent(renderer).width <= figure.bbox.width:
+            break
+        drawn.remove()
     return figure
 
 
