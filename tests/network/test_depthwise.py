@@ -93,3 +93,14 @@ def test_a_failing_forward_pass_leaves_no_mode_behind(monkeypatch):
     with pytest.raises(RuntimeError):
         network(torch.randn(2, 4, 32, 32))  # four channels: the first convolution refuses
     assert not torch._C._is_torch_function_mode_enabled()
+
+
+def test_passes_on_other_devices_do_not_enter_the_mode():
+    """Every torch call of a pass under the mode goes through Python: only CPU passes pay for it."""
+    network, _ = create_network("mobilenet_v2", None, num_classes=10)
+    seen = []
+    network.features[0].register_forward_pre_hook(lambda m, a: seen.append(torch._C._is_torch_function_mode_enabled()))
+    network.train()
+    network(torch.randn(2, 3, 32, 32))
+    network.to("meta")(torch.randn(2, 3, 32, 32, device="meta"))
+    assert seen == [True, False]

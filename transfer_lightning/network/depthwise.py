@@ -91,12 +91,16 @@ class SmallDepthwiseGradients(TorchFunctionMode):
 
 
 def use_small_depthwise_gradients(network: nn.Module) -> None:
-    """Run ``network``'s training-mode forward passes that take gradients under :class:`SmallDepthwiseGradients`
-    (hooks: the module and its state_dict stay as they are; evaluation, exports and compiled graphs do not see it)."""
+    """Run ``network``'s training-mode forward passes on CPU tensors that take gradients under
+    :class:`SmallDepthwiseGradients` (hooks: the module and its state_dict stay as they are; evaluation, exports
+    and compiled graphs do not see it)."""
     active: list[SmallDepthwiseGradients] = []
 
     def enter(module: nn.Module, args: tuple) -> None:
-        if module.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        on_cpu = (
+            bool(args) and isinstance(args[0], Tensor) and args[0].device.type == "cpu"
+        )  # no per-op dispatch on GPUs
+        if on_cpu and module.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             active.append(SmallDepthwiseGradients())
             active[-1].__enter__()
 
