@@ -53,6 +53,10 @@ REPORT_HELP = (
 EXPORT_HELP = "A stand-alone model file: export --ckpt_path CKPT --format onnx|pt2 --output FILE."
 SERVE_HELP = "An HTTP endpoint on LitServe (the [serve] extra): serve --ckpt_path CKPT [--port 8000]."
 LR_FIND_HELP = "Learning-rate range test on fit's config: lr_find --config CFG [--apply FILE] (plot in the run folder)."
+OPTIMIZE_HELP = (
+    "A photo folder or label table written once as LitData chunks (the [stream] extra), locally or to s3://: "
+    "optimize --data.data_dir DIR --data.image_size 224 --output OUT; then fit --data.streaming_dir OUT."
+)
 SWEEP_HELP = "An Optuna study over fit's settings (the [tune] extra): sweep --config CFG --sweep SPACE.yaml --trials N."
 
 
@@ -189,6 +193,7 @@ class TransferLightningCLI(LightningCLI):
             ("serve", SERVE_HELP),
             ("lr_find", LR_FIND_HELP),
             ("sweep", SWEEP_HELP),
+            ("optimize", OPTIMIZE_HELP),
         ):
             subcommands.add_subcommand(name, ShortErrorParser(description=help_text), help=help_text)
 

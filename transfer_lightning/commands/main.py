@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from transfer_lightning.commands import backbones, lr_find, predict_model, sweep
+from transfer_lightning.commands import backbones, lr_find, optimize, predict_model, sweep
 from transfer_lightning.commands.cli import TransferLightningCLI, program_name
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.inference import command as export_command
@@ -21,8 +21,8 @@ from transfer_lightning.serving import server
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; a :class:`UserInputError` is printed as one line and exits with status 2.
 
-    ``report``, ``export``, ``serve``, ``backbones``, ``lr_find`` and ``sweep`` are dispatched here: LightningCLI's
-    subcommands are Trainer methods only.
+    ``report``, ``export``, ``serve``, ``backbones``, ``lr_find``, ``optimize`` and ``sweep`` are dispatched here:
+    LightningCLI's subcommands are Trainer methods only.
     """
     argv = sys.argv[1:] if args is None else args
     silence_noise()
@@ -41,6 +41,8 @@ def main(args: list[str] | None = None) -> None:
             backbones.main(argv[1:])
         elif argv[:1] == ["lr_find"]:
             lr_find.main(argv[1:])
+        elif argv[:1] == ["optimize"]:
+            optimize.main(argv[1:], f"{program_name()} optimize")  # imports LitData (the [stream] extra) only then
         elif argv[:1] == ["sweep"]:
             sweep.main(argv[1:])  # imports Optuna (the [tune] extra) only then
         elif argv[:1] == ["serve"]:

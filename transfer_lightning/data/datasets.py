@@ -118,16 +118,24 @@ class EpochSampler(DistributedSampler):
 
 def balancing_weights(labels: Tensor, num_classes: int) -> Tensor:
     """Per-class weights ``N / (classes x count)``: every class weighs the same in total (sklearn's "balanced")."""
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    return (len(labels) / (num_classes * counts.clamp(min=1))).float()
+    return count_balancing_weights(torch.bincount(labels, minlength=num_classes), len(labels))
+
+
+def count_balancing_weights(counts: Tensor, total: int) -> Tensor:
+    """:func:`balancing_weights` from the images per class and their total."""
+    return (total / (len(counts) * counts.double().clamp(min=1))).float()
 
 
 def positive_weights(labels: Tensor) -> Tensor:
     """``BCEWithLogitsLoss``'s ``pos_weight`` for 0/1 labels (N, classes): negatives / positives per class,
     so that a class's positives weigh as much as its negatives (1 for a class without positives)."""
-    positives = labels.double().sum(dim=0)
-    negatives = len(labels) - positives
-    return torch.where(positives > 0, negatives / positives.clamp(min=1), 1.0).float()
+    return count_positive_weights(labels.sum(dim=0), len(labels))
+
+
+def count_positive_weights(positives: Tensor, total: int) -> Tensor:
+    """:func:`positive_weights` from the images that have each class and their total."""
+    positives = positives.double()
+    return torch.where(positives > 0, (total - positives) / positives.clamp(min=1), 1.0).float()
 
 
 def class_counts(labels: Tensor, num_classes: int) -> list[int]:

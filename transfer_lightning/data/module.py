@@ -6,9 +6,8 @@ and samplers, batch transforms, settings) for Lightning's hooks; a sixth of it d
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -42,19 +41,13 @@ from transfer_lightning.data.sources import (
     find_split_folders,
     read_cifar10_batches,
 )
-from transfer_lightning.data.store import ImageFolderStore, shared_store_size
+from transfer_lightning.data.split_stores import SplitStores, make_split_stores, pool_names, predict_images
+from transfer_lightning.data.store import shared_store_size
+from transfer_lightning.data.streaming import StreamSource, stream_loader
 from transfer_lightning.data.table_source import TableSource
 from transfer_lightning.data.transforms import Normalization, Preprocessing, View
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.tasks import TaskName
-
-
-class SplitStores(NamedTuple):
-    """The stores of the train, val and test folders (or rows of a table); ``None`` where there are none."""
-
-    train: ImageFolderStore
-    val: ImageFolderStore | None
-    test: ImageFolderStore | None
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -113,6 +106,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         label_delimiter: What separates several labels in one field: auto (one of ; , | found in the
             labels, or a space when the split words are a class vocabulary: see docs/guides/your-images.md), none
             (one class name per row, spaces and all), space, or the delimiter itself.
+        streaming_dir: A data set written by ``optimize`` (a folder, or s3://, gs://, r2://), streamed with
+            LitData instead of reading data_dir (docs/guides/streaming.md; the [stream] extra).
+        max_cache_size: Most disk the downloaded chunks of a remote streaming_dir take per split (e.g. 50GB).
+        storage_options: The object store client's options, e.g. {endpoint_url: http://127.0.0.1:9000}.
     """
 
     def __init__(
@@ -138,6 +135,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         label_column: str | list[str] | None = None,
         split_column: str | None = None,
         label_delimiter: str = "auto",
+        streaming_dir: str | None = None,
+        max_cache_size: str = "50GB",
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # class_names would clash with the model's hyperparameter of that name, which holds the resolved list.
@@ -148,6 +148,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.predict_dir = Path(predict_dir).expanduser() if predict_dir else None
         if self.predict_dir is not None and not self.predict_dir.exists():
             raise UserInputError(f"data.predict_dir {predict_dir} does not exist: pass a folder of images or an image.")
+        #: The optimized data set streamed instead of data_dir (its splits are opened in setup).
+        stream = streaming_dir if self.predict_dir is None else None
+        self.stream = StreamSource(stream, storage_options, max_cache_size, self.cache_dir) if stream else None
         if data_dir is not None and self.predict_dir is None and not self.data_dir.is_dir():
             raise UserInputError(
                 f"data.data_dir {data_dir} does not exist. Point it at a folder of images (DIR/train/<class>/*.jpg "
@@ -156,26 +159,31 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
         #: The label table and its rows' files, when labels_file is set (not read to predict new images).
         self.table: TableSource | None = None
-        if labels_file is not None and self.predict_dir is None:
+        if labels_file is not None and self.predict_dir is None and self.stream is None:
             columns = (file_column, label_column, split_column)
             named_dir = self.data_dir if data_dir is not None else None
             self.table = TableSource.open(labels_file, named_dir, images_dir, columns, label_delimiter, skip_bad_images)
-        self.folders = find_split_folders(self.data_dir) if self.table is None else None
+        self.folders = find_split_folders(self.data_dir) if self.table is None and self.stream is None else None
         #: Whether prepare_data downloads CIFAR-10 into data_dir: only where it belongs, see the class docstring.
         self.downloads = (
             download
             and self.table is None
             and self.folders is None
+            and self.stream is None
             and not self._has_cifar10()
             and (data_dir is None or (self.data_dir.is_dir() and not any(self.data_dir.iterdir())))
         )
-        self.class_names = resolve_class_names(
-            class_names,
-            self.table.table if self.table is not None else None,
-            self.folders,
-            self.data_dir,
-            predicting=self.predict_dir is not None,
-            cifar10_available=self._has_cifar10() or self.downloads,
+        self.class_names = (
+            self.stream.class_names(class_names)
+            if self.stream
+            else resolve_class_names(
+                class_names,
+                self.table.table if self.table is not None else None,
+                self.folders,
+                self.data_dir,
+                predicting=self.predict_dir is not None,
+                cifar10_available=self._has_cifar10() or self.downloads,
+            )
         )
         self._preparer = BatchPreparation(normalization, image_size, tuple(crop_scale))
         #: How stored images become the network's input; set by :meth:`setup` (see ``prepare_batch``).
@@ -204,6 +212,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     @property
     def task(self) -> TaskName:
         """multilabel when the label table gives images several labels (or 0/1 columns), else multiclass."""
+        if self.stream is not None:
+            return self.stream.info.task
         return "multilabel" if self.table is not None and self.table.table.multilabel else "multiclass"
 
     @property
@@ -211,6 +221,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """(height, width) of the batches the network gets; ``None`` before ``setup``."""
         if self.preparation.image_size is not None:
             return (self.preparation.image_size,) * 2
+        if self.stream is not None:
+            return self.stream.info.size
         return tuple(self.test_set.arrays.images.shape[-2:]) if self.test_set is not None else None
 
     @property
@@ -218,17 +230,20 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """Class weights for the training loss when ``class_balance`` is loss; else ``None``."""
         if self.hparams.class_balance != "loss" or self.train_set is None:
             return None
-        if self.task == "multilabel":
-            return positive_weights(self.train_set.labels)
-        return balancing_weights(self.train_set.labels, self.num_classes)
+        if self.stream is not None:
+            return self.stream.loss_weights()
+        labels = self.train_set.labels
+        return positive_weights(labels) if self.task == "multilabel" else balancing_weights(labels, self.num_classes)
 
     @property
     def preprocessing(self) -> Preprocessing:
         """How an image file becomes the network's input at evaluation (saved in checkpoints)."""
         if self.predict_dir is not None and self._checkpoint_preprocessing is not None:
             return self._checkpoint_preprocessing
-        if self.reads_image_files:
-            _, size = self._split_stores()
+        if self.stream is not None:
+            size, self.view = self.stream.info.size, self.stream.info.view
+        elif self.reads_image_files:
+            _, size = self.split_stores()
         elif self._has_cifar10():
             size = (32, 32)
         else:
@@ -260,13 +275,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download CIFAR-10, or decode the image folders into their stores (once per node)."""
-        if self.predict_dir is not None and self.trainer is not None and self.trainer.predicting:
-            return  # the images to predict on are decoded by predict_dataloader, once the checkpoint is loaded
+        if self.stream is not None or (self.predict_dir is not None and self.trainer and self.trainer.predicting):
+            return  # streams download lazily; predict_dir is decoded by predict_dataloader with the checkpoint's sizes
         if self.reads_image_files:
-            stores, size = self._split_stores()
-            for store in stores:
-                if store is not None:
-                    store.build(size)
+            stores, size = self.split_stores()
+            for store in filter(None, stores):
+                store.build(size)
             if stores.val is None:  # here, before Lightning creates the run's folder (setup comes after)
                 validation_count(self.hparams.val_size, len(stores.train.samples), self._pool_names()[0])
         elif self.downloads and not self._has_cifar10():
@@ -275,14 +289,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.train_set is not None or (stage == "predict" and self.predict_dir is not None):
             return
-        if self.hparams.class_balance == "sampler" and self.task == "multilabel":
+        if self.hparams.class_balance == "sampler" and (self.task == "multilabel" or self.stream is not None):
             raise UserInputError(
-                "data.class_balance sampler draws images by their one class; with several labels per image use "
-                "class_balance loss (BCEWithLogitsLoss's pos_weight)."
+                "data.class_balance sampler draws images by their one class, at random; with several labels per image, "
+                "or over a stream, use class_balance loss (class weights in the loss)."
             )
+        if self.stream is not None:
+            return self._setup_stream()
         no_test, root = "no test folder", self.data_dir
         if self.reads_image_files:
-            stores, size = self._split_stores()
+            stores, size = self.split_stores()
             train, val, test = (store.dataset(size) if store else None for store in stores)
             names = self._pool_names()
             if self.table is not None:
@@ -305,35 +321,28 @@ class ImageFolderDataModule(pl.LightningDataModule):
             "Training images per class: " + ", ".join(f"{n} {c}" for c, n in zip(self.class_names, counts, strict=True))
         )
 
-    def _pool_names(self) -> list[str | None]:
-        """How the log names the train, val and test pools of folders or of a table."""
-        if self.table is not None:
-            return self.table.pool_names()
-        return [str(folder) if folder else None for folder in (self.folders.train, self.folders.val, self.folders.test)]
+    def _setup_stream(self) -> None:
+        """Open the optimized data set's splits, here where the rank is known; one shuffling seed on every rank."""
+        self.view, seed = self.stream.info.view, torch.initial_seed() % 2**31
+        if self.trainer is not None:
+            seed = self.trainer.strategy.broadcast(seed)
+        self.train_set, self.val_set, self.test_set = self.stream.splits(seed, self.preparation)
+        rank_zero_info(f"Data ({self.num_classes} classes, streamed): {self.stream.description()}.")
 
-    def _split_stores(self) -> tuple[SplitStores, tuple[int, int]]:
+    def _pool_names(self) -> list[str | None]:
+        return pool_names(self.table, self.folders)
+
+    def split_stores(self, crop_pct: float | None = None) -> tuple[SplitStores, tuple[int, int]]:
         """The store of every split folder (or split of the table), and the one size they all use: the
-        images' own if they share one that is not larger than needed, else image_size / crop_pct (sets
-        :attr:`view` to match)."""
+        images' own if they share one that is not larger than needed, else image_size / crop_pct (the
+        weights' crop fraction unless given; sets :attr:`view` to match)."""
         if self._stores is None:  # listed once, whether prepare_data ran in this process or not
-            skip = self.hparams.skip_bad_images
-            if self.table is not None:
-                images, stem = self.table.images_dir, self.table.table.path.stem
-                stores = [
-                    ImageFolderStore(images, None, self.cache_dir, skip, split[1], f"{stem}-{split[0]}")
-                    if split
-                    else None
-                    for split in self.table.split_samples()
-                ]
-            else:
-                stores = [
-                    ImageFolderStore(folder, self.class_names, self.cache_dir, skip) if folder else None
-                    for folder in (self.folders.train, self.folders.val, self.folders.test)
-                ]
-            self._stores = SplitStores(*stores)
+            args = (self.cache_dir, self.hparams.skip_bad_images)
+            self._stores = make_split_stores(self.table, self.folders, self.class_names, *args)
         stores = [store for store in self._stores if store is not None]
         prep = self.preparation
-        size, self.view = shared_store_size(stores, prep.image_size, self.data_dir, prep.crop_pct)
+        crop_pct = prep.crop_pct if crop_pct is None else crop_pct
+        size, self.view = shared_store_size(stores, prep.image_size, self.data_dir, crop_pct)
         return self._stores, size
 
     def train_dataloader(self) -> DataLoader:
@@ -349,19 +358,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """The test split; or with ``predict_dir`` its images, decoded as the checkpoint's preprocessing says."""
         if self.predict_dir is None:
             return self._loader(self.test_set)
-        store = ImageFolderStore(self.predict_dir, None, self.cache_dir, skip_bad_images=True)
         self._predict_preprocessing = self.preprocessing
-        stored = store.load(self._predict_preprocessing.stored_size)
-        self.predict_set = ImageTensorDataset(stored.arrays, stored.rows)
-        self.predict_paths = [
-            os.path.relpath(stored.files[row], self.predict_dir) if self.predict_dir.is_dir() else str(self.predict_dir)
-            for row in stored.rows.tolist()
-        ]
+        stored_size = self._predict_preprocessing.stored_size
+        self.predict_set, self.predict_paths = predict_images(self.predict_dir, self.cache_dir, stored_size)
         rank_zero_info(f"Predicting {len(self.predict_set)} images under {self.predict_dir}.")
         return self._loader(self.predict_set)
 
     def _loader(self, dataset: ImageTensorDataset | None, shuffle: bool = False) -> DataLoader:
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        if self.stream is not None and not isinstance(dataset, ImageTensorDataset):  # features are tensors
+            return stream_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, on_gpu)
         world_size = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
         balance = self.num_classes if self.hparams.class_balance == "sampler" else None

@@ -1,0 +1,103 @@
+"""``python -m transfer_lightning optimize --data.data_dir PHOTOS --data.image_size 224 --output DIR|s3://...``:
+a data set written once into LitData's optimized chunks, for ``fit --data.streaming_dir`` on any number of nodes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from jsonargparse import ArgumentParser
+
+from transfer_lightning.data import ImageFolderDataModule
+from transfer_lightning.data.optimizing import held_out_splits, write_optimized
+from transfer_lightning.data.streaming import StreamInfo, require_litdata
+from transfer_lightning.data.transforms import DEFAULT_CROP_PCT
+from transfer_lightning.errors import UserInputError
+from transfer_lightning.files import human_size
+
+#: Data-module arguments that only matter when training reads the data, not when it is written.
+TRAINING_ONLY = {
+    "batch_size", "num_workers", "normalization", "augment", "crop_scale", "class_balance", "predict_dir",
+    "download", "streaming_dir", "max_cache_size", "class_names",
+}  # fmt: skip
+
+
+def build_parser(prog: str) -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=prog,
+        description="Write a photo folder or a label table once into LitData's optimized chunks, locally or to "
+        "object storage, for fit/validate/test/predict --data.streaming_dir.",
+    )
+    parser.add_class_arguments(ImageFolderDataModule, "data", skip=TRAINING_ONLY)
+    parser.add_argument("--output", type=str, required=True, help="A new folder, or s3://BUCKET/PATH (gs://, r2://).")
+    parser.add_argument(
+        "--crop_pct", type=float, default=DEFAULT_CROP_PCT,
+        help="Centre-crop fraction of the recipe's weights: images are stored at image_size / crop_pct (224 -> 256).",
+    )  # fmt: skip
+    parser.add_argument("--encoding", type=str, default="jpeg", choices=["jpeg", "raw"], help="JPEG, or uint8 pixels.")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality (1-100).")
+    parser.add_argument("--workers", type=int, default=None, help="Writing processes; default one per core.")
+    parser.add_argument("--chunk_bytes", type=str, default="64MB", help="Size of LitData's chunk files.")
+    return parser
+
+
+def main(argv: list[str], prog: str = "python -m transfer_lightning optimize") -> StreamInfo:
+    """Parse ``argv``, split and write the data set, and say what was written."""
+    config = build_parser(prog).parse_args(argv)
+    if not 1 <= config.quality <= 100:
+        raise UserInputError(f"--quality must be between 1 and 100, got {config.quality}.")
+    if config.data.image_size == "auto":
+        raise UserInputError("optimize needs the image size to store: --data.image_size 224 (or null: as they are).")
+    require_litdata()
+    datamodule: ImageFolderDataModule = build_parser(prog).instantiate_classes(config).data
+    if not datamodule.reads_image_files:
+        raise UserInputError(
+            f"optimize reads photo folders and label tables; {datamodule.data_dir} holds neither (CIFAR-10's python "
+            "batches: point --data.data_dir at a folder of class folders instead)."
+        )
+    stores, size = datamodule.split_stores(config.crop_pct)
+    pools = [store.samples if store is not None else None for store in stores]
+    splits, description = held_out_splits(
+        pools, datamodule._pool_names(), config.data.val_size, config.data.split_seed
+    )
+    info = StreamInfo(
+        task=datamodule.task,
+        class_names=datamodule.class_names,
+        size=size,
+        view=datamodule.view,
+        image_size=config.data.image_size,
+        crop_pct=config.crop_pct,
+        encoding=config.encoding,
+        quality=config.quality if config.encoding == "jpeg" else None,
+        split_sizes={},
+        train_class_counts=[],
+        description=description,
+        source=str((datamodule.table.table.path if datamodule.table is not None else datamodule.data_dir).resolve()),
+    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    start = time.perf_counter()
+    info = write_optimized(
+        config.output,
+        splits,
+        info,
+        config.workers or cores,
+        config.chunk_bytes,
+        config.data.storage_options,
+        config.data.skip_bad_images,
+        config.data.split_seed,
+    )
+    sizes = ", ".join(f"{split} {count}" for split, count in info.split_sizes.items())
+    print(
+        f"Optimized {sizes} images ({size[0]}x{size[1]}, {info.encoding}) into {config.output} in "
+        f"{time.perf_counter() - start:.1f} s{_written_size(config.output)}. Train from it with "
+        f"--data.streaming_dir {config.output}"
+    )
+    return info
+
+
+def _written_size(output: str) -> str:
+    if "://" in output:
+        return ""
+    total = sum(entry.stat().st_size for entry in os.scandir(output) if entry.is_file())
+    total += sum(f.stat().st_size for split in os.scandir(output) if split.is_dir() for f in os.scandir(split.path))
+    return f" ({human_size(total)})"

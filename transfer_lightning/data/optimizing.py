@@ -1,0 +1,218 @@
+"""Writing a data set once into LitData's optimized chunks, locally or to object storage (``optimize``).
+
+The splits are decided here, once (the data's own train/val/test pools, or a seeded stratified val held out of
+train, as the data module does), every image is resized to the stored size as the local store does, encoded
+(JPEG at a stated quality, or raw pixels), and the items of each split are shuffled with a seed before LitData
+writes them (its workers read whole chunks, so a chunk should hold a mix of classes). One process per core.
+
+Nothing half-written is left: a local data set is written under a temporary name and renamed into place; on
+object storage :data:`~transfer_lightning.data.streaming.INFO_FILE` is written last and anything written is
+deleted again if writing fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchvision.io import encode_jpeg
+
+from transfer_lightning.data.datasets import class_counts, stratified_split, validation_count
+from transfer_lightning.data.store import DECODE_ERRORS, decode_image
+from transfer_lightning.data.streaming import (
+    INFO_FILE,
+    StreamInfo,
+    describe_storage_error,
+    is_remote,
+    require_litdata,
+    split_dir,
+)
+from transfer_lightning.errors import UserInputError
+from transfer_lightning.files import temporary_path
+
+#: An image's source (a file's path, or its encoded bytes) and its label (a class index, or one 0/1 per class).
+Sample = tuple[str | bytes, int | tuple[int, ...]]
+
+
+def held_out_splits(
+    pools: Sequence[list[Sample] | None], names: Sequence[str | None], val_size: int | float, seed: int
+) -> tuple[dict[str, list[Sample]], str]:
+    """The samples of each split to write, and one line saying where each came from: the data's own val and
+    test pools, val held out of train (stratified, ``seed``) where it has none, as the data module splits."""
+    train, val, test = pools
+    splits, description = {"train": train}, []
+    if val is None:
+        count = validation_count(val_size, len(train), names[0])
+        if count == 0:
+            if test is None:
+                raise UserInputError("val_size 0 validates on the test split, but the data has no test split.")
+            rank_zero_info("val_size is 0: the test split also validates (reference mode).")
+        else:
+            labels = torch.tensor([label for _, label in train])
+            kept, held = stratified_split(labels, count, seed)
+            splits["train"] = [train[i] for i in kept.tolist()]
+            splits["val"] = [train[i] for i in held.tolist()]
+            description.append(f"val = {count} images held out of {names[0]} (stratified, seed {seed})")
+    else:
+        splits["val"] = val
+        description.append(f"val = {names[1]}")
+    if test is not None:
+        splits["test"] = test
+        description.append(f"test = {names[2]}")
+    return splits, f"train = {names[0]}, " + ", ".join(description)
+
+
+def encode_sample(
+    sample: Sample, size: tuple[int, int], encoding: str, quality: int, failures_dir: str
+) -> dict[str, Any] | None:
+    """One item of an optimized data set: the image at the stored ``size`` (as the local store decodes it),
+    JPEG bytes or raw uint8 pixels, and its label. A file that does not decode is noted in ``failures_dir``
+    (LitData's workers cannot return it) and left out."""
+    source, label = sample
+    try:
+        pixels = decode_image(source if isinstance(source, str) else io.BytesIO(source), size)
+    except DECODE_ERRORS as error:
+        shown = source if isinstance(source, str) else "an embedded image"
+        with open(Path(failures_dir) / f"{os.getpid()}.txt", "a") as failures:
+            failures.write(json.dumps([shown, f"{type(error).__name__}: {error}"]) + "\n")
+        return None
+    if encoding == "jpeg":
+        image: bytes | np.ndarray = (
+            encode_jpeg(torch.from_numpy(np.ascontiguousarray(pixels)), quality).numpy().tobytes()
+        )
+    else:
+        image = np.ascontiguousarray(pixels)
+    return {"image": image, "label": np.asarray(label, dtype=np.int64) if isinstance(label, tuple) else int(label)}
+
+
+def read_failures(failures_dir: Path) -> list[tuple[str, str]]:
+    """(file, error) of every image the workers could not decode."""
+    return [
+        tuple(json.loads(line)) for path in sorted(failures_dir.glob("*.txt")) for line in path.read_text().splitlines()
+    ]
+
+
+def write_optimized(
+    output: str,
+    splits: dict[str, list[Sample]],
+    info: StreamInfo,
+    num_workers: int,
+    chunk_bytes: str,
+    storage_options: dict[str, Any] | None,
+    skip_bad_images: bool,
+    seed: int,
+) -> StreamInfo:
+    """Write every split under ``output`` with LitData's ``optimize``, then ``info`` (its counts as written);
+    nothing is left of it if anything fails or the user interrupts."""
+    litdata = require_litdata()
+    remote = is_remote(output)
+    target = output.rstrip("/") if remote else str(temporary_path(Path(output).expanduser().resolve()))
+    _refuse_existing(output, storage_options)
+    finished = False
+    skipped: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            for split, samples in splits.items():
+                order = list(samples)
+                random.Random(seed).shuffle(order)
+                failures_dir = Path(scratch) / split
+                failures_dir.mkdir()
+                encode = functools.partial(
+                    encode_sample,
+                    size=info.size,
+                    encoding=info.encoding,
+                    quality=info.quality or 0,
+                    failures_dir=str(failures_dir),
+                )
+                rank_zero_info(f"Optimizing {len(order)} {split} images into {split_dir(output, split)}")
+                litdata.optimize(
+                    encode,
+                    order,
+                    split_dir(target, split),
+                    chunk_bytes=chunk_bytes,
+                    num_workers=max(1, min(num_workers, len(order))),
+                    start_method="spawn",
+                    storage_options=storage_options or {},
+                )
+                failures = read_failures(failures_dir)
+                if failures and not skip_bad_images:
+                    raise UserInputError(
+                        f"Cannot decode image {failures[0][0]} ({failures[0][1]}). Remove or replace this file, or "
+                        "set --data.skip_bad_images true to leave such files out; nothing was written."
+                    )
+                info.split_sizes[split] = len(order) - len(failures)
+                if split == "train":
+                    failed = {path for path, _ in failures}
+                    kept = [sample for sample in order if sample[0] not in failed]
+                    info.train_class_counts = train_class_counts(kept, len(info.class_names))
+                skipped += failures
+            if skipped:
+                rank_zero_info(f"Left out {len(skipped)} image file(s) that do not decode, e.g. {skipped[0][0]}.")
+                info.extra["skipped"] = [path for path, _ in skipped]
+            _write_info(target, info, storage_options)
+            if not remote:
+                os.replace(target, Path(output).expanduser())
+            finished = True
+        finally:
+            if not finished:
+                _remove(target, storage_options)
+    return info
+
+
+def _refuse_existing(output: str, storage_options: dict[str, Any] | None) -> None:
+    if is_remote(output):
+        from litdata.streaming.fs_provider import get_fs_provider
+
+        try:
+            exists = not get_fs_provider(output, storage_options or {}).is_empty(output)
+        except Exception as error:  # botocore's and obstore's errors share no base class
+            raise UserInputError(describe_storage_error(error, output)) from None
+    else:
+        path = Path(output).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if exists:
+        raise UserInputError(
+            f"--output {output} already exists and is not empty: remove it, or write the data set elsewhere."
+        )
+
+
+def _write_info(target: str, info: StreamInfo, storage_options: dict[str, Any] | None) -> None:
+    if not is_remote(target):
+        (Path(target) / INFO_FILE).write_text(info.to_json())
+        return
+    from litdata.streaming.fs_provider import get_fs_provider
+
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / INFO_FILE
+        local.write_text(info.to_json())
+        get_fs_provider(target, storage_options or {}).upload_file(str(local), f"{target}/{INFO_FILE}")
+
+
+def _remove(target: str, storage_options: dict[str, Any] | None) -> None:
+    """Delete what a failed or interrupted ``optimize`` wrote."""
+    if not is_remote(target):
+        shutil.rmtree(target, ignore_errors=True)
+        return
+    from litdata.streaming.fs_provider import get_fs_provider
+
+    try:
+        get_fs_provider(target, storage_options or {}).delete_file_or_directory(target + "/")
+    except Exception as error:  # the original error matters more; say what could not be cleaned
+        rank_zero_info(f"Could not remove the partial data set at {target}: {describe_storage_error(error, target)}")
+
+
+def train_class_counts(samples: list[Sample], num_classes: int) -> list[int]:
+    labels = torch.tensor([label for _, label in samples])
+    return class_counts(labels, num_classes)

@@ -1,0 +1,280 @@
+"""Optimized data sets on LitData: what one holds (its ``transfer_lightning.json``), and its splits as streams.
+
+``optimize`` (:mod:`~transfer_lightning.data.optimizing`) writes ``DIR/train``, ``DIR/val`` and (when the data
+has one) ``DIR/test``, each a LitData data set of ``{"image", "label"}`` items, locally or to object storage
+(``s3://``, ``gs://``, ``r2://``), and ``DIR/transfer_lightning.json`` last: a folder without it is not an
+optimized data set (an interrupted ``optimize`` leaves none). Training reads each split through LitData's
+``StreamingDataset``, which shards chunks across nodes, ranks and workers, caches downloaded chunks up to a
+size limit, and resumes mid-epoch; images arrive as uint8 (3, H, W) and are prepared on the device as today.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.io import decode_jpeg
+
+from transfer_lightning.data.datasets import count_balancing_weights, count_positive_weights
+from transfer_lightning.data.preparation import Preparation
+from transfer_lightning.data.transforms import View, stored_size
+from transfer_lightning.errors import UserInputError
+from transfer_lightning.tasks import TaskName
+
+#: The file that makes a folder an optimized data set, written last.
+INFO_FILE = "transfer_lightning.json"
+#: The layout of the items and of :data:`INFO_FILE`; a reader refuses other versions.
+FORMAT_VERSION = 1
+#: Prefixes of the object stores LitData reads and writes.
+REMOTE_PREFIXES = ("s3://", "gs://", "r2://")
+#: What to install when LitData is missing.
+MISSING_LITDATA = "Optimized data sets need LitData: install the stream extra (pip install -e '.[stream]')."
+
+
+def require_litdata() -> Any:
+    """The ``litdata`` module, or one line naming the extra that brings it."""
+    try:
+        import litdata
+    except ImportError:
+        raise UserInputError(MISSING_LITDATA) from None
+    _allow_plain_http()
+    return litdata
+
+
+def _allow_plain_http() -> None:
+    """Let LitData's obstore client follow an ``http://`` ``endpoint_url`` as its boto3 client does.
+
+    LitData (0.2.7x) fetches and uploads chunks with obstore, whose client refuses plain http unless told, and it
+    passes no way to tell it: a local MinIO or moto server on ``http://127.0.0.1`` then fails with "builder
+    error". ``allow_http`` only permits what the user's own ``endpoint_url`` says; https endpoints are unchanged.
+    """
+    from litdata.streaming import downloader
+
+    options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
+    if isinstance(options, dict) and "allow_http" not in options:
+        downloader._OBSTORE_CLIENT_OPTIONS = {**options, "allow_http": True}
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_PREFIXES)
+
+
+@dataclass
+class StreamInfo:
+    """What an optimized data set holds: written by ``optimize``, checked by every reader."""
+
+    task: TaskName
+    class_names: list[str]
+    #: (H, W) of the stored images, and how batches become the network's input (as the local store's).
+    size: tuple[int, int]
+    view: View
+    #: The network's input size the data set was made for (null: the images' own size).
+    image_size: int | None
+    crop_pct: float
+    #: jpeg (with ``quality``) or raw (uint8 pixels).
+    encoding: str
+    quality: int | None
+    #: Images per split; a data set without test rows has no ``test`` entry (val then tests, as today).
+    split_sizes: dict[str, int]
+    #: Training images per class (multi-label: images that have the class).
+    train_class_counts: list[int]
+    #: Where each split came from, as the log says it.
+    description: str
+    source: str
+    format: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> StreamInfo:
+        values = json.loads(text)
+        if values.get("format") != FORMAT_VERSION:
+            raise UserInputError(
+                f"{where} was optimized in format {values.get('format')}, this version reads {FORMAT_VERSION}: "
+                "optimize the data set again."
+            )
+        values["size"] = tuple(values["size"])
+        return cls(**values)
+
+
+def read_info(root: str, storage_options: dict[str, Any] | None) -> StreamInfo:
+    """The :class:`StreamInfo` of the optimized data set at ``root`` (a folder or an object-store URL), or one
+    line saying why it cannot be read: missing, not optimized, unreachable, no credentials."""
+    if not is_remote(root):
+        path = Path(root).expanduser() / INFO_FILE
+        if not path.is_file():
+            what = "does not exist" if not path.parent.exists() else f"holds no {INFO_FILE}"
+            raise UserInputError(
+                f"data.streaming_dir {root} {what}: it must be a folder written by the optimize subcommand "
+                "(python -m transfer_lightning optimize --data.data_dir PHOTOS --output DIR)."
+            )
+        return StreamInfo.from_json(path.read_text(), root)
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / INFO_FILE
+        download_file(f"{root.rstrip('/')}/{INFO_FILE}", local, storage_options)
+        return StreamInfo.from_json(local.read_text(), root)
+
+
+def download_file(url: str, local: Path, storage_options: dict[str, Any] | None) -> None:
+    """Copy one object to ``local`` with LitData's storage client; errors said in one line."""
+    require_litdata()
+    from litdata.streaming.fs_provider import get_fs_provider
+
+    try:
+        get_fs_provider(url, storage_options or {}).download_file(url, str(local))
+    except Exception as error:  # botocore, google and obstore errors share no base class
+        raise UserInputError(describe_storage_error(error, url)) from None
+
+
+def describe_storage_error(error: Exception, url: str) -> str:
+    """One line for a failed read or write of ``url``, naming what to check."""
+    name, text = type(error).__name__, str(error)
+    if "NoCredentials" in name or "credentials" in text.lower():
+        return (
+            f"No credentials to reach {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or "
+            "pass them in --data.storage_options."
+        )
+    if "404" in text or "NoSuch" in text or "Not Found" in text:
+        return (
+            f"{url} does not exist (is the bucket or the path mistyped?): it must be written by the optimize "
+            "subcommand first."
+        )
+    if "403" in text or "AccessDenied" in text or "Forbidden" in text:
+        return f"Access to {url} was refused (403): check the credentials' permissions on that bucket."
+    if "Connect" in name or "Endpoint" in name or "Connection" in text:
+        return f"Cannot connect to the storage server for {url} ({name}): check the endpoint_url and the network."
+    return f"Cannot read {url}: {name}: {text.splitlines()[0] if text else ''}"
+
+
+def decode_item(item: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """A stored item -> (uint8 (3, H, W) image, label): what the local store's datasets give, so batches
+    are prepared on the device the same way. JPEG bytes are decoded by torchvision (libjpeg-turbo)."""
+    image = item["image"]
+    if isinstance(image, bytes | bytearray | memoryview):
+        pixels = decode_jpeg(torch.frombuffer(bytearray(image), dtype=torch.uint8))
+    else:
+        pixels = torch.from_numpy(np.ascontiguousarray(image))
+    return pixels, torch.as_tensor(np.asarray(item["label"]), dtype=torch.int64)
+
+
+def split_dir(root: str, split: str) -> str:
+    return f"{root.rstrip('/')}/{split}"
+
+
+def chunk_cache_dir(cache_dir: Path, root: str, split: str) -> str:
+    """Where downloaded chunks of a remote split are kept: one folder per data set and split under ``cache_dir``."""
+    key = hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:16]
+    return str(cache_dir / "streams" / f"{key}-{split}")
+
+
+def open_split(
+    root: str,
+    split: str,
+    training: bool,
+    seed: int,
+    max_cache_size: str,
+    storage_options: dict[str, Any] | None,
+    cache_dir: Path,
+) -> Any:
+    """A LitData ``StreamingDataset`` of one split. Training shuffles (chunks, then items within the chunks a
+    worker holds) with ``seed`` (the same on every rank) and drops the last uneven items under DDP, as LitData
+    does; evaluation neither shuffles nor drops, so every image is read exactly once across ranks."""
+    litdata = require_litdata()
+    return litdata.StreamingDataset(
+        split_dir(root, split),
+        cache_dir=chunk_cache_dir(cache_dir, root, split) if is_remote(root) else None,
+        shuffle=training,
+        drop_last=None if training else False,
+        seed=seed,
+        max_cache_size=max_cache_size,
+        storage_options=storage_options or {},
+        transform=decode_item,
+    )
+
+
+def stream_loader(dataset: Any, batch_size: int, num_workers: int, pin_memory: bool) -> Any:
+    """LitData's ``StreamingDataLoader``: its state (the items served so far this epoch) goes into checkpoints."""
+    litdata = require_litdata()
+    return litdata.StreamingDataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, drop_last=False
+    )
+
+
+class StreamSource:
+    """An optimized data set as the data module's source: its :class:`StreamInfo` read at once (class names and
+    task are needed before training starts), its splits opened in ``setup``, where each rank knows its rank.
+
+    Args:
+        root: The data set's folder or object-store URL (``data.streaming_dir``).
+        storage_options: The object store client's options (``endpoint_url``, credentials).
+        max_cache_size: Most disk the downloaded chunks of one split take (LitData's limit, e.g. "50GB").
+        cache_dir: Where downloaded chunks are kept (``streams/`` under the data module's cache_dir).
+    """
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None, max_cache_size: str, cache_dir: Path) -> None:
+        require_litdata()
+        self.root = root if is_remote(root) else str(Path(root).expanduser())
+        self.storage_options, self.max_cache_size, self.cache_dir = storage_options, max_cache_size, cache_dir
+        self.info = read_info(self.root, storage_options)
+
+    def class_names(self, given: list[str] | None) -> list[str]:
+        """The data set's class names; ``data.class_names``, when set, must be the same."""
+        if given is not None and list(given) != self.info.class_names:
+            raise UserInputError(
+                f"data.class_names {list(given)} differ from those of {self.root}: {self.info.class_names}. "
+                "Leave data.class_names unset to use the data set's."
+            )
+        return list(self.info.class_names)
+
+    def check_size(self, image_size: int | None, crop_pct: float) -> None:
+        """One line when the run's image size needs other stored images than the data set holds (the local
+        store would have made a new store; a stream has to be optimized again)."""
+        needed = stored_size(image_size, crop_pct) if image_size is not None else None
+        if self.info.view == "resize":
+            fits = needed is None or max(self.info.size) <= needed
+        else:
+            fits = needed is not None and tuple(self.info.size) == (needed, needed)
+        if not fits:
+            wanted = "the images' own size" if needed is None else f"{needed}x{needed} (image_size {image_size})"
+            raise UserInputError(
+                f"{self.root} holds {self.info.size[0]}x{self.info.size[1]} images made for image_size "
+                f"{self.info.image_size} (crop_pct {self.info.crop_pct:.3f}), but this run needs {wanted}: set "
+                f"--data.image_size {self.info.image_size}, or optimize the data again with --data.image_size "
+                f"{image_size} --crop_pct {crop_pct:.4g}."
+            )
+
+    def loss_weights(self) -> Tensor:
+        """The class weights of ``class_balance`` loss, from the training images per class counted at optimize time."""
+        counts, total = torch.tensor(self.info.train_class_counts), self.info.split_sizes["train"]
+        if self.info.task == "multilabel":
+            return count_positive_weights(counts, total)
+        return count_balancing_weights(counts, total)
+
+    def splits(self, seed: int, preparation: Preparation) -> tuple[Any, Any, Any]:
+        """(train, val, test) streams, once the run's image size is checked against the data set's; val also
+        tests where the data set has no test split, and test validates where it has no val split (``val_size`` 0
+        at optimize time), as with local data."""
+        self.check_size(preparation.image_size, preparation.crop_pct)
+        names = self.info.split_sizes
+        val = "val" if "val" in names else "test"
+        test = "test" if "test" in names else "val"
+        return tuple(
+            open_split(
+                self.root, split, role == "train", seed,
+                self.max_cache_size, self.storage_options, self.cache_dir,
+            )
+            for role, split in (("train", "train"), ("val", val), ("test", test))
+        )  # fmt: skip
+
+    def description(self) -> str:
+        sizes = ", ".join(f"{split} {count}" for split, count in self.info.split_sizes.items())
+        return f"{self.root}, optimized from {self.info.source} ({self.info.description}): {sizes} images"
