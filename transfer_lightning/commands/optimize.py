@@ -49,7 +49,7 @@ def main(argv: list[str], prog: str = "python -m transfer_lightning optimize") -
     if config.data.image_size == "auto":
         raise UserInputError("optimize needs the image size to store: --data.image_size 224 (or null: as they are).")
     require_litdata()
-    datamodule: ImageFolderDataModule = build_parser(prog).instantiate_classes(config).data
+    datamodule: ImageFolderDataModule = build_parser(prog).instantiate(config).data
     if not datamodule.reads_image_files:
         raise UserInputError(
             f"optimize reads photo folders and label tables; {datamodule.data_dir} holds neither (CIFAR-10's python "
@@ -57,9 +57,7 @@ def main(argv: list[str], prog: str = "python -m transfer_lightning optimize") -
         )
     stores, size = datamodule.split_stores(config.crop_pct)
     pools = [store.samples if store is not None else None for store in stores]
-    splits, description = held_out_splits(
-        pools, datamodule._pool_names(), config.data.val_size, config.data.split_seed
-    )
+    splits, description = held_out_splits(pools, datamodule._pool_names(), config.data.val_size, config.data.split_seed)
     info = StreamInfo(
         task=datamodule.task,
         class_names=datamodule.class_names,

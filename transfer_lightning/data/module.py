@@ -1,8 +1,5 @@
-"""ImageFolderDataModule: CIFAR-10, your own image folders or a label table, honest splits, batches made on the device.
-
-The module puts together the pieces of :mod:`transfer_lightning.data` (sources, tables, store, splits
-and samplers, batch transforms, settings) for Lightning's hooks; a sixth of it documents the arguments.
-"""
+"""ImageFolderDataModule: CIFAR-10, image folders, a label table or an optimized stream; honest splits, batches
+made on the device. It puts the pieces of :mod:`transfer_lightning.data` together for Lightning's hooks."""
 
 from __future__ import annotations
 
@@ -27,6 +24,7 @@ from transfer_lightning.data.datasets import (
     positive_weights,
     validation_count,
 )
+from transfer_lightning.data.parquet import extract_parquet
 from transfer_lightning.data.preparation import BatchPreparation, ImageSize, Preparation
 from transfer_lightning.data.settings import (
     DEFAULT_DATA_DIR,
@@ -72,10 +70,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         download: Download CIFAR-10 when data_dir is null (into ./data) or an empty folder, and it is not there yet.
         batch_size: Images per batch (per device under DDP).
         num_workers: DataLoader worker processes; batches are cheap tensor slices, so 0 is usually fastest.
-        val_size: Images held out of the training pool for validation (stratified): a count, or a
-            fraction such as 0.2. Not used when the tree has a val folder. 0 validates on the test
-            set, which only reproduces the reference recipe: a model picked on the test set has no
-            honest test score.
+        val_size: Images held out of the training pool for validation (stratified): a count, or a fraction such
+            as 0.2. Not used when the tree has a val folder. 0 validates on the test set, which only reproduces
+            the reference recipe: a model picked on the test set has no honest test score.
         split_seed: Seed of the validation split; the same seed gives the same split.
         normalization: auto (the mean, std, crop fraction and interpolation of the backbone's weights,
             from their metadata; ImageNet's for a data module used without the model), imagenet,
@@ -85,16 +82,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
         image_size: Side of the square images the network gets (e.g. 64, 128, 224); auto: the size the
             backbone's weights were trained at; null keeps the images' own size, which needs images of one size.
         crop_scale: Area range (fractions of the image) of the random resized crop.
-        skip_bad_images: Skip image files that do not decode (logged, and listed in the store's
-            skipped.txt) instead of stopping at the first.
-        class_balance: none; sampler (draw training images with probability inversely proportional
-            to their class's count); or loss (class-weighted cross-entropy in training).
+        skip_bad_images: Skip image files that do not decode (logged, and listed in the store's skipped.txt).
+        class_balance: none; sampler (draw training images inversely to their class's count); or loss (weights).
         cache_dir: Where decoded stores are kept; default $XDG_CACHE_HOME/transfer_lightning.
-        predict_dir: A folder of new images (any nesting, unlabeled) or one image file for
-            ``predict``; null predicts on the test split. The images are prepared as in training,
-            by the :class:`Preprocessing` saved in the checkpoint, so the training data is not needed.
-        class_names: The class names in label order; null takes the class folder names (sorted) or
-            CIFAR-10's. ``predict --data.predict_dir`` sets them from the checkpoint.
+        predict_dir: A folder of new images (any nesting, unlabeled) or one image file for ``predict``; null predicts
+            on the test split. They are prepared as the checkpoint's :class:`Preprocessing` says (no training data).
+        class_names: The class names in label order; null: the class folders' (sorted), a table's or CIFAR-10's.
         labels_file: A CSV or TSV table of image files and their labels, instead of class folders; a
             relative path not found from here is looked for in data_dir.
         images_dir: Where the table's files are (its paths are relative to it); default data_dir, or
@@ -106,10 +99,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
         label_delimiter: What separates several labels in one field: auto (one of ; , | found in the
             labels, or a space when the split words are a class vocabulary: see docs/guides/your-images.md), none
             (one class name per row, spaces and all), space, or the delimiter itself.
-        streaming_dir: A data set written by ``optimize`` (a folder, or s3://, gs://, r2://), streamed with
-            LitData instead of reading data_dir (docs/guides/streaming.md; the [stream] extra).
+        streaming_dir: A data set written by ``optimize`` (a folder, or s3://, gs://, r2://), streamed with LitData
+            instead of data_dir (docs/guides/streaming.md; the [stream] extra).
         max_cache_size: Most disk the downloaded chunks of a remote streaming_dir take per split (e.g. 50GB).
         storage_options: The object store client's options, e.g. {endpoint_url: http://127.0.0.1:9000}.
+        parquet: Parquet files as the Hugging Face Hub writes them (files, a folder or a pattern such as
+            data/*.parquet; the [parquet] extra), instead of data_dir: images embedded, splits by file name.
     """
 
     def __init__(
@@ -138,6 +133,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         streaming_dir: str | None = None,
         max_cache_size: str = "50GB",
         storage_options: dict[str, Any] | None = None,
+        parquet: str | list[str] | None = None,
     ) -> None:
         super().__init__()
         # class_names would clash with the model's hyperparameter of that name, which holds the resolved list.
@@ -159,6 +155,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
         #: The label table and its rows' files, when labels_file is set (not read to predict new images).
         self.table: TableSource | None = None
+        if parquet is not None and self.predict_dir is None and self.stream is None:  # read into a table, once
+            labels_file, label_delimiter = extract_parquet(parquet, self.cache_dir, file_column, label_column)
+            images_dir = file_column = label_column = split_column = None
         if labels_file is not None and self.predict_dir is None and self.stream is None:
             columns = (file_column, label_column, split_column)
             named_dir = self.data_dir if data_dir is not None else None
@@ -367,7 +366,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _loader(self, dataset: ImageTensorDataset | None, shuffle: bool = False) -> DataLoader:
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         if self.stream is not None and not isinstance(dataset, ImageTensorDataset):  # features are tensors
-            return stream_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, on_gpu)
+            trainer = self.trainer if shuffle else None  # the training loader's state counts trained batches
+            return stream_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, on_gpu, trainer)
         world_size = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
         balance = self.num_classes if self.hparams.class_balance == "sampler" else None

@@ -1,10 +1,11 @@
 """Labels from a table: a CSV or TSV file that names each image and its label (or labels).
 
 The formats of Kaggle competitions, lab exports, Lightning Flash's ``from_csv``, fastai's
-``from_csv`` and Hugging Face's ``metadata.csv``:
+``from_csv`` and Hugging Face's ``metadata.csv`` / ``metadata.jsonl``:
 
 - a header row; fields separated by tabs (``.tsv`` or a tab in the header), commas or semicolons;
-  UTF-8 with or without a byte-order mark, any line ends, quoted fields;
+  UTF-8 with or without a byte-order mark, any line ends, quoted fields; or JSON Lines (``.jsonl``:
+  one object per image, a list for several labels);
 - a file column (``file``, ``filename``, ``image``, ``image_name``, ``id``, ``path``, ...) holding paths
   relative to the images folder, or names without (or with another) extension, found by their stem;
 - either a label column (``label``, ``labels``, ``class``, ``tags``, ``target``, ...), holding one class
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +139,8 @@ def _read_records(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
             text = file.read()
     except UnicodeDecodeError as error:
         raise UserInputError(f"{path} is not UTF-8 text ({error}): save it as UTF-8 (CSV UTF-8 in Excel).") from None
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return _json_lines_records(path, text)
     first_line = text.split("\n", 1)[0]
     separator = "\t" if path.suffix.lower() in (".tsv", ".tab") or "\t" in first_line else None
     separator = separator or max(",;", key=first_line.count)
@@ -157,6 +161,29 @@ def _read_records(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     ragged = [(line, f"{len(fields)} fields") for line, fields in records if len(fields) != len(header)]
     refuse_rows(path, ragged, f"have another number of fields than the header's {len(header)} ({header})")
     return header, records
+
+
+def _json_lines_records(path: Path, text: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """A JSON Lines table (the Hub's ``metadata.jsonl``: one object per line) as header and fields: a list of
+    labels becomes one field of names separated by ``;``."""
+    objects = []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if raw.strip():
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as error:
+                raise UserInputError(f"{path}, line {line} is not JSON ({error.msg}): one object per line.") from None
+            if not isinstance(value, dict):
+                raise UserInputError(f"{path}, line {line} is not a JSON object: one object per line.")
+            objects.append((line, value))
+    if not objects:
+        raise UserInputError(f"{path} is empty: it needs one JSON object per image.")
+    header = list(dict.fromkeys(key for _, value in objects for key in value))
+
+    def field(value: object) -> str:
+        return ";".join(str(item) for item in value) if isinstance(value, list) else "" if value is None else str(value)
+
+    return header, [(line, [field(value.get(key)) for key in header]) for line, value in objects]
 
 
 def refuse_rows(path: Path, bad: list[tuple[int, str]], what: str, fix: str = "Fix or remove them.") -> None:

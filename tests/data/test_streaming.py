@@ -1,0 +1,237 @@
+"""Optimized data sets (LitData): written once by ``optimize``, streamed by fit/test, resumed mid-epoch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transfer_lightning.commands.cli import TransferLightningCLI
+from transfer_lightning.commands.main import main
+from transfer_lightning.data import ImageFolderDataModule, decode_image
+from transfer_lightning.data.optimizing import encode_sample
+from transfer_lightning.data.streaming import INFO_FILE, decode_item, open_split
+from transfer_lightning.reporting.runs import read_run
+
+pytest.importorskip("litdata", reason="the stream extra is not installed")
+
+#: Small chunks, so that even these tiny splits have several (LitData shards by chunk across ranks and workers).
+CHUNKS = "--chunk_bytes=16KB"
+
+
+def pixel_digest(images: torch.Tensor) -> list[str]:
+    """One digest per uint8 image: the images compared as a multiset, whatever their order."""
+    return [hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()[:16] for image in images]
+
+
+def optimize(*args: str) -> None:
+    main(["optimize", "--workers=1", CHUNKS, *args])
+
+
+@pytest.fixture(scope="module")
+def optimized(image_folder, tmp_path_factory) -> Path:
+    """The image folder (train/ + test/) optimized with raw pixels: 20 images held out for val, seed 0."""
+    output = tmp_path_factory.mktemp("optimized") / "cifar-like"
+    cache = tmp_path_factory.mktemp("cache")
+    optimize(f"--data.data_dir={image_folder}", "--data.val_size=20", f"--data.cache_dir={cache}", "--encoding=raw",
+             f"--output={output}")  # fmt: skip
+    return output
+
+
+def stream_images(root: Path, split: str, tmp_path: Path) -> torch.Tensor:
+    dataset = open_split(str(root), split, False, 0, "1GB", None, tmp_path)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def test_optimize_writes_the_splits_the_local_store_makes(optimized, image_folder, tmp_path):
+    """Same split rule, same seed, same resize: each split holds exactly the local data module's images."""
+    info = json.loads((optimized / INFO_FILE).read_text())
+    assert info["split_sizes"] == {"train": 100, "val": 20, "test": 32}
+    assert info["class_names"] == ["cat", "dog", "frog", "ship"] and info["task"] == "multiclass"
+    assert info["train_class_counts"] == [25, 25, 25, 25]
+    local = ImageFolderDataModule(data_dir=str(image_folder), val_size=20, cache_dir=str(tmp_path / "cache"))
+    local.prepare_data()
+    local.setup("fit")
+    for split, dataset in (("train", local.train_set), ("val", local.val_set), ("test", local.test_set)):
+        expected, _ = dataset.to_arrays()
+        assert sorted(pixel_digest(stream_images(optimized, split, tmp_path))) == sorted(pixel_digest(expected)), split
+    assert not list(optimized.parent.glob(".*tmp")), "no temporary folder left beside the data set"
+
+
+def test_jpeg_items_decode_to_the_stored_pixels(tmp_path):
+    """A JPEG item decodes (torchvision) to the resized image within JPEG's error; raw items are exact."""
+    photo = tmp_path / "photo.png"
+    gradient = np.linspace(0, 255, 90 * 60 * 3).reshape(60, 90, 3).astype(np.uint8)
+    Image.fromarray(gradient).save(photo)
+    expected = torch.from_numpy(decode_image(str(photo), (48, 48))).float()
+    for encoding, tolerance in (("jpeg", 3.0), ("raw", 0.0)):
+        item = encode_sample((str(photo), 2), (48, 48), encoding, 95, str(tmp_path))
+        image, label = decode_item(item)
+        assert image.shape == (3, 48, 48) and image.dtype == torch.uint8 and int(label) == 2
+        assert (image.float() - expected).abs().mean() <= tolerance, encoding
+
+
+def stream_args(optimized: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        f"--data.streaming_dir={optimized}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.batch_size=16",
+        "--model.weights=null",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--seed_everything=0",
+        *extra,
+    ]
+
+
+def test_fit_and_test_from_a_stream_learn(optimized, run_dir):
+    cli = TransferLightningCLI(args=stream_args(optimized, run_dir, "--trainer.max_epochs=3"))
+    assert cli.trainer.callback_metrics["test/acc"] > 0.5  # 4 colour classes: chance is 0.25
+    assert cli.datamodule.num_classes == 4 and cli.model.class_names == ["cat", "dog", "frog", "ship"]
+
+
+class RecordBatches(pl.Callback):
+    """Appends (epoch, batch index, digest of the batch, digests of its images) of every training and test batch
+    to ``path`` (``{rank}`` in it is the process's rank); raises KeyboardInterrupt (Ctrl+C) before step ``stop_at``."""
+
+    def __init__(self, path: str, stop_at: int = -1) -> None:
+        self.path, self.stop_at = path, stop_at
+
+    def _write(self, trainer, stage: str, images: torch.Tensor, batch_idx: int) -> None:
+        digest = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+        row = [stage, trainer.current_epoch, batch_idx, digest, pixel_digest(images)]
+        with Path(self.path.format(rank=trainer.global_rank)).open("a") as file:
+            file.write(json.dumps(row) + "\n")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.stop_at:
+            raise KeyboardInterrupt
+        self._write(trainer, "train", batch[0], batch_idx)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._write(trainer, "test", batch[0], batch_idx)
+
+
+def recorded(path: Path, stage: str = "train") -> list[list]:
+    """(epoch, batch index, batch digest) of the batches of ``stage`` recorded in ``path``."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [row[1:4] for row in rows if row[0] == stage]
+
+
+def recorded_images(path: Path, stage: str, epoch: int | None = None) -> list[str]:
+    """Digests of the images of ``stage`` (in ``epoch``, or in all) recorded in ``path``."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [digest for row in rows if row[0] == stage and epoch in (None, row[1]) for digest in row[4]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_the_stream(optimized, run_dir, workers):
+    """Ctrl+C at step 3 of 7, then fit --ckpt_path last: the batches of both runs are the uninterrupted run's, in
+    its order, over two epochs (LitData's own state skipped a batch and replayed epoch 0's order in epoch 1)."""
+
+    def fit(name: str, *extra: str) -> None:
+        args = ["--trainer.max_epochs=2", "--data.augment=false", f"--data.num_workers={workers}",
+                f"--trainer.logger.init_args.save_dir={run_dir / name}", "--test_after_fit=false", *extra]  # fmt: skip
+        TransferLightningCLI(args=stream_args(optimized, run_dir, *args))
+
+    def recorder(path: str, stop_at: int = -1) -> str:
+        init = {"path": str(run_dir / path), "stop_at": stop_at}
+        return "--trainer.callbacks+=" + json.dumps({"class_path": f"{__name__}.RecordBatches", "init_args": init})
+
+    fit("straight", recorder("straight.jsonl"))
+    with pytest.raises(SystemExit):  # Lightning exits with status 1 after a KeyboardInterrupt
+        main(stream_args(optimized, run_dir, "--trainer.max_epochs=2", "--data.augment=false",
+                         f"--data.num_workers={workers}", f"--trainer.logger.init_args.save_dir={run_dir / 'cut'}",
+                         recorder("first.jsonl", stop_at=3)))  # fmt: skip
+    fit("cut", "--ckpt_path=last", recorder("resumed.jsonl"))
+    straight = recorded(run_dir / "straight.jsonl")
+    assert len(straight) == 14  # 100 images in batches of 16: 7 per epoch
+    assert recorded(run_dir / "first.jsonl") + recorded(run_dir / "resumed.jsonl") == straight
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch) -> str:
+    """moto's S3 server on 127.0.0.1 (a free port), with a bucket ``photos`` and test credentials only."""
+    server_module = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not installed")
+    import boto3
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="photos")
+    yield endpoint
+    server.stop()
+
+
+def run_cli(*args: str, cwd: Path, status: int = 0, timeout: float = 180) -> str:
+    """The real entry point in a fresh process (Lightning's DDP launcher starts the second one), bounded in time;
+    its exit status must be ``status``. Returns what it wrote to stderr."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "transfer_lightning", *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == status, result.stderr[-3000:]
+    return result.stderr
+
+
+def test_s3_optimize_ddp_fit_resume_and_test(image_folder, s3_endpoint, tmp_path, monkeypatch):
+    """The photo folder optimized to s3:// on a loopback S3 server; two CPU processes (DDP) train from it, stop at
+    step 3 of epoch 0, resume from last.ckpt, and test: no training image is read twice in the cut epoch,
+    each test image exactly once across the processes, and the test metrics equal one process's."""
+    url = "s3://photos/datasets/cifar-like"
+    storage = f"--data.storage_options={json.dumps({'endpoint_url': s3_endpoint})}"
+    optimize(f"--data.data_dir={image_folder}", "--data.val_size=20", f"--data.cache_dir={tmp_path / 'cache'}",
+             f"--output={url}", storage)  # fmt: skip
+
+    def record(stop_at: int = -1) -> str:
+        init = {"path": "{rank}.jsonl", "stop_at": stop_at}
+        return "--trainer.callbacks+=" + json.dumps({"class_path": f"{__name__}.RecordBatches", "init_args": init})
+
+    common = [
+        f"--data.streaming_dir={url}", storage, f"--data.cache_dir={tmp_path / 'cache'}", "--data.batch_size=8",
+        "--data.augment=false", "--model.weights=null", "--trainer.accelerator=cpu", "--trainer.devices=2",
+        "--trainer.strategy=ddp", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    # 100 training images, 50 per process: 7 batches of 8 per epoch. Ctrl+C in both processes before step 3.
+    run_cli("fit", *common, record(stop_at=3), cwd=tmp_path, status=1)
+    run_cli("fit", *common, "--ckpt_path=last", record(), cwd=tmp_path)
+
+    # The callback sees batches as the network does (normalised on the device): the training split, read here in
+    # one process, goes through the same transform (elementwise and correctly rounded, so bit for bit the same).
+    stream = ImageFolderDataModule(streaming_dir=url, storage_options={"endpoint_url": s3_endpoint},
+                                   cache_dir=str(tmp_path / "single"))  # fmt: skip
+    stream.setup("fit")
+    images = torch.stack([image for image, _ in stream.train_set])
+    expected = pixel_digest(stream.batch_transform(images, train=False))
+    cut_epoch = recorded_images(tmp_path / "0.jsonl", "train", 0) + recorded_images(tmp_path / "1.jsonl", "train", 0)
+    # Each process reads 6 whole batches of its 50 images (LitData drops the uneven rest in DDP training, as an
+    # uninterrupted DDP epoch does): 3 before the cut and 3 after it, none twice, all from the training split.
+    assert len(cut_epoch) == len(set(cut_epoch)) == 96 and set(cut_epoch) <= set(expected)
+    tested = recorded_images(tmp_path / "0.jsonl", "test") + recorded_images(tmp_path / "1.jsonl", "test")
+    assert len(tested) == 32 and len(set(tested)) == 32  # no padding, no image twice
+
+    resumed = tmp_path / "lightning_logs" / "version_1"  # the resumed run logs into a new version
+    ddp = read_run(resumed)
+    best = next(path for path in (resumed / "checkpoints").glob("*.ckpt") if path.name != "last.ckpt")
+    monkeypatch.chdir(tmp_path)
+    ddp_only = ("--trainer.devices", "--trainer.strategy")
+    one_process = [arg for arg in common if not arg.startswith(ddp_only)]
+    single = TransferLightningCLI(args=["test", *one_process, "--trainer.devices=1", f"--ckpt_path={best}"])
+    for tag in ("test/acc", "test/acc_cat", "test/loss"):
+        assert ddp.scalars[tag][-1] == pytest.approx(float(single.trainer.callback_metrics[tag]), abs=1e-6), tag
