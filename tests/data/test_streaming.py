@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import write_tagged_images
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
-from transfer_lightning.data import ImageFolderDataModule, decode_image
+from transfer_lightning.data import ImageFolderDataModule, decode_image, optimizing
 from transfer_lightning.data.optimizing import encode_sample
 from transfer_lightning.data.streaming import INFO_FILE, decode_item, open_split
 from transfer_lightning.reporting.runs import read_run
@@ -67,6 +68,23 @@ def test_optimize_writes_the_splits_the_local_store_makes(optimized, image_folde
     assert not list(optimized.parent.glob(".*tmp")), "no temporary folder left beside the data set"
 
 
+def test_optimize_with_worker_processes_to_s3_writes_what_this_process_writes(
+    optimized, image_folder, s3_endpoint, tmp_path, monkeypatch
+):
+    """LitData's own path (a process per worker, uploading to the loopback S3 server) holds the same items as the
+    in-process writer of small splits."""
+    monkeypatch.setattr(optimizing, "POOL_MIN_SECONDS", 0.0)  # as if the splits were large
+    storage = {"endpoint_url": s3_endpoint}
+    main(["optimize", "--workers=2", CHUNKS, f"--data.data_dir={image_folder}", "--data.val_size=20",
+          f"--data.cache_dir={tmp_path / 'cache'}", "--encoding=raw", "--output=s3://photos/parallel",
+          f"--data.storage_options={json.dumps(storage)}"])  # fmt: skip
+    for split in ("train", "val", "test"):
+        here = stream_images(optimized, split, tmp_path)
+        uploaded = torch.stack([image for image, _ in open_split("s3://photos/parallel", split, False, 0, "1GB",
+                                                                 storage, tmp_path / "chunks")])  # fmt: skip
+        assert sorted(pixel_digest(uploaded)) == sorted(pixel_digest(here)), split
+
+
 def test_jpeg_items_decode_to_the_stored_pixels(tmp_path):
     """A JPEG item decodes (torchvision) to the resized image within JPEG's error; raw items are exact."""
     photo = tmp_path / "photo.png"
@@ -93,12 +111,6 @@ def stream_args(optimized: Path, tmp_path: Path, *extra: str) -> list[str]:
         "--seed_everything=0",
         *extra,
     ]
-
-
-def test_fit_and_test_from_a_stream_learn(optimized, run_dir):
-    cli = TransferLightningCLI(args=stream_args(optimized, run_dir, "--trainer.max_epochs=3"))
-    assert cli.trainer.callback_metrics["test/acc"] > 0.5  # 4 colour classes: chance is 0.25
-    assert cli.datamodule.num_classes == 4 and cli.model.class_names == ["cat", "dog", "frog", "ship"]
 
 
 class RecordBatches(pl.Callback):
@@ -135,26 +147,29 @@ def recorded_images(path: Path, stage: str, epoch: int | None = None) -> list[st
     return [digest for row in rows if row[0] == stage and epoch in (None, row[1]) for digest in row[4]]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_continues_the_stream(optimized, run_dir, workers):
+def test_fit_from_a_stream_learns_and_resumes_mid_epoch_where_it_stopped(optimized, run_dir):
     """Ctrl+C at step 3 of 7, then fit --ckpt_path last: the batches of both runs are the uninterrupted run's, in
-    its order, over two epochs (LitData's own state skipped a batch and replayed epoch 0's order in epoch 1)."""
+    its order, over two epochs, with two loader workers (LitData's own state skipped a batch and replayed epoch 0's
+    order in epoch 1). The uninterrupted run learned the colour classes, and the model has the data set's names."""
+    workers = 2
 
-    def fit(name: str, *extra: str) -> None:
+    def fit(name: str, *extra: str) -> TransferLightningCLI:
         args = ["--trainer.max_epochs=2", "--data.augment=false", f"--data.num_workers={workers}",
-                f"--trainer.logger.init_args.save_dir={run_dir / name}", "--test_after_fit=false", *extra]  # fmt: skip
-        TransferLightningCLI(args=stream_args(optimized, run_dir, *args))
+                f"--trainer.logger.init_args.save_dir={run_dir / name}", *extra]  # fmt: skip
+        return TransferLightningCLI(args=stream_args(optimized, run_dir, *args))
 
     def recorder(path: str, stop_at: int = -1) -> str:
         init = {"path": str(run_dir / path), "stop_at": stop_at}
         return "--trainer.callbacks+=" + json.dumps({"class_path": f"{__name__}.RecordBatches", "init_args": init})
 
-    fit("straight", recorder("straight.jsonl"))
+    straight_run = fit("straight", recorder("straight.jsonl"))
+    assert straight_run.trainer.callback_metrics["test/acc"] > 0.5  # 4 colour classes: chance is 0.25
+    assert straight_run.model.class_names == ["cat", "dog", "frog", "ship"]
     with pytest.raises(SystemExit):  # Lightning exits with status 1 after a KeyboardInterrupt
         main(stream_args(optimized, run_dir, "--trainer.max_epochs=2", "--data.augment=false",
                          f"--data.num_workers={workers}", f"--trainer.logger.init_args.save_dir={run_dir / 'cut'}",
                          recorder("first.jsonl", stop_at=3)))  # fmt: skip
-    fit("cut", "--ckpt_path=last", recorder("resumed.jsonl"))
+    fit("cut", "--ckpt_path=last", "--test_after_fit=false", recorder("resumed.jsonl"))
     straight = recorded(run_dir / "straight.jsonl")
     assert len(straight) == 14  # 100 images in batches of 16: 7 per epoch
     assert recorded(run_dir / "first.jsonl") + recorded(run_dir / "resumed.jsonl") == straight
@@ -235,3 +250,75 @@ def test_s3_optimize_ddp_fit_resume_and_test(image_folder, s3_endpoint, tmp_path
     single = TransferLightningCLI(args=["test", *one_process, "--trainer.devices=1", f"--ckpt_path={best}"])
     for tag in ("test/acc", "test/acc_cat", "test/loss"):
         assert ddp.scalars[tag][-1] == pytest.approx(float(single.trainer.callback_metrics[tag]), abs=1e-6), tag
+
+
+def one_error_line(args: list[str], capsys) -> str:
+    """Run the CLI, which must exit 2 with one ``error:`` line and no traceback; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [("s3://photos/not-optimized", "does not exist"), ("s3://no-such-bucket/data", "does not exist")],
+)
+def test_unreadable_s3_data_sets_are_one_line(s3_endpoint, run_dir, capsys, url, expected):
+    storage = f"--data.storage_options={json.dumps({'endpoint_url': s3_endpoint})}"
+    assert expected in one_error_line(["fit", f"--data.streaming_dir={url}", storage, "--model.weights=null"], capsys)
+    assert not (run_dir / "lightning_logs").exists()
+
+
+def test_missing_credentials_and_a_closed_port_are_one_line(s3_endpoint, run_dir, capsys, monkeypatch):
+    storage = f"--data.storage_options={json.dumps({'endpoint_url': s3_endpoint})}"
+    args = ["fit", "--data.streaming_dir=s3://photos/data", storage, "--model.weights=null"]
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(run_dir / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(run_dir / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no look-up beyond this machine
+    assert "No credentials" in one_error_line(args, capsys)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    closed = f"--data.storage_options={json.dumps({'endpoint_url': 'http://127.0.0.1:9'})}"  # discard port: closed
+    assert "Cannot connect" in one_error_line([*args[:2], closed, args[3]], capsys)
+
+
+def test_a_stream_made_for_another_size_or_task_is_one_line(optimized, run_dir, capsys):
+    args = ["fit", f"--data.streaming_dir={optimized}", "--model.weights=null", "--trainer.accelerator=cpu"]
+    assert "--data.image_size" in one_error_line([*args, "--data.image_size=16"], capsys)  # 32x32 stored: too large
+    assert "sampler" in one_error_line([*args, "--data.class_balance=sampler"], capsys)
+    written = write_tagged_images(run_dir / "tagged", 24)
+    (run_dir / "tags.csv").write_text("file,tags\n" + "".join(f"{f},{' '.join(t)}\n" for f, t in written))
+    optimize(f"--data.labels_file={run_dir / 'tags.csv'}", "--data.val_size=4", f"--output={run_dir / 'tagged-set'}",
+             f"--data.cache_dir={run_dir / 'cache'}")  # fmt: skip
+    assert json.loads((run_dir / "tagged-set" / INFO_FILE).read_text())["task"] == "multilabel"
+    multilabel = ["fit", f"--data.streaming_dir={run_dir / 'tagged-set'}", "--model.weights=null"]
+    assert "several labels" in one_error_line([*multilabel, "--model.task=multiclass"], capsys)
+    assert not list(run_dir.rglob("*.ckpt"))
+
+
+def test_optimize_refuses_a_used_output_and_leaves_nothing_when_an_image_is_broken(
+    image_folder, optimized, s3_endpoint, tmp_path, capsys
+):
+    source = [f"--data.data_dir={image_folder}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.val_size=20"]
+    assert "already exists" in one_error_line(["optimize", *source, f"--output={optimized}"], capsys)
+    broken = tmp_path / "broken"
+    for path in image_folder.rglob("*.png"):
+        target = broken / path.relative_to(image_folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    damaged = broken / "train" / "dog" / "00003.png"
+    damaged.write_bytes(damaged.read_bytes()[:200])  # the header reads, the pixels do not
+    source[0] = f"--data.data_dir={broken}"
+    storage = f"--data.storage_options={json.dumps({'endpoint_url': s3_endpoint})}"
+    for output in (tmp_path / "out" / "data", "s3://photos/broken"):
+        error = one_error_line(["optimize", *source, f"--output={output}", storage, CHUNKS], capsys)
+        assert "00003.png" in error and "skip_bad_images" in error
+    assert not list((tmp_path / "out").iterdir())
+    import boto3
+
+    assert boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="photos").get("KeyCount") == 0

@@ -9,7 +9,7 @@ import time
 from jsonargparse import ArgumentParser
 
 from transfer_lightning.data import ImageFolderDataModule
-from transfer_lightning.data.optimizing import held_out_splits, write_optimized
+from transfer_lightning.data.optimizing import held_out_splits, refuse_existing, write_optimized
 from transfer_lightning.data.streaming import StreamInfo, require_litdata
 from transfer_lightning.data.transforms import DEFAULT_CROP_PCT
 from transfer_lightning.errors import UserInputError
@@ -49,6 +49,7 @@ def main(argv: list[str], prog: str = "python -m transfer_lightning optimize") -
     if config.data.image_size == "auto":
         raise UserInputError("optimize needs the image size to store: --data.image_size 224 (or null: as they are).")
     require_litdata()
+    refuse_existing(config.output, config.data.storage_options)
     datamodule: ImageFolderDataModule = build_parser(prog).instantiate(config).data
     if not datamodule.reads_image_files:
         raise UserInputError(

@@ -3,7 +3,8 @@
 The splits are decided here, once (the data's own train/val/test pools, or a seeded stratified val held out of
 train, as the data module does), every image is resized to the stored size as the local store does, encoded
 (JPEG at a stated quality, or raw pixels), and the items of each split are shuffled with a seed before LitData
-writes them (its workers read whole chunks, so a chunk should hold a mix of classes). One process per core.
+writes them (its workers read whole chunks, so a chunk should hold a mix of classes). One process per core, or
+this process alone when the first images say that the split takes less than the workers' start-up.
 
 Nothing half-written is left: a local data set is written under a temporary name and renamed into place; on
 object storage :data:`~transfer_lightning.data.streaming.INFO_FILE` is written last and anything written is
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import multiprocessing
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +43,13 @@ from transfer_lightning.data.streaming import (
     split_dir,
     storage_provider,
 )
+from transfer_lightning.data.workers import POOL_MIN_SECONDS
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import temporary_path
+from transfer_lightning.logs import progress_bar
 
+#: Images encoded here first, to estimate whether worker processes would finish sooner.
+PROBE_IMAGES = 32
 #: An image's source (a file's path, or its encoded bytes) and its label (a class index, or one 0/1 per class).
 Sample = tuple[str | bytes, int | tuple[int, ...]]
 
@@ -115,12 +122,11 @@ def write_optimized(
     skip_bad_images: bool,
     seed: int,
 ) -> StreamInfo:
-    """Write every split under ``output`` with LitData's ``optimize``, then ``info`` (its counts as written);
-    nothing is left of it if anything fails or the user interrupts."""
+    """Write every split under ``output`` (new: see :func:`refuse_existing`) with LitData, then ``info`` (its counts
+    as written); nothing is left of it if anything fails or the user interrupts."""
     litdata = require_litdata()
     remote = is_remote(output)
     target = output.rstrip("/") if remote else str(temporary_path(Path(output).expanduser().resolve()))
-    _refuse_existing(output, storage_options)
     finished = False
     skipped: list[tuple[str, str]] = []
     # LitData's optimize sets the process-wide start method (spawn) and leaves it set: later DataLoader workers in
@@ -133,6 +139,7 @@ def write_optimized(
                 random.Random(seed).shuffle(order)
                 failures_dir = Path(scratch) / split
                 failures_dir.mkdir()
+                started = time.perf_counter()
                 encode = functools.partial(
                     encode_sample,
                     size=info.size,
@@ -141,15 +148,22 @@ def write_optimized(
                     failures_dir=str(failures_dir),
                 )
                 rank_zero_info(f"Optimizing {len(order)} {split} images into {split_dir(output, split)}")
-                litdata.optimize(
-                    encode,
-                    order,
-                    split_dir(target, split),
-                    chunk_bytes=chunk_bytes,
-                    num_workers=max(1, min(num_workers, len(order))),
-                    start_method="spawn",
-                    storage_options=storage_options or {},
-                )
+                probe = [encode(sample) for sample in order[:PROBE_IMAGES]]
+                seconds_left = (time.perf_counter() - started) / max(1, len(probe)) * (len(order) - len(probe))
+                if num_workers < 2 or seconds_left < POOL_MIN_SECONDS:
+                    items = itertools.chain(probe, map(encode, order[len(probe) :]))
+                    write_here(items, len(order), Path(scratch) / "chunks" / split, split_dir(target, split),
+                               chunk_bytes, storage_options)  # fmt: skip
+                else:
+                    litdata.optimize(
+                        encode,
+                        order,
+                        split_dir(target, split),
+                        chunk_bytes=chunk_bytes,
+                        num_workers=min(num_workers, len(order)),
+                        start_method="spawn",
+                        storage_options=storage_options or {},
+                    )
                 failures = read_failures(failures_dir)
                 if failures and not skip_bad_images:
                     raise UserInputError(
@@ -176,10 +190,40 @@ def write_optimized(
     return info
 
 
-def _refuse_existing(output: str, storage_options: dict[str, Any] | None) -> None:
+def write_here(
+    items: Iterable[dict[str, Any] | None],
+    count: int,
+    scratch: Path,
+    target: str,
+    chunk_bytes: str,
+    storage_options: dict[str, Any] | None,
+) -> None:
+    """Write ``items`` with LitData's writer (``Cache``) in this process, the chunks and their index straight into a
+    local ``target``, or into ``scratch`` and then uploaded (the index last). For small splits: LitData's
+    ``optimize`` starts a process per worker, and each imports torch and this package (4-5 s on a 2-core CPU)."""
+    from litdata.streaming import Cache
+
+    folder = scratch if is_remote(target) else Path(target)
+    cache = Cache(str(folder), chunk_bytes=chunk_bytes)
+    index = 0
+    for item in progress_bar(items, total=count, desc="Writing", unit="img"):
+        if item is not None:  # a file that does not decode, noted by encode_sample
+            cache[index] = item
+            index += 1
+    cache.done()
+    cache.merge()
+    if is_remote(target):
+        provider = storage_provider(target, storage_options)
+        files = sorted(folder.iterdir(), key=lambda path: path.name == "index.json")
+        for path in files:
+            provider.upload_file(str(path), f"{target}/{path.name}")
+
+
+def refuse_existing(output: str, storage_options: dict[str, Any] | None) -> None:
+    """One line when ``output`` already holds something: a data set is written into a new place only."""
     if is_remote(output):
         try:
-            exists = not storage_provider(output, storage_options).is_empty(output)
+            exists = not storage_provider(output, storage_options, patient=False).is_empty(output)
         except Exception as error:  # botocore's and obstore's errors share no base class
             raise UserInputError(describe_storage_error(error, output)) from None
     else:

@@ -125,22 +125,29 @@ def read_info(root: str, storage_options: dict[str, Any] | None) -> StreamInfo:
         return StreamInfo.from_json(local.read_text(), root)
 
 
-def storage_provider(url: str, storage_options: dict[str, Any] | None) -> Any:
+def storage_provider(url: str, storage_options: dict[str, Any] | None, patient: bool = True) -> Any:
     """LitData's client of the object store ``url`` is on (S3, GCS, R2), configured as its streams are.
 
     LitData exports no public name for it (``_get_fs_provider`` in 0.2.x, hence the extra's range): using it, the
-    info file, existence checks and clean-up reach the same stores with the same options as the chunks do.
+    info file, existence checks and clean-up reach the same stores with the same options as the chunks do. Not
+    ``patient``, an S3 client gives up after 3 attempts: LitData's makes 1,000, so a mistyped endpoint would hang
+    the first look at a data set for many minutes instead of saying so.
     """
     require_litdata()
     from litdata.streaming.fs_provider import _get_fs_provider
 
-    return _get_fs_provider(url, storage_options or {})
+    options = dict(storage_options or {})
+    if not patient and url.startswith(("s3://", "r2://")) and "config" not in options:
+        import botocore.config
+
+        options["config"] = botocore.config.Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10)
+    return _get_fs_provider(url, options)
 
 
 def download_file(url: str, local: Path, storage_options: dict[str, Any] | None) -> None:
     """Copy one object to ``local`` with LitData's storage client; errors said in one line."""
     try:
-        storage_provider(url, storage_options).download_file(url, str(local))
+        storage_provider(url, storage_options, patient=False).download_file(url, str(local))
     except Exception as error:  # botocore, google and obstore errors share no base class
         raise UserInputError(describe_storage_error(error, url)) from None
 
@@ -337,6 +344,60 @@ class StreamSource:
             for role, split in (("train", "train"), ("val", val), ("test", test))
         )  # fmt: skip
 
+    def share(self, split: str, seed: int, num_workers: int) -> StreamShare:
+        """The split that ``train``, ``val`` or ``test`` reads, in order and whole (no shuffle, nothing dropped), as
+        the frozen-feature cache reads it; named by the data set, the split and its info file."""
+        name = split if split in self.info.split_sizes else ("test" if split == "val" else "val")
+        dataset = open_split(self.root, name, False, seed, self.max_cache_size, self.storage_options, self.cache_dir)
+        source = f"{self.root}/{name}\n{self.info.to_json()}"
+        return StreamShare(dataset, source, self.info.split_sizes[name], num_workers)
+
     def description(self) -> str:
         sizes = ", ".join(f"{split} {count}" for split, count in self.info.split_sizes.items())
         return f"{self.root}, optimized from {self.info.source} ({self.info.description}): {sizes} images"
+
+
+class StreamShare:
+    """One split of an optimized data set as the frozen-feature cache reads it: in order, this rank's share only
+    (LitData shards the split across ranks and workers), labels kept as they come; :meth:`gather` then joins the
+    shares of all ranks. ``len`` is the whole split's; ``fingerprint`` names the data set, split and contents."""
+
+    def __init__(self, dataset: Any, source: str, size: int, num_workers: int) -> None:
+        self.dataset, self.source, self.size, self.num_workers = dataset, source, size, num_workers
+        self._labels: list[Tensor] = []
+
+    def __len__(self) -> int:
+        return self.size
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+    def batches(self, batch_size: int) -> Any:
+        """(uint8 images, labels) of this rank's share, ``batch_size`` at a time."""
+        self._labels = []
+        for images, labels in stream_loader(self.dataset, batch_size, self.num_workers, pin_memory=False):
+            self._labels.append(labels)
+            yield images, labels
+
+    @property
+    def labels(self) -> Tensor:
+        """The labels of the share read by the last :meth:`batches`."""
+        return torch.cat(self._labels)
+
+    def gather(self, rows: Tensor, strategy: Any) -> tuple[Tensor, Tensor]:
+        """(rows, labels) of the whole split from each rank's share (rank by rank), on every rank."""
+        labels = self.labels
+        if strategy.world_size > 1:
+            device = strategy.root_device
+            counts = strategy.all_gather(torch.tensor([len(labels)], device=device)).flatten().tolist()
+
+            def joined(values: Tensor) -> Tensor:  # all_gather needs one shape: pad each share to the longest
+                padded = values.new_zeros(max(counts), *values.shape[1:])
+                padded[: len(values)] = values
+                shares = strategy.all_gather(padded.to(device)).cpu()
+                return torch.cat([share[:count] for share, count in zip(shares, counts, strict=True)])
+
+            rows, labels = joined(rows), joined(labels)
+        if len(rows) != self.size:
+            raise RuntimeError(f"{self.source}: the ranks read {len(rows)} images of {self.size}. Please report it.")
+        return rows, labels

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from transfer_lightning.data import ImageArrays, ImageFolderDataModule, ImageTensorDataset
+from transfer_lightning.data.streaming import StreamShare
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import check_free_space, remove_leftovers, write_torch_file
 from transfer_lightning.logs import progress_bar
@@ -41,7 +42,9 @@ class FrozenFeatureCache(pl.Callback):
     on them; ``test`` does the same for the test set. The cache is skipped, with a log line saying
     why, when the backbone is trained (or unfrozen later), with flip TTA, and in training when
     random augmentation is on or BatchNorm statistics are set to drift.
-    Under DDP every process computes the features of the whole set.
+    Under DDP every process computes the features of the whole set; of an optimized data set streamed
+    (``data.streaming_dir``), each process computes its share and the shares are gathered; the test split
+    of a stream is tested on its images.
 
     With ``store``, features are saved under ``cache_dir`` in a file named by a hash of the
     backbone's weights (every tensor), the images (their store or files, and which rows form the
@@ -106,8 +109,11 @@ class FrozenFeatureCache(pl.Callback):
         if not self._usable(pl_module, trainer.datamodule, training=False):
             return
         images = trainer.datamodule.test_set
+        if not isinstance(images, ImageTensorDataset):  # its StreamingDataLoader is built: it streams images
+            rank_zero_info("Frozen-feature cache: the test split streams, so it is tested on its images.")
+            return
         start = time.perf_counter()
-        features = self.features(pl_module, trainer.datamodule, images, "test", trainer)
+        features, _ = self.features(pl_module, trainer.datamodule, images, "test", trainer)
         self._test_arrays = (images, images.arrays, images.indices)
         images.arrays, images.indices = ImageArrays(features, images.labels), None
         pl_module.inputs_are_features = True
@@ -125,11 +131,12 @@ class FrozenFeatureCache(pl.Callback):
         datamodule = trainer.datamodule
         start = time.perf_counter()
         for split in splits:
-            images = getattr(datamodule, split)
-            self._image_sets[split] = images
-            features, labels = self.features(model, datamodule, images, split, trainer), images.labels
+            images = self._image_sets[split] = getattr(datamodule, split)
+            if not isinstance(images, ImageTensorDataset):  # a stream: each rank reads its share, then they join
+                images = datamodule.stream.share(split.removesuffix("_set"), 0, datamodule.hparams.num_workers)
+            features, labels = self.features(model, datamodule, images, split, trainer)
             if split == "train_set" and self.train_flips:
-                mirrored = self.features(model, datamodule, images, "train, mirrored", trainer, mirrored=True)
+                mirrored, _ = self.features(model, datamodule, images, "train, mirrored", trainer, mirrored=True)
                 features, labels = torch.cat([features, mirrored]), torch.cat([labels, labels])
                 rank_zero_info(f"Frozen-feature cache: {len(images)} mirrored training images added as rows.")
             setattr(datamodule, split, ImageTensorDataset(ImageArrays(features, labels)))
@@ -180,29 +187,32 @@ class FrozenFeatureCache(pl.Callback):
         self,
         model: TransferClassifier,
         datamodule: ImageFolderDataModule,
-        images: ImageTensorDataset,
+        images: ImageTensorDataset | StreamShare,
         split: str,
         trainer: pl.Trainer,
         mirrored: bool = False,
-    ) -> torch.Tensor:
-        """The features of ``images`` (or of their mirror images): from the store when a file for exactly
-        these inputs exists and is whole (a damaged one is computed again, said in one line)."""
+    ) -> tuple[Tensor, Tensor]:
+        """The features of ``images`` (or of their mirror images) and their labels: from the store when a file
+        for exactly these inputs exists and is whole (a damaged one is computed again, said in one line). Of a
+        stream, each rank computes its share and the shares are gathered (:class:`StreamShare`)."""
         path = self.stored_path(model, datamodule, images, trainer, mirrored) if self.store else None
         if path is not None and path.is_file():
             stored = read_stored_features(path, len(images))
-            if isinstance(stored, Tensor):
+            if isinstance(stored, tuple):
                 rank_zero_info(f"Frozen-feature cache: reusing the stored features of {split} ({path}).")
-                return stored
+                return stored[0], stored[1] if stored[1] is not None else images.labels
             rank_zero_info(f"Frozen-feature cache: {path} is damaged ({stored}); computing the features again.")
         if path is not None and trainer.is_global_zero:  # before the backbone's work, not after it
             remove_leftovers(path.parent)
             needed = len(images) * model.head.in_features * 4 + 2**20  # float32 features of the head's input
             what = f"The frozen features of {split}"
             check_free_space(path.parent, needed, what, "--feature_cache.cache_dir (or --feature_cache.store false)")
-        features = self.compute(model, datamodule, images, split, trainer, mirrored)
+        features, labels = self.compute(model, datamodule, images, split, trainer, mirrored), images.labels
+        if isinstance(images, StreamShare):
+            features, labels = images.gather(features, trainer.strategy)
         if path is not None and trainer.is_global_zero:
             try:
-                write_torch_file({"features": features}, path)
+                write_torch_file({"features": features, "labels": labels}, path)
             except OSError as error:
                 if error.errno != errno.ENOSPC:
                     raise
@@ -211,7 +221,7 @@ class FrozenFeatureCache(pl.Callback):
                     "--feature_cache.cache_dir on another disk; nothing of it was left behind."
                 ) from None
             rank_zero_info(f"Frozen-feature cache: stored the features of {split} in {path}.")
-        return features
+        return features, labels
 
     def stored_path(
         self,
@@ -297,7 +307,7 @@ class FrozenFeatureCache(pl.Callback):
                 features[start : start + len(output)] = output
                 start += len(output)
         model.train(was_training)
-        return features
+        return features[:start]  # a stream's share holds fewer rows than the whole split
 
     def _onnx_extractor(self, model: TransferClassifier, batch: Tensor) -> OnnxFeatureExtractor:
         """The backbone in onnxruntime, checked against torch on the first images of ``batch``.
@@ -318,16 +328,18 @@ class FrozenFeatureCache(pl.Callback):
         return extractor
 
 
-def read_stored_features(path: Path, rows: int) -> Tensor | str:
-    """The features stored at ``path``, or why they cannot be used: a file cut short or overwritten fails torch's
-    zip checks, and one of another set has another number of rows."""
+def read_stored_features(path: Path, rows: int) -> tuple[Tensor, Tensor | None] | str:
+    """The features stored at ``path`` and their labels (``None`` in files written before 2026-12-05), or why they
+    cannot be used: a file cut short or overwritten fails torch's zip checks, one of another set has another
+    number of rows."""
     try:
-        features = torch.load(path, map_location="cpu", weights_only=True)["features"]
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        features = stored["features"]
     except (RuntimeError, OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
     if not isinstance(features, Tensor) or len(features) != rows:
         return f"{len(features) if isinstance(features, Tensor) else 'no'} rows for {rows} images"
-    return features
+    return features, stored.get("labels")
 
 
 def backbone_digest(model: TransferClassifier) -> str:
