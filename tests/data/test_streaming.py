@@ -197,12 +197,12 @@ def s3_endpoint(monkeypatch) -> str:
 
 def run_cli(*args: str, cwd: Path, status: int = 0, timeout: float = 180) -> str:
     """The real entry point in a fresh process (Lightning's DDP launcher starts the second one), bounded in time;
-    its exit status must be ``status``. Returns what it wrote to stderr."""
+    its exit status must be ``status``. Returns what it wrote (stdout and stderr)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "transfer_lightning", *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == status, result.stderr[-3000:]
-    return result.stderr
+    return result.stdout + result.stderr
 
 
 def test_s3_optimize_ddp_fit_resume_and_test(image_folder, s3_endpoint, tmp_path, monkeypatch):
@@ -322,3 +322,42 @@ def test_optimize_refuses_a_used_output_and_leaves_nothing_when_an_image_is_brok
     import boto3
 
     assert boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="photos").get("KeyCount") == 0
+
+
+def test_frozen_features_of_a_stream_are_computed_by_both_processes_and_gathered(optimized, tmp_path):
+    """Frozen backbone, two CPU processes (DDP): each computes the features of its share of the training and
+    validation streams, the shares are gathered, and the stored file holds every training image once, with its
+    label: the same rows as the backbone of the saved checkpoint gives for the stream read in this process."""
+    config = Path(__file__).resolve().parents[2] / "configs" / "feature_extractor_sgd.yaml"
+    log = run_cli("fit", f"--config={config}", f"--data.streaming_dir={optimized}", "--data.batch_size=16",
+                  f"--data.cache_dir={tmp_path / 'cache'}", "--model.weights=null", "--trainer.accelerator=cpu",
+                  "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=1",
+                  "--trainer.enable_progress_bar=false", "--seed_everything=0", cwd=tmp_path)  # fmt: skip
+    assert "Frozen-feature cache: features of 120 images ready" in log
+    assert "the test split streams, so it is tested on its images" in log
+    files = sorted((tmp_path / "cache" / "features").glob("*.pt"), key=lambda path: path.stat().st_size)
+    stored = torch.load(files[-1], weights_only=True)  # the larger file: 100 training images, 20 validation
+    assert stored["features"].shape[0] == 100
+    assert torch.bincount(stored["labels"]).tolist() == [25, 25, 25, 25]
+
+    from transfer_lightning.model import TransferClassifier
+
+    model = TransferClassifier.load_from_checkpoint(
+        tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights=None
+    ).eval()
+    data = ImageFolderDataModule(
+        streaming_dir=str(optimized), cache_dir=str(tmp_path / "here"), normalization="reference"
+    )
+    data.setup("fit")
+    share = data.stream.share("train", 0, 0)
+    with torch.no_grad():
+        expected = torch.cat([model.classifier_inputs(data.batch_transform(batch, train=False))
+                              for batch, _ in share.batches(50)])  # fmt: skip
+    expected_labels = share.labels
+    # Match rows by nearest neighbour: the gathered order is rank by rank, this one the stream's. Other batch sizes
+    # give other last bits (oneDNN), so rows agree to 1% of their length; different images are 7% or more apart.
+    distances = torch.cdist(stored["features"].float(), expected.float())
+    nearest = distances.argmin(dim=1)
+    assert sorted(nearest.tolist()) == list(range(100))  # a bijection: every image once
+    assert float(distances.min(dim=1).values.max()) < 0.01 * float(expected.norm(dim=1).mean())
+    assert torch.equal(stored["labels"], expected_labels[nearest])

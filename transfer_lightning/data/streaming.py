@@ -350,7 +350,8 @@ class StreamSource:
         name = split if split in self.info.split_sizes else ("test" if split == "val" else "val")
         dataset = open_split(self.root, name, False, seed, self.max_cache_size, self.storage_options, self.cache_dir)
         source = f"{self.root}/{name}\n{self.info.to_json()}"
-        return StreamShare(dataset, source, self.info.split_sizes[name], num_workers)
+        label_shape = (len(self.info.class_names),) if self.info.task == "multilabel" else ()
+        return StreamShare(dataset, source, self.info.split_sizes[name], num_workers, label_shape)
 
     def description(self) -> str:
         sizes = ", ".join(f"{split} {count}" for split, count in self.info.split_sizes.items())
@@ -362,8 +363,10 @@ class StreamShare:
     (LitData shards the split across ranks and workers), labels kept as they come; :meth:`gather` then joins the
     shares of all ranks. ``len`` is the whole split's; ``fingerprint`` names the data set, split and contents."""
 
-    def __init__(self, dataset: Any, source: str, size: int, num_workers: int) -> None:
+    def __init__(self, dataset: Any, source: str, size: int, num_workers: int, label_shape: tuple[int, ...]) -> None:
         self.dataset, self.source, self.size, self.num_workers = dataset, source, size, num_workers
+        #: The shape of one label: () for a class index, (classes,) for multi-label 0/1 rows.
+        self.label_shape = label_shape
         self._labels: list[Tensor] = []
 
     def __len__(self) -> int:
@@ -381,8 +384,8 @@ class StreamShare:
 
     @property
     def labels(self) -> Tensor:
-        """The labels of the share read by the last :meth:`batches`."""
-        return torch.cat(self._labels)
+        """The labels of the share read by the last :meth:`batches` (LitData may give a rank none of a small split)."""
+        return torch.cat(self._labels) if self._labels else torch.empty(0, *self.label_shape, dtype=torch.int64)
 
     def gather(self, rows: Tensor, strategy: Any) -> tuple[Tensor, Tensor]:
         """(rows, labels) of the whole split from each rank's share (rank by rank), on every rank."""

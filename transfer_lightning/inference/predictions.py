@@ -25,7 +25,9 @@ class PredictionsCSV(BasePredictionWriter):
     the image (``path``, or ``index`` and ``true_labels``), the ``labels`` at or above their class's
     decision threshold (separated by spaces, or by ``;`` when a class name holds a space), and every
     class's probability (``probability_<class>``). Under DDP each process writes its
-    share to ``predictions_rank<N>.csv``. The file is written to a temporary name and then renamed.
+    share to ``predictions_rank<N>.csv``. Of a stream (``data.streaming_dir``), ``index`` counts the test
+    split's images in the order the optimized data set holds them. The file is written to a temporary name and
+    then renamed.
 
     With ``explain``, each image also gets its Grad-CAM map for the predicted class (for multilabel, the
     most probable one): ``explanations/<path>.png`` next to the CSV (``<path>`` itself for a PNG, and
@@ -53,14 +55,18 @@ class PredictionsCSV(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_dir = trainer.log_dir  # a collective call under DDP: made here by every process
         self._sheet = []
+        #: Images served so far: a stream (an IterableDataset) has no positions, so they are counted in order.
+        self._streamed = 0
         if self.explain and self.cam_layer:
             resolve_cam_layer(pl_module.network, self.cam_layer)  # a wrong name fails before any file is written
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         if self.explain:  # the loop has stored this batch's dataset positions for the epoch-end write
-            indices = trainer.predict_loop.epoch_batch_indices[dataloader_idx][-1]
+            stored = trainer.predict_loop.epoch_batch_indices[dataloader_idx]
+            indices = stored[-1] if stored else list(range(self._streamed, self._streamed + len(batch[0])))
             self._explain(trainer, pl_module, batch[0], outputs["probabilities"], indices)
+        self._streamed += len(batch[0])
 
     def _explain(self, trainer, pl_module, images: Tensor, probabilities: Tensor, indices: list[int]) -> None:
         """Write the Grad-CAM picture of each image of a batch; keep the first ones for the contact sheet."""
@@ -89,7 +95,7 @@ class PredictionsCSV(BasePredictionWriter):
             writer = csv.writer(file)
             image_columns = ["path"] if paths is not None else ["index", task.true_column]
             writer.writerow([*image_columns, *task.prediction_header(top_k)])
-            for output, indices in zip(predictions, batch_indices[0], strict=True):  # per batch: dataset positions
+            for output, indices in zip(predictions, positions(predictions, batch_indices), strict=True):
                 probabilities = output["probabilities"].cpu()
                 for index, label, row in zip(indices, output["labels"].cpu(), probabilities, strict=True):
                     image = [paths[index]] if paths is not None else [index, task.label_text(label)]
@@ -100,3 +106,13 @@ class PredictionsCSV(BasePredictionWriter):
             save_png(tile_sheet(self._sheet, min(8, len(self._sheet))), sheet)
             self._sheet = []
             rank_zero_info(f"Activation maps: {sheet.with_suffix('')}/ (one per image) and {sheet}")
+
+
+def positions(predictions: list[dict], batch_indices: list[list[list[int]]]) -> list[list[int]]:
+    """Each batch's positions in the predicted split: as the loop recorded them, or for a stream (which has none)
+    counted in the order it served the images (the optimized split's order, this process's share under DDP)."""
+    if batch_indices and batch_indices[0]:
+        return batch_indices[0]
+    counts = [len(output["probabilities"]) for output in predictions]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [list(range(start, start + count)) for start, count in zip(starts, counts, strict=True)]

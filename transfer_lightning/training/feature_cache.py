@@ -129,19 +129,19 @@ class FrozenFeatureCache(pl.Callback):
     def _use_features(self, trainer: pl.Trainer, model: TransferClassifier, splits: tuple[str, ...]) -> None:
         """Replace the data module's image sets of ``splits`` by their features, stored or computed now."""
         datamodule = trainer.datamodule
-        start = time.perf_counter()
+        start, count = time.perf_counter(), 0
         for split in splits:
             images = self._image_sets[split] = getattr(datamodule, split)
             if not isinstance(images, ImageTensorDataset):  # a stream: each rank reads its share, then they join
                 images = datamodule.stream.share(split.removesuffix("_set"), 0, datamodule.hparams.num_workers)
             features, labels = self.features(model, datamodule, images, split, trainer)
+            count += len(labels)
             if split == "train_set" and self.train_flips:
                 mirrored, _ = self.features(model, datamodule, images, "train, mirrored", trainer, mirrored=True)
                 features, labels = torch.cat([features, mirrored]), torch.cat([labels, labels])
                 rank_zero_info(f"Frozen-feature cache: {len(images)} mirrored training images added as rows.")
             setattr(datamodule, split, ImageTensorDataset(ImageArrays(features, labels)))
         model.inputs_are_features = True
-        count = sum(len(self._image_sets[split]) for split in splits)
         elapsed = time.perf_counter() - start
         rank_zero_info(f"Frozen-feature cache: features of {count} images ready in {elapsed:.1f} s.")
 
@@ -307,6 +307,8 @@ class FrozenFeatureCache(pl.Callback):
                 features[start : start + len(output)] = output
                 start += len(output)
         model.train(was_training)
+        if features is None:  # a stream's share can be empty: LitData gave a small split's chunks to other ranks
+            return torch.empty(0, model.head.in_features)
         return features[:start]  # a stream's share holds fewer rows than the whole split
 
     def _onnx_extractor(self, model: TransferClassifier, batch: Tensor) -> OnnxFeatureExtractor:
