@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -163,8 +164,17 @@ def test_fit_from_a_stream_learns_and_resumes_mid_epoch_where_it_stopped(optimiz
         return "--trainer.callbacks+=" + json.dumps({"class_path": f"{__name__}.RecordBatches", "init_args": init})
 
     straight_run = fit("straight", recorder("straight.jsonl"))
-    assert straight_run.trainer.callback_metrics["test/acc"] > 0.5  # 4 colour classes: chance is 0.25
+    test_acc = float(straight_run.trainer.callback_metrics["test/acc"])
+    assert test_acc > 0.5  # 4 colour classes: chance is 0.25
     assert straight_run.model.class_names == ["cat", "dog", "frog", "ship"]
+    best = straight_run.trainer.checkpoint_callback.best_model_path
+    predict = ["predict", *stream_args(optimized, run_dir)[1:], f"--ckpt_path={best}",
+               f"--trainer.logger.init_args.save_dir={run_dir / 'predicted'}"]  # fmt: skip
+    TransferLightningCLI(args=predict)
+    with open(next((run_dir / "predicted").rglob("predictions.csv"))) as file:
+        rows = list(csv.DictReader(file))
+    assert sorted(int(row["index"]) for row in rows) == list(range(32))  # the test split, each image once
+    assert sum(row["true_class"] == row["predicted_class"] for row in rows) / 32 == pytest.approx(test_acc)
     with pytest.raises(SystemExit):  # Lightning exits with status 1 after a KeyboardInterrupt
         main(stream_args(optimized, run_dir, "--trainer.max_epochs=2", "--data.augment=false",
                          f"--data.num_workers={workers}", f"--trainer.logger.init_args.save_dir={run_dir / 'cut'}",
