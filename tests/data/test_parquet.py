@@ -97,7 +97,10 @@ def test_multilabel_parquet_is_a_multilabel_task(tmp_path):
 
 @pytest.mark.parametrize(
     "columns, problem",
-    [({"label": [0], "note": ["a"]}, "has no image column"), ({"img": [{"bytes": b"x", "path": "a.png"}], "note": ["a"]}, "has no label")],
+    [
+        ({"label": [0], "note": ["a"]}, "has no image column"),
+        ({"img": [{"bytes": b"x", "path": "a.png"}], "note": ["a"]}, "has no label"),
+    ],
 )
 def test_a_parquet_file_without_its_columns_is_one_line_and_leaves_nothing(tmp_path, capsys, columns, problem):
     pq.write_table(pa.table(columns), tmp_path / "train.parquet")

@@ -10,7 +10,8 @@ from jsonargparse import ArgumentParser
 
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.data.optimizing import held_out_splits, refuse_existing, write_optimized
-from transfer_lightning.data.streaming import StreamInfo, require_litdata
+from transfer_lightning.data.storage import require_litdata
+from transfer_lightning.data.streaming import StreamInfo
 from transfer_lightning.data.transforms import DEFAULT_CROP_PCT
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import human_size

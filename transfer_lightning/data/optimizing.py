@@ -33,16 +33,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchvision.io import encode_jpeg
 
 from transfer_lightning.data.datasets import class_counts, stratified_split, validation_count
+from transfer_lightning.data.storage import describe_storage_error, is_remote, require_litdata, storage_provider
 from transfer_lightning.data.store import DECODE_ERRORS, decode_image
-from transfer_lightning.data.streaming import (
-    INFO_FILE,
-    StreamInfo,
-    describe_storage_error,
-    is_remote,
-    require_litdata,
-    split_dir,
-    storage_provider,
-)
+from transfer_lightning.data.streaming import INFO_FILE, StreamInfo, split_dir
 from transfer_lightning.data.workers import POOL_MIN_SECONDS
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import temporary_path
