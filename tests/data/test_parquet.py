@@ -141,3 +141,22 @@ def test_hub_imagefolder_metadata_is_a_label_table(tmp_path, suffix):
     data.prepare_data()
     data.setup("fit")
     assert sorted(data.class_names) == sorted(HUB_NAMES) and len(data.train_set) + len(data.val_set) == 24
+
+
+def test_a_parquet_set_optimizes_into_a_stream_with_its_splits_and_names(tmp_path):
+    pytest.importorskip("litdata", reason="the stream extra is not installed")
+    from transfer_lightning.data.streaming import INFO_FILE, open_split
+
+    truth = write_hub_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", 10, seed=0)
+    truth |= write_hub_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", 3, seed=1)
+    output = tmp_path / "optimized"
+    main(["optimize", f"--data.parquet={tmp_path / 'data'}", "--data.val_size=8", "--encoding=raw",
+          f"--data.cache_dir={tmp_path / 'cache'}", f"--output={output}"])  # fmt: skip
+    info = json.loads((output / INFO_FILE).read_text())
+    assert info["split_sizes"] == {"train": 32, "val": 8, "test": 12} and sorted(info["class_names"]) == sorted(
+        HUB_NAMES
+    )
+    names = info["class_names"]
+    for split in ("train", "val", "test"):
+        for image, label in open_split(str(output), split, False, 0, "1GB", None, tmp_path / "chunks"):
+            assert truth[digest(image)] == names[int(label)]
