@@ -156,9 +156,9 @@ def _trained_batches_loader() -> type:
     class TrainedBatchesLoader(StreamingDataLoader):
         """A ``StreamingDataLoader`` whose saved state counts the batches the model has trained on.
 
-        Lightning saves a loader's state with the checkpoint, but by then its fetcher has taken the next batch
-        (it looks one ahead to know the last), and a Ctrl+C between fetch and step loses another: LitData counts
-        every batch served, so a resumed epoch skipped one or two batches (measured: tests/data/test_streaming.py).
+        Lightning saves a loader's state with the checkpoint, but batches are taken before their step (the
+        fetcher looks one ahead to know the last) and LitData counts every batch served: after Ctrl+C before
+        step 3 the state said 4 batches, and the resumed epoch skipped one (tests/data/test_streaming.py).
         Here the state is recomputed for the batches whose step finished (Lightning's ``processed`` count, which
         it also resumes the epoch's batch index from). Batches are served round-robin by the workers, so the
         worker that served the last trained batch is ``(batches - 1) % workers``.
