@@ -417,3 +417,28 @@ def test_a_frozen_lbfgs_head_over_a_stream_trains_on_features_computed_once(opti
     second = TransferLightningCLI(args=[*args, "--model.lbfgs_l2=[0.0001, 0.0001]"])
     assert caplog.text.count("reusing the stored features") == 3
     assert second.trainer.callback_metrics["test/acc"] > 0.5
+
+
+def test_ctrl_c_during_optimize_leaves_nothing(image_folder, s3_endpoint, tmp_path, monkeypatch):
+    """Ctrl+C while the test split is being written (train's 100 and val's 20 images already are, and uploaded):
+    no folder, no temporary folder, no object is left."""
+    encode, calls = optimizing.encode_sample, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 130:
+            raise KeyboardInterrupt
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(optimizing, "encode_sample", interrupted)
+    storage = f"--data.storage_options={json.dumps({'endpoint_url': s3_endpoint})}"
+    for output in (tmp_path / "out" / "data", "s3://photos/interrupted"):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            main(["optimize", f"--data.data_dir={image_folder}", "--data.val_size=20", storage, f"--output={output}",
+                  f"--data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    assert not list((tmp_path / "out").iterdir())
+    import boto3
+
+    left = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="photos", Prefix="interrupted")
+    assert left.get("KeyCount") == 0
