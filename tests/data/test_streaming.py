@@ -70,6 +70,7 @@ def test_optimize_writes_the_splits_the_local_store_makes(optimized, image_folde
     assert not list(optimized.parent.glob(".*tmp")), "no temporary folder left beside the data set"
 
 
+@pytest.mark.slow  # 12 s: LitData's worker processes each import torch and this package
 def test_optimize_with_worker_processes_to_s3_writes_what_this_process_writes(
     optimized, image_folder, s3_endpoint, tmp_path, monkeypatch
 ):
