@@ -20,18 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
+from benchmarks.store_build import SHARED, linked_tree  # noqa: E402
 from transfer_lightning.commands import optimize  # noqa: E402
 from transfer_lightning.data import optimizing  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def linked_tree(root: Path, per_class: int) -> Path:
-    for folder in sorted((SHARED / "data" / "cifar10" / "train").iterdir()):
-        (root / folder.name).mkdir(parents=True)
-        for file in sorted(folder.iterdir())[:per_class]:
-            (root / folder.name / file.name).symlink_to(file.resolve())
-    return root
 
 
 def optimize_seconds(tree: Path, output: Path, workers: int) -> float:
