@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.data.optimizing import held_out_splits, refuse_existing, write_optimized
-from transfer_lightning.data.storage import require_litdata
+from transfer_lightning.data.split_stores import pool_names
+from transfer_lightning.data.storage import is_remote, require_litdata
 from transfer_lightning.data.streaming import StreamInfo
 from transfer_lightning.data.transforms import DEFAULT_CROP_PCT
 from transfer_lightning.errors import UserInputError
@@ -44,14 +46,15 @@ def build_parser(prog: str) -> ArgumentParser:
 
 def main(argv: list[str], prog: str = "python -m transfer_lightning optimize") -> StreamInfo:
     """Parse ``argv``, split and write the data set, and say what was written."""
-    config = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    config = parser.parse_args(argv)
     if not 1 <= config.quality <= 100:
         raise UserInputError(f"--quality must be between 1 and 100, got {config.quality}.")
     if config.data.image_size == "auto":
         raise UserInputError("optimize needs the image size to store: --data.image_size 224 (or null: as they are).")
     require_litdata()
     refuse_existing(config.output, config.data.storage_options)
-    datamodule: ImageFolderDataModule = build_parser(prog).instantiate(config).data
+    datamodule: ImageFolderDataModule = parser.instantiate(config).data
     if not datamodule.reads_image_files:
         raise UserInputError(
             f"optimize reads photo folders and label tables; {datamodule.data_dir} holds neither (CIFAR-10's python "
@@ -59,7 +62,8 @@ def main(argv: list[str], prog: str = "python -m transfer_lightning optimize") -
         )
     stores, size = datamodule.split_stores(config.crop_pct)
     pools = [store.samples if store is not None else None for store in stores]
-    splits, description = held_out_splits(pools, datamodule._pool_names(), config.data.val_size, config.data.split_seed)
+    names = pool_names(datamodule.table, datamodule.folders)
+    splits, description = held_out_splits(pools, names, config.data.val_size, config.data.split_seed)
     info = StreamInfo(
         task=datamodule.task,
         class_names=datamodule.class_names,
@@ -96,8 +100,6 @@ def main(argv: list[str], prog: str = "python -m transfer_lightning optimize") -
 
 
 def _written_size(output: str) -> str:
-    if "://" in output:
+    if is_remote(output):
         return ""
-    total = sum(entry.stat().st_size for entry in os.scandir(output) if entry.is_file())
-    total += sum(f.stat().st_size for split in os.scandir(output) if split.is_dir() for f in os.scandir(split.path))
-    return f" ({human_size(total)})"
+    return f" ({human_size(sum(file.stat().st_size for file in Path(output).rglob('*') if file.is_file()))})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -114,5 +115,5 @@ def positions(predictions: list[dict], batch_indices: list[list[list[int]]]) -> 
     if batch_indices and batch_indices[0]:
         return batch_indices[0]
     counts = [len(output["probabilities"]) for output in predictions]
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    return [list(range(start, start + count)) for start, count in zip(starts, counts, strict=True)]
+    ends = list(itertools.accumulate(counts))
+    return [list(range(end - count, end)) for end, count in zip(ends, counts, strict=True)]
