@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from tests.test_serve import Server  # noqa: E402  (the tests' loopback server: subprocess, SIGTERM)
+from tests.servers import Server  # noqa: E402  (the tests' loopback server: subprocess, SIGTERM)
 from transfer_lightning.data.listing import list_images  # noqa: E402
 from transfer_lightning.serving.requests import load_model  # noqa: E402
 
