@@ -43,7 +43,7 @@ from transfer_lightning.data.split_stores import SplitStores, make_split_stores,
 from transfer_lightning.data.store import shared_store_size
 from transfer_lightning.data.streaming import StreamSource, stream_loader
 from transfer_lightning.data.table_source import TableSource
-from transfer_lightning.data.transforms import Normalization, Preprocessing, View
+from transfer_lightning.data.transforms import Normalization, Preprocessing, View, WeightsPreprocessing
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.tasks import TaskName
 
@@ -247,8 +247,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             size = (32, 32)
         else:
             raise UserInputError(
-                "The checkpoint does not say how its images were prepared (saved before 2026-11-28) and there is no "
-                "training data to tell: pass the training data's --data.data_dir and --data.image_size too."
+                "The checkpoint does not say how its images were prepared (an older version's) and "
+                "no training data tells: pass the training data's --data.data_dir and --data.image_size too."
             )
         p = self.preparation
         return Preprocessing(size, self.view, p.image_size, p.mean, p.std, p.interpolation)
@@ -259,9 +259,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
         model = self.trainer.lightning_module if self.trainer is not None else None
         return self._preparer.resolved(getattr(model, "weights_preprocessing", None))
 
+    def use_weights(self, weights: WeightsPreprocessing) -> Preparation:
+        """Resolve ``auto`` from ``weights`` now, for a data module that serves no Trainer (export's calibration)."""
+        return self._preparer.resolved(weights)
+
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: :attr:`preprocessing`, which the hyperparameters alone do not
-        determine (the stored size depends on the images). Class names are the model's hyperparameters."""
+        """Saved in every checkpoint: :attr:`preprocessing`, which depends on the images, not only the settings."""
         return {"preprocessing": self.preprocessing.to_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -281,7 +284,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             for store in filter(None, stores):
                 store.build(size)
             if stores.val is None:  # here, before Lightning creates the run's folder (setup comes after)
-                validation_count(self.hparams.val_size, len(stores.train.samples), self._pool_names()[0])
+                training_pool = pool_names(self.table, self.folders)[0]
+                validation_count(self.hparams.val_size, len(stores.train.samples), training_pool)
         elif self.downloads and not self._has_cifar10():
             download_cifar10(self.data_dir)
 
@@ -299,7 +303,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if self.reads_image_files:
             stores, size = self.split_stores()
             train, val, test = (store.dataset(size) if store else None for store in stores)
-            names = self._pool_names()
+            names = pool_names(self.table, self.folders)
             if self.table is not None:
                 no_test, root = "no test rows", self.table.table.path
         else:
@@ -328,13 +332,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.train_set, self.val_set, self.test_set = self.stream.splits(seed, self.preparation)
         rank_zero_info(f"Data ({self.num_classes} classes, streamed): {self.stream.description()}.")
 
-    def _pool_names(self) -> list[str | None]:
-        return pool_names(self.table, self.folders)
-
     def split_stores(self, crop_pct: float | None = None) -> tuple[SplitStores, tuple[int, int]]:
-        """The store of every split folder (or split of the table), and the one size they all use: the
-        images' own if they share one that is not larger than needed, else image_size / crop_pct (the
-        weights' crop fraction unless given; sets :attr:`view` to match)."""
+        """The store of every split folder (or table split), and the one size they all use: the images' own if they
+        share one not larger than needed, else image_size / crop_pct (the weights' unless given; sets :attr:`view`)."""
         if self._stores is None:  # listed once, whether prepare_data ran in this process or not
             args = (self.cache_dir, self.hparams.skip_bad_images)
             self._stores = make_split_stores(self.table, self.folders, self.class_names, *args)

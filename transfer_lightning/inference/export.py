@@ -9,7 +9,8 @@ levels. ``FILE.json`` beside the model says how (and holds the class names).
 
 Formats: ``pt2`` (``torch.export``, loaded with ``torch.export.load(FILE).module()``) and ``onnx``
 (``torch.onnx`` with the ``[export]`` extra). Every export is checked: the written file and the
-Lightning model must give the same probabilities (within :data:`TOLERANCE`) on a few images.
+Lightning model must give the same probabilities (within :data:`TOLERANCE`) on a few images. An ONNX file can be
+quantized to int8 (:mod:`.quantize`), checked against the float file on the run's validation split instead.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from transfer_lightning import checkpoints
 from transfer_lightning.data.transforms import Preprocessing, prepare_batch
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
+from transfer_lightning.inference.quantize import QuantizeSettings, quantize_checked
+from transfer_lightning.inference.run_images import open_run_images
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.network.onnx import dynamic_batch, inference_session, missing_onnx_packages, write_onnx
 from transfer_lightning.tasks import Task
@@ -78,15 +81,24 @@ def load_classifier(ckpt_path: str | Path) -> tuple[TransferClassifier, Preproce
     return model.eval(), preprocessing
 
 
-def export(ckpt_path: str | Path, output: str | Path, format: Format | None = None) -> Path:
+def export(
+    ckpt_path: str | Path,
+    output: str | Path,
+    format: Format | None = None,
+    int8: QuantizeSettings | None = None,
+    data_dir: str | None = None,
+) -> Path:
     """Write the model of ``ckpt_path`` to ``output`` (and ``output.json``), checked; returns ``output``.
 
-    ``format`` defaults to the suffix of ``output``. Nothing is left at ``output`` when the check fails.
+    ``format`` defaults to the suffix of ``output``. With ``int8`` (ONNX only), the file is quantized on the run's
+    own images (in ``data_dir`` when they moved). Nothing is left at ``output`` when a check fails.
     """
     output = Path(output)
     format = format or output.suffix.lstrip(".")
     if format not in FORMATS:
         raise UserInputError(f"Unknown export format {format!r}: use --format onnx or --format pt2.")
+    if int8 is not None and format != "onnx":
+        raise UserInputError(f"--quantize int8 makes ONNX files only: use --format onnx, not {format}.")
     if format == "onnx":
         missing = missing_onnx_packages()
         if missing:
@@ -94,11 +106,15 @@ def export(ckpt_path: str | Path, output: str | Path, format: Format | None = No
                 f"ONNX export needs {', '.join(missing)}: install the export extra (pip install -e '.[export]')."
             )
     model, preprocessing = load_classifier(ckpt_path)
+    if int8 is not None:  # read before anything is written, so that missing data fails first
+        run_images = open_run_images(checkpoints.read_checkpoint(ckpt_path), preprocessing, data_dir=data_dir)
     exported = ExportedClassifier.of(model, preprocessing).eval()
     with atomic_path(output) as written, atomic_path(f"{output}.json") as json_file:  # both, or neither
         (_write_onnx if format == "onnx" else _write_pt2)(exported, preprocessing, written)
         difference = check(written, format, model, preprocessing)
         description = describe(model, preprocessing, format, ckpt_path, difference)
+        if int8 is not None:
+            description["quantization"] = quantize_checked(written, written, run_images, model.task, int8)
         json_file.write_text(json.dumps(description, indent=1) + "\n")
     return output
 

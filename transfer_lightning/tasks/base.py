@@ -124,6 +124,10 @@ class Task(nn.Module, ABC):
         """0/1 (N, classes): the classes each image is given."""
 
     @abstractmethod
+    def score_of(self, probabilities: Tensor, labels: Tensor) -> float:
+        """The task's :attr:`score` (accuracy, or mAP) of a whole split's probabilities, as a fraction."""
+
+    @abstractmethod
     def explained_class(self, labels: Tensor, probabilities: Tensor) -> Tensor:
         """(N,) the true class to explain in an image's activation map."""
 

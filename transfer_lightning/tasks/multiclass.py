@@ -216,6 +216,9 @@ class MulticlassTask(Task):
     def chosen(self, probabilities: Tensor) -> Tensor:
         return F.one_hot(probabilities.argmax(dim=-1), self.num_classes)
 
+    def score_of(self, probabilities: Tensor, labels: Tensor) -> float:
+        return float((probabilities.argmax(dim=-1) == labels).float().mean())
+
     def explained_class(self, labels: Tensor, probabilities: Tensor) -> Tensor:
         return labels
 

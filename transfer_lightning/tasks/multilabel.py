@@ -267,6 +267,9 @@ class MultilabelTask(Task):
     def chosen(self, probabilities: Tensor) -> Tensor:
         return (probabilities >= self.thresholds.to(probabilities.device)).long()
 
+    def score_of(self, probabilities: Tensor, labels: Tensor) -> float:
+        return mean_over_present(average_precisions(probabilities, self.targets(labels).long()))
+
     def explained_class(self, labels: Tensor, probabilities: Tensor) -> Tensor:
         """Each image's true class with the lowest probability (the most missed one); the most probable class
         for an image without labels."""
