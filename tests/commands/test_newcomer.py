@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import urllib.error
 from pathlib import Path
 
 import pytest
 import torchvision
 import yaml
+from lightning.pytorch.cli import LightningCLI
 
 from transfer_lightning.commands.main import main
+from transfer_lightning.commands.subcommands import SUBCOMMANDS
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.data.sources import download_cifar10
 from transfer_lightning.errors import UserInputError
@@ -22,11 +25,29 @@ def test_help_names_the_module_and_lists_every_subcommand(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert text.startswith("usage: python -m transfer_lightning ")
+    assert "timm" in text and "Hugging Face Hub" in text
     # LightningCLI's private _add_subcommands gives them one-line help texts and lists our own subcommands.
-    for subcommand in ("fit", "validate", "test", "predict", "report", "export", "serve", "lr_find", "sweep"):
+    listed = re.search(r"\{([a-z_,]+)\}", text).group(1).split(",")
+    assert sorted(listed) == sorted([*LightningCLI.subcommands(), *SUBCOMMANDS])
+    for subcommand in listed:
         line = next(line for line in text.splitlines() if line.strip().startswith(subcommand + " "))
         assert len(line.split(maxsplit=1)) == 2, f"{subcommand} has no description"
     assert "``" not in text
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_every_listed_subcommand_runs_and_has_its_own_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m transfer_lightning {name}")
+
+
+def test_export_help_names_every_format(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in ("onnx", "pt2", "hub", "--quantize", "int8"))
 
 
 def test_print_config_has_the_optimizer_only_under_model(small_run_args, run_dir, capsys):

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from transfer_lightning import checkpoints
+from transfer_lightning.commands.subcommands import SUBCOMMANDS
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.inference import PredictionsCSV
@@ -33,7 +34,8 @@ from transfer_lightning.training import (
 )
 
 DESCRIPTION = (
-    "Transfer learning of torchvision image classifiers with PyTorch Lightning, e.g. "
+    "Transfer learning of image classifiers (torchvision's, timm's and the Hugging Face Hub's) with PyTorch "
+    "Lightning, e.g. "
     "python -m transfer_lightning fit --config configs/finetune_sgd.yaml. "
     "SUBCOMMAND --help lists a subcommand's options."
 )
@@ -43,21 +45,11 @@ SUBCOMMAND_HELP = {
     "fit": "Train, validate every epoch, keep the best and last checkpoints, then test the best.",
     "validate": "Evaluate a checkpoint (--ckpt_path) on the validation split.",
     "test": "Evaluate a checkpoint (--ckpt_path) on the test split, per class too.",
-    "predict": "Write predictions.csv for new images (--data.predict_dir) or the test split, with --ckpt_path.",
+    "predict": "Write predictions.csv for new images (--data.predict_dir) or the test split, with --ckpt_path; "
+    "with --model instead, from an exported file or a Hub folder.",
 }
 #: Subcommands that evaluate a trained checkpoint.
 EVALUATING = ("validate", "test", "predict")
-REPORT_HELP = (
-    "Table and plot of finished runs from their TensorBoard events: report [LOGDIR ...] [--plot FILE] [--html FILE]."
-)
-EXPORT_HELP = "A stand-alone model file: export --ckpt_path CKPT --format onnx|pt2 --output FILE."
-SERVE_HELP = "An HTTP endpoint on LitServe (the [serve] extra): serve --ckpt_path CKPT [--port 8000]."
-LR_FIND_HELP = "Learning-rate range test on fit's config: lr_find --config CFG [--apply FILE] (plot in the run folder)."
-OPTIMIZE_HELP = (
-    "A photo folder or label table written once as LitData chunks (the [stream] extra), locally or to s3://: "
-    "optimize --data.data_dir DIR --data.image_size 224 --output OUT; then fit --data.streaming_dir OUT."
-)
-SWEEP_HELP = "An Optuna study over fit's settings (the [tune] extra): sweep --config CFG --sweep SPACE.yaml --trials N."
 
 
 #: The task of a model whose config names none, until the data says otherwise: it sets the checkpoint defaults.
@@ -179,7 +171,7 @@ class TransferLightningCLI(LightningCLI):
             checkpoint.monitor, checkpoint.filename = task.monitor, task.checkpoint_filename
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
-        """Lightning's subcommands with one-line help texts of ours, and ``report`` in the list too."""
+        """Lightning's subcommands with one-line help texts of ours, and ours (:data:`.subcommands.SUBCOMMANDS`) too."""
         for subcommand, help_text in SUBCOMMAND_HELP.items():
             kwargs.setdefault(subcommand, {}).setdefault("description", help_text)
         super()._add_subcommands(parser, **kwargs)
@@ -187,15 +179,8 @@ class TransferLightningCLI(LightningCLI):
         for choice in subcommands._choices_actions:
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
         # Listed for --help only: main() hands these to their modules before LightningCLI parses.
-        for name, help_text in (
-            ("report", REPORT_HELP),
-            ("export", EXPORT_HELP),
-            ("serve", SERVE_HELP),
-            ("lr_find", LR_FIND_HELP),
-            ("sweep", SWEEP_HELP),
-            ("optimize", OPTIMIZE_HELP),
-        ):
-            subcommands.add_subcommand(name, ShortErrorParser(description=help_text), help=help_text)
+        for name, subcommand in SUBCOMMANDS.items():
+            subcommands.add_subcommand(name, ShortErrorParser(description=subcommand.help), help=subcommand.help)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from transfer_lightning.commands.cli import program_name
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.data.optimizing import held_out_splits, refuse_existing, write_optimized
 from transfer_lightning.data.split_stores import pool_names
@@ -44,9 +45,9 @@ def build_parser(prog: str) -> ArgumentParser:
     return parser
 
 
-def main(argv: list[str], prog: str = "python -m transfer_lightning optimize") -> StreamInfo:
+def main(argv: list[str]) -> StreamInfo:
     """Parse ``argv``, split and write the data set, and say what was written."""
-    parser = build_parser(prog)
+    parser = build_parser(f"{program_name()} optimize")
     config = parser.parse_args(argv)
     if not 1 <= config.quality <= 100:
         raise UserInputError(f"--quality must be between 1 and 100, got {config.quality}.")
