@@ -3,9 +3,8 @@
 Every checkpoint holds the model's hyperparameters (``backbone``, ``class_names``, ...), the data
 module's (``image_size``, ``normalization``, ...) and the data module's state: the
 :class:`~transfer_lightning.data.transforms.Preprocessing` that turns an image file into the
-network's input. Checkpoints saved before that state was recorded (before 2026-11-28) lack it; what
-can be recovered from their hyperparameters is, and the rest fails with a message that says what
-to pass instead.
+network's input. Older checkpoints, saved before that state was recorded, lack it; what can be
+recovered from their hyperparameters is, and the rest fails with a message that says what to pass instead.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], resuming_fi
     """Refuse a checkpoint whose hyperparameters ``saved`` were of another backbone or class count than
     ``current``'s; when ``resuming_fit``, also one whose optimizer parameter groups would differ."""
     keys = ["backbone", "num_classes", "task"] + (PARAMETER_GROUP_HPARAMS if resuming_fit else [])
-    # Checkpoints saved before 2026-12-01 are all multiclass; a model whose task is not resolved yet takes the data's.
+    # Older checkpoints name no task: multiclass. A model whose task is not resolved yet takes the data's.
     saved = {"task": "multiclass", **saved}
     current = {**current, "task": current.get("task") or saved["task"]}
     for key in keys:
@@ -63,7 +62,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], resuming_fi
 
 
 def upgrade_state_dict(state_dict: dict[str, Any]) -> None:
-    """Rename, in place, what checkpoints saved before the task objects (2026-12-04) hold under older names:
+    """Rename, in place, what checkpoints saved before the task objects hold under older names:
     a multi-label model's decision thresholds were the model's own buffer, and are now its task's."""
     if "thresholds" in state_dict:
         state_dict["task.thresholds"] = state_dict.pop("thresholds")
@@ -71,7 +70,7 @@ def upgrade_state_dict(state_dict: dict[str, Any]) -> None:
 
 def model_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The model's hyperparameters as this version takes them (``backbone_lr_scale`` was 0.1 even
-    without ``unfreeze_at_epoch`` in checkpoints before 2026-12-01; it now means "not set" there; and
+    without ``unfreeze_at_epoch`` in older checkpoints; it now means "not set" there; and
     those checkpoints, which do not name their task, are multiclass)."""
     hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key != "_instantiator"}
     hparams.setdefault("task", "multiclass")
@@ -94,7 +93,7 @@ def data_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def preprocessing(checkpoint: dict[str, Any], path: str | Path) -> Preprocessing:
-    """How images were prepared for the network; checkpoints saved before 2026-11-28 do not say."""
+    """How images were prepared for the network; older checkpoints do not say."""
     saved = checkpoint.get(ImageFolderDataModule.__qualname__, {})  # where Lightning keeps its state_dict()
     if "preprocessing" not in saved:
         raise UserInputError(

@@ -123,7 +123,7 @@ def write_optimized(
     finished = False
     skipped: list[tuple[str, str]] = []
     # LitData's optimize sets the process-wide start method (spawn) and leaves it set: later DataLoader workers in
-    # this process were then spawned too, 4-5 s of imports each, every epoch (measured: 5 s fits took 30 s).
+    # this process would be spawned too, each importing torch again every epoch.
     start_method = multiprocessing.get_start_method(allow_none=True)
     with tempfile.TemporaryDirectory() as scratch:
         try:
@@ -193,7 +193,7 @@ def write_here(
 ) -> None:
     """Write ``items`` with LitData's writer (``Cache``) in this process, the chunks and their index straight into a
     local ``target``, or into ``scratch`` and then uploaded (the index last). For small splits: LitData's
-    ``optimize`` starts a process per worker, and each imports torch and this package (4-5 s on a 2-core CPU)."""
+    ``optimize`` starts a process per worker, and each imports torch and this package first (docs/performance.md)."""
     from litdata.streaming import Cache
 
     folder = scratch if is_remote(target) else Path(target)

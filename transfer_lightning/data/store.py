@@ -50,7 +50,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 @dataclass(frozen=True)
 class StoredImages:
     """A decoded store: its arrays (memory-mapped), the rows that hold images, its folder, and the
-    file of every row (``None`` for stores built before 2026-11-28, which did not list them)."""
+    file of every row (``None`` for older stores, which did not list them)."""
 
     arrays: ImageArrays
     rows: torch.Tensor

@@ -218,5 +218,5 @@ class Preprocessing:
             image_size=values["image_size"],
             mean=tuple(values["mean"]),
             std=tuple(values["std"]),
-            interpolation=values.get("interpolation", "bilinear"),  # checkpoints before 2026-12-04: bilinear
+            interpolation=values.get("interpolation", "bilinear"),  # older checkpoints name none: bilinear
         )

@@ -11,8 +11,8 @@ from concurrent.futures import ProcessPoolExecutor
 from transfer_lightning.logs import progress_bar
 
 #: Seconds of work left, estimated from the first task, above which the rest goes to worker processes. A spawned
-#: worker imports torch first (4-5 s on a 2-core CPU), and this process decodes about 13,000 CIFAR-10 PNGs a
-#: second: below this, the workers' start-up costs more than it saves (docs/performance.md measures it).
+#: worker imports torch first: below this, the workers' start-up costs more than it saves (docs/performance.md,
+#: "Small trees are decoded in this process").
 POOL_MIN_SECONDS = 10.0
 
 

@@ -1,10 +1,9 @@
 """The weight gradient of depthwise convolutions on inputs of at most 2x2 pixels, as sums of products.
 
-oneDNN's depthwise weight-gradient kernel is slow on such inputs, above all without AVX-512: MobileNetV2's
-depthwise layers at 2x2 and 1x1 (its last ten blocks at 32 px input) took 4-36 ms each on AVX2 kernels, against
-0.3-0.8 ms for one multiply-and-sum pass per kernel tap, and 0.5-0.9 ms against 0.2-0.4 ms on AVX-512 ones
-(``benchmarks/depthwise_gradient.py``, docs/performance.md). From 3x3 inputs on oneDNN is the faster, so it keeps
-those, and every forward pass and input gradient. Only on CPUs, and only where a gradient is taken.
+oneDNN's depthwise weight-gradient kernel is slow on such inputs (MobileNetV2's last blocks at 32 px), above all
+without AVX-512; one multiply-and-sum pass per kernel tap is faster there (docs/performance.md, "AVX2 CPUs";
+``benchmarks/depthwise_gradient.py``). From 3x3 inputs on oneDNN is the faster, so it keeps those, and every forward
+pass and input gradient. Only on CPUs, and only where a gradient is taken.
 """
 
 from __future__ import annotations

@@ -205,10 +205,10 @@ def run_folded(modules: Iterable[nn.Module]) -> None:
 
     Only for modules that stay frozen, with BatchNorm in eval mode, for as long as this lasts: the
     copy computes the same function from the current weights and statistics, without the BatchNorm
-    passes (MobileNetV2 from features.7 on a CPU: 1.16-1.24x the training images/s,
-    benchmarks/finetune_speed.py). Only ``forward`` is replaced, so parameters, state_dict keys and
-    checkpoints stay as they are. Folding again (after a stage that ended in an error) folds the
-    current weights: torch.fx traces the class's forward, not the replaced one.
+    passes (faster training: docs/performance.md, "BatchNorm folded into the frozen blocks"). Only
+    ``forward`` is replaced, so parameters, state_dict keys and checkpoints stay as they are. Folding
+    again (after a stage that ended in an error) folds the current weights: torch.fx traces the
+    class's forward, not the replaced one.
     """
     for module in modules:
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):

@@ -1,7 +1,6 @@
-"""onnxruntime for the backbone's forward pass: about 3x the images/s of eager torch on CPUs.
-
-Measured with ``benchmarks/feature_speed.py`` (docs/performance.md): MobileNetV2 at 224 px, fp32,
-same outputs within 1e-5. The ``[export]`` extra provides the packages.
+"""ONNX files of our models, and onnxruntime to run them: on CPUs it computes the same outputs as eager torch
+several times faster (docs/performance.md, "Frozen features: onnxruntime against torch"). The ``[export]`` extra
+provides the packages.
 """
 
 from __future__ import annotations
@@ -42,10 +41,11 @@ def write_onnx_for_this_process(
 ) -> None:
     """Export ``module`` for onnxruntime in this process only (the feature cache), its batch size dynamic.
 
-    torch's TorchScript exporter takes 0.8 s with the check and warm-up for MobileNetV2 where the torch.export
-    one takes 6.5 s (docs/performance.md): a large part of a frozen fit on a few thousand small images. It is
-    deprecated, so its file never leaves the process and the caller checks its outputs against torch; a model
-    it cannot export goes through :func:`write_onnx`.
+    torch's TorchScript exporter takes a fraction of the time of the torch.export one, whose time is a large part of
+    a frozen fit on a few thousand small images (docs/performance.md, "The export and onnxruntime's threads"). It
+    is deprecated, so
+    its file never leaves the process and the caller checks its outputs against torch; a model it cannot export goes
+    through :func:`write_onnx`.
     """
     try:
         with warnings.catch_warnings():
@@ -68,7 +68,7 @@ def inference_session(path: Path | str):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     # Its threads would spin after each run, taking the cores from torch's work between runs (resizing the next
-    # batch): 1,000 -> 1,500 images/s at 96 px on 2 cores with the spinning off (docs/performance.md).
+    # batch; docs/performance.md measures it).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

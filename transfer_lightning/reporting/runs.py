@@ -73,8 +73,8 @@ class Run:
 
     @property
     def task(self) -> type[Task]:
-        """The run's task, as its hyperparameters say (runs before 2026-12-04 did not log it: those that
-        logged a mAP were multi-label)."""
+        """The run's task, as its hyperparameters say (older runs did not log it: those that logged a mAP were
+        multi-label)."""
         name = self.hparams.get("task")
         if name not in TASKS:
             name = "multilabel" if "val/mAP" in self.scalars or "test/mAP" in self.scalars else "multiclass"
@@ -95,7 +95,7 @@ class Run:
         return values[-1] if values else None
 
     def test_macro_f1(self) -> float | None:
-        return self.last("test/f1_macro")  # runs before 2026-11-28 did not log it
+        return self.last("test/f1_macro")  # older runs did not log it
 
     def last(self, tag: str) -> float | None:
         values = self.scalars.get(tag)

@@ -58,7 +58,7 @@ class FrozenFeatureCache(pl.Callback):
         precision: trainer (the trainer's precision), bf16 (bfloat16 autocast; 7x slower on CPUs
             without bf16 instructions, see docs/performance.md) or fp32.
         engine: torch, onnxruntime (the backbone exported to ONNX and run by onnxruntime on the
-            CPU in fp32: about 3x torch's images/s on this project's CPUs; needs the [export] extra),
+            CPU in fp32: faster than torch on CPUs, see docs/performance.md; needs the [export] extra),
             or auto (onnxruntime when the model is on the CPU, the precision is fp32 and the
             extra is installed; else torch).
         store: Keep features on disk and reuse them.
@@ -331,7 +331,7 @@ class FrozenFeatureCache(pl.Callback):
 
 
 def read_stored_features(path: Path, rows: int) -> tuple[Tensor, Tensor | None] | str:
-    """The features stored at ``path`` and their labels (``None`` in files written before 2026-12-05), or why they
+    """The features stored at ``path`` and their labels (``None`` in older files, which kept none), or why they
     cannot be used: a file cut short or overwritten fails torch's zip checks, one of another set has another
     number of rows."""
     try:
