@@ -20,7 +20,7 @@ from transfer_lightning.commands.main import main
 from transfer_lightning.data import ImageArrays, ImageTensorDataset
 from transfer_lightning.data.transforms import Preprocessing
 from transfer_lightning.errors import UserInputError
-from transfer_lightning.inference.quantize import QuantizeSettings, quantize_checked
+from transfer_lightning.inference.quantize import QuantizeSettings, has_vnni, quantize_checked
 from transfer_lightning.inference.run_images import RunImages
 from transfer_lightning.network.onnx import write_onnx
 from transfer_lightning.serving.requests import load_model
@@ -110,10 +110,12 @@ def test_the_fixes_are_tried_in_turn_then_nothing_is_written(run, capsys):
     import onnxruntime.quantization
 
     kept: list[list[str]] = []
+    seven_bits: list[bool] = []
     original = onnxruntime.quantization.quantize_static
 
     def recording(*args, **kwargs):
         kept.append(list(kwargs["nodes_to_exclude"]))
+        seven_bits.append(kwargs["reduce_range"])
         return original(*args, **kwargs)
 
     output = run / "refused.onnx"
@@ -126,7 +128,10 @@ def test_the_fixes_are_tried_in_turn_then_nothing_is_written(run, capsys):
     assert error.startswith("error: No int8 recipe stays within --max-accuracy-drop -100 points")
     assert "nothing written" in error
     assert not list(run.glob("refused*"))
-    assert [len(names) for names in kept] == [0, 2, 2 + 5, 2]  # plain; first conv + head; + 5 sensitive; percentile
+    # 8-bit (with VNNI only), 7-bit, first conv and head in float, and 5 damaging layers too, percentile calibration
+    assert [len(names) for names in kept] == [0] * has_vnni() + [0, 2, 2 + 5, 2]
+    assert seven_bits == [False] * has_vnni() + [True] * 4
+    kept = kept[has_vnni() :]
     graph = onnx.load(str(run / "float.onnx")).graph
     weighted = [node.name for node in graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
     assert kept[1] == [weighted[0], weighted[-1]]  # the first convolution and the head

@@ -2,7 +2,7 @@
 drop of the float file on the run's validation split.
 
 The float file is quantized as ONNX Runtime recommends for CPUs (QDQ format, per-channel int8 weights, uint8
-activations; 7-bit weights on CPUs without VNNI, whose 8-bit products can saturate). Its activation ranges are
+activations; 8-bit weights only on CPUs with VNNI, where 8-bit products do not saturate). Its activation ranges are
 calibrated on the run's own training images fed to the float file itself, so through its very preprocessing. When
 the drop is too large, the known fixes are tried in turn (:func:`recipes`) and the first within the limit is written.
 """
@@ -35,7 +35,7 @@ QUANTIZATIONS: tuple[Quantization, ...] = ("int8",)
 MIN_CALIBRATION_IMAGES = 32
 #: Images per calibration batch.
 BATCH_SIZE = 16
-#: How many of the least accurate layers one recipe keeps in float.
+#: How many of the most damaging layers one recipe keeps in float.
 SENSITIVE_LAYERS = 5
 #: Images whose activations rank the layers (the sensitivity analysis keeps all of them in memory).
 SENSITIVITY_IMAGES = 8
@@ -67,9 +67,10 @@ class QuantizeSettings:
 
 @dataclass(frozen=True)
 class Recipe:
-    """One way of quantizing: the nodes kept in float, and how the activation ranges are calibrated."""
+    """One way of quantizing: the weights' bits, the nodes kept in float, and how activation ranges are calibrated."""
 
     name: str
+    weight_bits: Literal[7, 8] = 7
     keep_float: tuple[str, ...] = ()
     calibration: Literal["MinMax", "Percentile"] = "MinMax"
 
@@ -96,7 +97,8 @@ class Outcome:
 
 
 def has_vnni() -> bool:
-    """Whether this CPU multiplies 8-bit integers without saturating (x86 VNNI); other CPUs get 7-bit weights."""
+    """Whether this CPU multiplies 8-bit integers without saturating (x86 VNNI, Arm): only then are 8-bit weights
+    tried; other CPUs get 7-bit weights."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return platform.machine().lower() in ("arm64", "aarch64")  # Arm's dot products do not saturate
     try:
@@ -117,22 +119,21 @@ def quantize_checked(
     labels = images.val.labels
     expected = probabilities(float_file, images, "float")
     float_score = task.score_of(expected, labels)
-    reduce_range = not has_vnni()
-    outcomes = []
+    outcomes, files = [], []  # files: each tried recipe's int8 file, in order
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         prepared = work / "float.onnx"
         pre_process(float_file, prepared)
-        for attempt, recipe in enumerate(recipes(prepared, work / "int8-0.onnx", calibration, reduce_range)):
-            quantized = work / f"int8-{attempt}.onnx"
-            quantize(prepared, quantized, calibration, recipe, reduce_range)
-            got = probabilities(quantized, images, "int8")
+        for recipe in recipes(prepared, calibration[:SENSITIVITY_IMAGES], files):
+            files.append(work / f"int8-{len(files)}.onnx")
+            quantize(prepared, files[-1], calibration, recipe)
+            got = probabilities(files[-1], images, "int8")
             agreement = float((task.chosen(got) == task.chosen(expected)).all(dim=1).float().mean())
             outcomes.append(Outcome(recipe, float_score, task.score_of(got, labels), agreement))
             rank_zero_info(outcomes[-1].line(task.score))
             if outcomes[-1].drop <= settings.max_accuracy_drop:
-                output.write_bytes(quantized.read_bytes())
-                return describe(outcomes, calibration, reduce_range, len(labels), task.score, settings)
+                output.write_bytes(files[-1].read_bytes())
+                return describe(outcomes, calibration, len(labels), task.score, settings)
     best = min(outcomes, key=lambda outcome: outcome.drop)
     raise UserInputError(
         f"No int8 recipe stays within --max-accuracy-drop {settings.max_accuracy_drop:g} points of the float "
@@ -161,9 +162,9 @@ def calibration_images(images: RunImages, count: int) -> Tensor:
     return images.sample_train(count)
 
 
-def recipes(model: Path, first_attempt: Path, calibration: Tensor, reduce_range: bool) -> Iterator[Recipe]:
-    """The recipes in the order they are tried: plain, then the known fixes. The third ranks the layers by the
-    ``first_attempt`` file (written by then), so it is worked out only when the first two fell short."""
+def recipes(model: Path, probe_images: Tensor, files: list[Path]) -> Iterator[Recipe]:
+    """The recipes in the order they are tried: plain, then the known fixes. One ranks the layers by the int8 file
+    of the recipe before it (``files[-1]``, written by then), so it is worked out only when that one fell short."""
     import onnx
 
     graph = onnx.load(str(model)).graph
@@ -171,14 +172,21 @@ def recipes(model: Path, first_attempt: Path, calibration: Tensor, reduce_range:
     if not weighted:
         raise cannot_quantize(None)
     ends = (weighted[0].name, weighted[-1].name)  # the first convolution and the new head
-    yield Recipe("every layer in int8")
-    yield Recipe("the first convolution and the head in float", ends)
-    sensitive = least_accurate_nodes(first_attempt, calibration[:SENSITIVITY_IMAGES], SENSITIVE_LAYERS, set(ends))
-    yield Recipe(f"the first convolution, the head and {len(sensitive)} sensitive layers in float", ends + sensitive)
-    yield Recipe("percentile calibration, the first convolution and the head in float", ends, "Percentile")
+    if has_vnni():
+        yield Recipe("every layer in int8", weight_bits=8)
+    yield Recipe("7-bit weights")  # MobileNetV2 lost less with 7 than with 8, even with VNNI (docs/performance.md)
+    yield Recipe("7-bit weights, the first convolution and the head in float", keep_float=ends)
+    damaging = damaging_nodes(model, files[-1], probe_images, SENSITIVE_LAYERS, set(ends))
+    yield Recipe(
+        f"7-bit weights, the first convolution, the head and the {len(damaging)} most damaging layers in float",
+        keep_float=ends + damaging,
+    )
+    yield Recipe(
+        "percentile calibration, 7-bit weights, the first convolution and the head in float", 7, ends, "Percentile"
+    )
 
 
-def quantize(model: Path, output: Path, calibration: Tensor, recipe: Recipe, reduce_range: bool) -> None:
+def quantize(model: Path, output: Path, calibration: Tensor, recipe: Recipe) -> None:
     """``model`` quantized by ``recipe`` into ``output``: QDQ, per-channel int8 weights, uint8 activations."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -193,7 +201,7 @@ def quantize(model: Path, output: Path, calibration: Tensor, recipe: Recipe, red
                 ImageReader(calibration),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                reduce_range=reduce_range,
+                reduce_range=recipe.weight_bits == 7,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=list(recipe.keep_float),
@@ -215,35 +223,31 @@ def count_quantized_weights(model) -> int:
     )
 
 
-def least_accurate_nodes(qdq_model: Path, images: Tensor, count: int, skip: set[str]) -> tuple[str, ...]:
-    """The ``count`` nodes (outside ``skip``) whose inputs lose the most to quantization in ``qdq_model``: lowest
-    signal-to-quantization-noise ratio, measured by ONNX Runtime's QDQ debugging tools on ``images``."""
+def damaging_nodes(float_model: Path, qdq_model: Path, images: Tensor, count: int, skip: set[str]) -> tuple[str, ...]:
+    """The ``count`` nodes (outside ``skip``) that lose the most in ``qdq_model``: whose output's signal-to-noise
+    ratio against the float model falls furthest below their inputs', on ``images`` (ONNX Runtime's QDQ debugging
+    tools). Against the float model, not before and after each quantizer: a removed ReLU6 clips there on purpose."""
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
-        compute_signal_to_quantization_noice_ratio,
+        compute_activation_error,
         create_activation_matching,
         modify_model_output_intermediate_tensors,
     )
 
-    augmented = qdq_model.with_name("activations.onnx")
-    modify_model_output_intermediate_tensors(str(qdq_model), str(augmented))
-    matches = create_activation_matching(collect_activations(str(augmented), ImageReader(images)))
-    ratio = {
-        name: compute_signal_to_quantization_noice_ratio(m["pre_qdq"], m["post_qdq"]) for name, m in matches.items()
-    }
-    ranked = sorted(ratio, key=ratio.get)
-    consumers: dict[str, list[str]] = {}
-    for node in onnx.load(str(qdq_model)).graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            for name in node.input:
-                consumers.setdefault(name.removesuffix("_DequantizeLinear_Output"), []).append(node.name)
-    chosen: list[str] = []
-    for tensor in ranked:
-        chosen += [name for name in consumers.get(tensor, []) if name not in skip and name not in chosen]
-        if len(chosen) >= count:
-            break
-    return tuple(chosen[:count])
+    activations = []
+    for model in (float_model, qdq_model):
+        augmented = model.with_name(f"{model.stem}-activations.onnx")
+        modify_model_output_intermediate_tensors(str(model), str(augmented))
+        activations.append(collect_activations(str(augmented), ImageReader(images)))
+    errors = compute_activation_error(create_activation_matching(activations[1], activations[0]))
+    ratio = {tensor: error["xmodel_err"] for tensor, error in errors.items() if "xmodel_err" in error}
+    losses = []
+    for node in onnx.load(str(float_model)).graph.node:
+        outputs, inputs = [ratio[t] for t in node.output if t in ratio], [ratio[t] for t in node.input if t in ratio]
+        if outputs and inputs and node.name not in skip:
+            losses.append((min(outputs) - min(inputs), node.name))
+    return tuple(name for _, name in sorted(losses)[:count])
 
 
 class ImageReader:
@@ -277,18 +281,13 @@ def cannot_quantize(error: Exception | None) -> UserInputError:
 
 
 def describe(
-    outcomes: list[Outcome],
-    calibration: Tensor,
-    reduce_range: bool,
-    checked: int,
-    score: str,
-    settings: QuantizeSettings,
+    outcomes: list[Outcome], calibration: Tensor, checked: int, score: str, settings: QuantizeSettings
 ) -> dict[str, Any]:
     """What the export's JSON says of the int8 file: how it was made, and how it compared with the float file."""
     kept = outcomes[-1]
     return {
         "method": "onnxruntime quantize_static: QDQ, per-channel int8 weights, uint8 activations",
-        "weights_bits": 7 if reduce_range else 8,
+        "weights_bits": kept.recipe.weight_bits,
         "calibration": {"split": "train", "images": len(calibration), "method": kept.recipe.calibration},
         "recipe": kept.recipe.name,
         "kept_in_float": list(kept.recipe.keep_float),
