@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +195,57 @@ def write_tagged_images(folder: Path, count: int, seed: int = 0) -> list[tuple[s
         tagged_image(present, generator).save(folder / name)
         written.append((name, [tag for tag, on in zip(TAGS, present, strict=True) if on]))
     return written
+
+
+def eval_pixels(path, preprocessing) -> torch.Tensor:
+    """uint8 (3, H, W) of an image file as the weights' own evaluation transform makes it, computed with torchvision
+    alone (an independent reference for our decoding): upright, RGB, ``Resize(stored side)`` with the preprocessing's
+    resize filter, ``CenterCrop`` to the size an exported model takes."""
+    from PIL import ImageOps
+    from torchvision.transforms import v2
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    mode = v2.InterpolationMode.BICUBIC if preprocessing.resize == "bicubic" else v2.InterpolationMode.BILINEAR
+    height, width = preprocessing.caller_size
+    if (image.height, image.width) != tuple(preprocessing.stored_size):
+        image = v2.Resize(min(preprocessing.stored_size), interpolation=mode)(image)
+    return torch.from_numpy(np.asarray(v2.CenterCrop((height, width))(image)).transpose(2, 0, 1).copy())
+
+
+#: The classes of the photo runs that the inference and serving tests use.
+PHOTO_CLASSES = ("ants", "bees", "wasps")
+#: Command-line flags that keep a test run quiet and on the CPU.
+QUIET = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A folder holding ``last.ckpt`` of a small model fitted on mixed-size photos at 32 px, and its cache."""
+    from transfer_lightning.commands.main import main
+
+    root = tmp_path_factory.mktemp("trained")
+    photos = write_photo_folder(root / "photos", {"train": 12, "val": 4}, classes=PHOTO_CLASSES)
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        main(
+            [
+                "fit",
+                f"--data.data_dir={photos}",
+                f"--data.cache_dir={root / 'cache'}",
+                "--data.image_size=32",
+                "--data.batch_size=16",
+                "--model.weights=null",
+                "--model.optimizer=SGD",
+                "--model.optimizer.lr=0.05",
+                "--trainer.max_epochs=3",
+                "--test_after_fit=false",
+                *QUIET,
+            ]
+        )
+    finally:
+        os.chdir(cwd)
+    shutil.copy(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", root / "last.ckpt")
+    shutil.rmtree(photos)  # predict and export need only the checkpoint
+    return root

@@ -87,7 +87,7 @@ def test_decoded_images_equal_the_files_and_are_stored(image_folder, tmp_path):
     first = image_folder / "train" / "cat" / "00000.png"
     assert torch.equal(stored.arrays.images[0], T.functional.pil_to_tensor(Image.open(first).convert("RGB")))
     assert [path.name for path in tmp_path.glob("train-*")] == [stored.path.name]
-    assert stored.path.name.endswith("-32x32")
+    assert stored.path.name.endswith("-32x32-bilinear")
     assert not list(tmp_path.glob(".*tmp"))
 
 
@@ -193,7 +193,7 @@ def test_a_crash_while_writing_the_store_leaves_no_file(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "data", train_per_class=3, test_per_class=1)
     cache = tmp_path / "cache"
 
-    def crash(path, size=None):
+    def crash(path, *decoding):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(store, "decode_image", crash)

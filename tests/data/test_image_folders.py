@@ -100,7 +100,7 @@ def test_mixed_sizes_are_stored_once_memory_mapped_at_the_crop_size(tmp_path):
     datamodule = make_datamodule(root, tmp_path, image_size=28)
     assert datamodule.train_set.arrays.images.shape[1:] == (3, 32, 32)
     stores = sorted(path.name for path in (tmp_path / "cache").iterdir())
-    assert len(stores) == 2 and all(name.endswith("-32x32") for name in stores)
+    assert len(stores) == 2 and all(name.endswith("-32x32-bilinear-c28") for name in stores)  # ImageNet stats: bilinear
     maps = Path("/proc/self/maps").read_text()
     assert all(str(tmp_path / "cache" / name / "images.npy") in maps for name in stores)
     images, _ = next(iter(datamodule.val_dataloader()))

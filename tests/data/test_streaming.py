@@ -97,7 +97,7 @@ def test_jpeg_items_decode_to_the_stored_pixels(tmp_path):
     Image.fromarray(gradient).save(photo)
     expected = torch.from_numpy(decode_image(str(photo), (48, 48))).float()
     for encoding, tolerance in (("jpeg", 3.0), ("raw", 0.0)):
-        item = encode_sample((str(photo), 2), (48, 48), encoding, 95, str(tmp_path))
+        item = encode_sample((str(photo), 2), ((48, 48), "bilinear", None), encoding, 95, str(tmp_path))
         image, label = decode_item(item)
         assert image.shape == (3, 48, 48) and image.dtype == torch.uint8 and int(label) == 2
         assert (image.float() - expected).abs().mean() <= tolerance, encoding

@@ -7,53 +7,18 @@ import importlib.util
 import json
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import PHOTO_SIZES, photo, write_photo_folder
+from tests.conftest import PHOTO_CLASSES as CLASSES
+from tests.conftest import PHOTO_SIZES, QUIET, eval_pixels, photo, write_photo_folder
 from transfer_lightning import checkpoints
 from transfer_lightning.commands.main import main
-from transfer_lightning.data import center_crop, decode_image
 from transfer_lightning.inference import export
 from transfer_lightning.tasks.multiclass import ClassificationMetrics
-
-CLASSES = ("ants", "bees", "wasps")
-QUIET = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A folder holding ``last.ckpt`` of a small model fitted on mixed-size photos at 32 px, and its cache."""
-    root = tmp_path_factory.mktemp("trained")
-    photos = write_photo_folder(root / "photos", {"train": 12, "val": 4}, classes=CLASSES)
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        main(
-            [
-                "fit",
-                f"--data.data_dir={photos}",
-                f"--data.cache_dir={root / 'cache'}",
-                "--data.image_size=32",
-                "--data.batch_size=16",
-                "--model.weights=null",
-                "--model.optimizer=SGD",
-                "--model.optimizer.lr=0.05",
-                "--trainer.max_epochs=3",
-                "--test_after_fit=false",
-                *QUIET,
-            ]
-        )
-    finally:
-        os.chdir(cwd)
-    shutil.copy(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", root / "last.ckpt")
-    shutil.rmtree(photos)  # predict and export need only the checkpoint
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +43,9 @@ def predict(trained: Path, target: Path, run_dir: Path, *extra: str) -> list[dic
 
 
 def caller_images(paths: list[Path], trained: Path) -> torch.Tensor:
-    """What a user of an exported model feeds it: each photo resized as FILE.json says, as uint8."""
+    """What a user of an exported model feeds it: each photo resized as FILE.json says (torchvision's transforms)."""
     prep = checkpoints.preprocessing(checkpoints.read_checkpoint(trained / "last.ckpt"), "last.ckpt")
-    decoded = torch.stack([torch.from_numpy(decode_image(str(path), prep.stored_size)) for path in paths])
-    return center_crop(decoded, prep.caller_size[0])
+    return torch.stack([eval_pixels(path, prep) for path in paths])
 
 
 # --- predict -------------------------------------------------------------------------------------
@@ -317,8 +281,7 @@ def test_the_guide_snippets_run_without_this_package_and_agree_with_predict(trai
         results.append(torch.as_tensor(namespace["probabilities"]).flatten())
     # What the snippet feeds the model is exactly what predict decodes: the upright photo, resized and cropped.
     preprocessing = checkpoints.preprocessing(checkpoints.read_checkpoint(trained / "last.ckpt"), "last.ckpt")
-    decoded = torch.from_numpy(decode_image(str(run_dir / "photo.jpg"), preprocessing.stored_size))
-    assert torch.equal(torch.from_numpy(namespace["pixels"][0]), center_crop(decoded, preprocessing.caller_size[0]))
+    assert torch.equal(torch.from_numpy(namespace["pixels"][0]), eval_pixels(run_dir / "photo.jpg", preprocessing))
     (row,) = predict(trained, run_dir / "photo.jpg", run_dir, *QUIET)
     for probabilities in results:
         assert CLASSES[int(probabilities.argmax())] == row["predicted_class"]

@@ -3,6 +3,8 @@ before it is written, and used by predict and serve like any export."""
 
 from __future__ import annotations
 
+import argparse
+import base64
 import csv
 import json
 import os
@@ -15,7 +17,6 @@ import torch
 from onnx import TensorProto
 
 from tests.conftest import PHOTO_SIZES, photo, write_photo_folder
-from tests.servers import Server
 from transfer_lightning.commands.main import main
 from transfer_lightning.data import ImageArrays, ImageTensorDataset
 from transfer_lightning.data.transforms import Preprocessing
@@ -151,13 +152,16 @@ def test_predict_and_serve_run_the_int8_file_alike(run, int8_file, tmp_path):
         rows[name] = list(csv.DictReader((tmp_path / f"{name}.csv").open()))
     assert list(rows["int8"][0]) == list(rows["float"][0])  # the same columns
     assert [row["predicted_class"] for row in rows["int8"]] == [row["predicted_class"] for row in rows["float"]]
-    files = [(path.name, path.read_bytes()) for path in sorted(new.iterdir())]
-    server = Server("--model", str(int8_file))
-    try:
-        status, answer = server.upload(files)
-    finally:
-        assert server.stop() == 0
-    assert status == 200
+    # serve's own request handling (LitServe's API class, in this process): the same answers as predict's CSV.
+    pytest.importorskip("litserve", reason="the [serve] extra is not installed")
+    from transfer_lightning.serving.api import ClassifierAPI
+
+    api = ClassifierAPI(argparse.Namespace(ckpt_path=None, model=str(int8_file), max_image_mb=10, max_megapixels=10,
+                                           max_batch_size=1, top_k=3))  # fmt: skip
+    api.setup("cpu")
+    paths = sorted(new.iterdir())
+    request = {"images": [base64.b64encode(path.read_bytes()).decode() for path in paths]}
+    answer = api.encode_response(api.predict(api.decode_request(request)))
     for served, row in zip(answer["predictions"], rows["int8"], strict=True):
         assert served["class"] == row["predicted_class"]
         assert served["probability"] == pytest.approx(float(row["probability"]), abs=1e-5)

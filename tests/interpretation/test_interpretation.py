@@ -19,8 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torchvision.utils import make_grid
 
-from tests.conftest import prepared_by_hand
-from tests.inference.test_inference import QUIET, trained  # noqa: F401  (the fixture: a small fitted checkpoint)
+from tests.conftest import QUIET, prepared_by_hand
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
 from transfer_lightning.errors import UserInputError

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -341,8 +342,7 @@ def test_predict_with_a_hub_folder_gives_the_checkpoints_probabilities(timm_chec
     """predict --model DIR: each image's probability equals the checkpoint's, computed here from the file."""
     import csv
 
-    from transfer_lightning.data.store import decode_image
-    from transfer_lightning.data.transforms import center_crop
+    from tests.conftest import eval_pixels
 
     folder = export_hub(timm_checkpoint, tmp_path / "hub")
     images = timm_checkpoint.parents[3] / "images" / "test"
@@ -353,8 +353,7 @@ def test_predict_with_a_hub_folder_gives_the_checkpoints_probabilities(timm_chec
     assert len(rows) == len(list(images.rglob("*.png"))) == 16
     model, preprocessing = export.load_classifier(timm_checkpoint)
     for row in rows[:4]:
-        decoded = torch.from_numpy(decode_image(str(images / row["path"]), preprocessing.stored_size).copy())
-        batch = center_crop(decoded[None], preprocessing.caller_size[0])
+        batch = eval_pixels(images / row["path"], preprocessing)[None]
         with torch.no_grad():
             probabilities = model.task.probabilities(model.logits(preprocessing(batch)))[0]
         assert row["predicted_class"] == model.class_names[int(probabilities.argmax())]
@@ -475,3 +474,111 @@ def test_the_shared_lite0_override_runs_the_lite0_recipes(recipe, small_run_args
     saved = load_file(SHARED_LITE0 / "model.safetensors")
     body = cli.model.network.body.state_dict()
     assert torch.equal(body["conv_stem.weight"], saved["conv_stem.weight"])  # frozen in both recipes
+
+
+@pytest.fixture(scope="module")
+def timm_photo_checkpoint(tmp_path_factory, efficientnet_folder) -> Path:
+    """A test_efficientnet (bicubic weights, crop 0.95) fitted on photos of mixed sizes at 40 px: stored at 42."""
+    from tests.conftest import write_photo_folder
+
+    root = tmp_path_factory.mktemp("timm_photos")
+    folder = write_photo_folder(root / "photos", {"train": 6, "val": 2}, classes=("ants", "bees", "wasps"))
+    args = [f"--data.data_dir={folder}", f"--data.cache_dir={root / 'cache'}", "--data.image_size=40"]
+    args += [
+        f"--model.backbone=local-dir:{efficientnet_folder}",
+        "--data.normalization=auto",
+        "--trainer.accelerator=cpu",
+    ]
+    args += ["--trainer.enable_progress_bar=false", *QUICK[:-3], "--model.optimizer=Adam"]
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        TransferLightningCLI(args=["fit", *args, "--interpretation.enabled=false"])
+    finally:
+        os.chdir(cwd)
+    return next(root.rglob("last.ckpt"))
+
+
+def test_timms_own_transform_on_the_hub_folder_gives_predicts_probabilities(timm_photo_checkpoint, tmp_path, capsys):
+    """Whoever loads the Hub folder with timm's own eval transform gets predict's answers: the store resized the
+    photos with the weights' interpolation (bicubic), and the folder's crop fraction gives timm the stored size."""
+    from tests.conftest import photo
+
+    _, preprocessing = export.load_classifier(timm_photo_checkpoint)
+    assert (preprocessing.resize, preprocessing.interpolation, preprocessing.stored_size) == (
+        "bicubic",
+        "bicubic",
+        (42, 42),
+    )
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    generator = torch.Generator().manual_seed(11)
+    sizes = [(300, 200), (200, 301), (97, 61), (64, 48), (150, 150), (55, 120), (401, 233), (43, 90)]
+    for index, size in enumerate(sizes):
+        photo(index % 3, size, generator).save(photos / f"p{index}.jpg", quality=95)
+    assert_timm_transform_agrees_with_predict(timm_photo_checkpoint, photos, tmp_path, capsys)
+
+
+def assert_timm_transform_agrees_with_predict(checkpoint: Path, photos: Path, tmp_path: Path, capsys) -> None:
+    """predict --model on the checkpoint's Hub folder against timm's own transform and model on the same files: the
+    same pixels (to float rounding) and probabilities within 1e-3."""
+    import csv
+
+    from PIL import Image
+
+    _, preprocessing = export.load_classifier(checkpoint)
+    folder = export_hub(checkpoint, tmp_path / "hub")
+    output = tmp_path / "predictions.csv"
+    code, err = run(["predict", "--model", str(folder), f"--data.predict_dir={photos}", f"--output={output}"], capsys)
+    assert code == 0, err
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    config = timm.data.resolve_model_data_config(model)
+    assert config["interpolation"] == preprocessing.resize
+    transform = timm.data.create_transform(**config)
+    served = load_model(None, str(folder), "cpu")
+    rows = list(csv.DictReader(output.open()))
+    assert len(rows) == len(list(photos.iterdir()))
+    for row in rows:
+        with Image.open(photos / row["path"]) as image, torch.no_grad():
+            timms = transform(image.convert("RGB"))[None]
+            probabilities = model(timms).softmax(-1)[0]
+        ours = preprocessing(served.prepare((photos / row["path"]).read_bytes())[None])
+        assert (timms - ours).abs().max() < 1e-5, row["path"]  # the same pixels, not only similar answers
+        assert float(probabilities.max()) == pytest.approx(float(row["probability"]), abs=1e-3), row["path"]
+        assert model.pretrained_cfg["label_names"][int(probabilities.argmax())] == row["predicted_class"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_LITE0.is_dir(), reason="../shared's EfficientNet-Lite0 is absent")
+def test_the_real_lite0s_hub_folder_in_timm_gives_predicts_probabilities(tmp_path, run_dir, capsys):
+    """The real EfficientNet-Lite0 (bicubic, 224 of 256), frozen, fitted on real CIFAR-10 pictures enlarged to photos
+    of mixed sizes and aspect ratios; timm's own transform on the Hub folder against predict on 24 more."""
+    from PIL import Image
+
+    from tests.conftest import SHARED_CIFAR10
+
+    sizes = [(300, 200), (200, 301), (640, 480), (257, 256), (512, 300), (333, 500)]
+    for split, count in (("train", 12), ("val", 4), ("new", 8)):
+        for name in ("airplane", "cat", "ship"):
+            folder = tmp_path / "photos" / split / name
+            folder.mkdir(parents=True)
+            files = sorted((SHARED_CIFAR10 / "test" / name).iterdir())[{"train": 0, "val": 12, "new": 16}[split] :]
+            for index, file in enumerate(files[:count]):
+                with Image.open(file) as image:
+                    image.resize(sizes[index % len(sizes)], Image.BICUBIC).save(folder / f"{index}.jpg", quality=90)
+    args = [
+        f"--data.data_dir={tmp_path / 'photos'}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.image_size=auto",
+    ]
+    args += [f"--model.backbone=local-dir:{SHARED_LITE0}", "--model.weights=DEFAULT", "--data.normalization=auto"]
+    args += ["--model.freeze_backbone=true", "--trainer.max_epochs=2", "--test_after_fit=false"]
+    args += ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--interpretation.enabled=false"]
+    shutil.move(tmp_path / "photos" / "new", tmp_path / "new")
+    TransferLightningCLI(args=["fit", *args])
+    checkpoint = next(run_dir.rglob("last.ckpt"))
+    new = tmp_path / "flat"
+    new.mkdir()
+    for file in (tmp_path / "new").rglob("*.jpg"):
+        shutil.copy(file, new / f"{file.parent.name}-{file.name}")
+    assert_timm_transform_agrees_with_predict(checkpoint, new, tmp_path, capsys)

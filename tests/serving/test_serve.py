@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import csv
 import importlib.util
@@ -18,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import PHOTO_SIZES, photo
-from tests.inference.test_inference import CLASSES, QUIET, trained  # noqa: F401  (the fixture: a small fitted checkpoint)
+from tests.conftest import PHOTO_CLASSES as CLASSES
+from tests.conftest import PHOTO_SIZES, QUIET, photo
 from tests.servers import Server
 from tests.tasks.test_multilabel import tagged  # noqa: F401  (the fixture: a multi-label model fitted on tagged images)
 from transfer_lightning.commands.main import main
@@ -160,11 +161,20 @@ def test_an_exported_file_serves_the_same_answers(format, server, trained, photo
     output = tmp_path / f"model.{format}"
     main(["export", f"--ckpt_path={trained / 'last.ckpt'}", f"--output={output}"])
     files = [(path.name, path.read_bytes()) for path in sorted(photos.iterdir())]
-    exported = Server("--model", str(output))
-    try:
-        got = exported.upload(files)[1]["predictions"]
-    finally:
-        assert exported.stop(signal.SIGINT) == 0  # Ctrl+C stops it cleanly too
+    if format == FORMATS[-1]:  # one format through a server process of its own, the other through serve's LitAPI here
+        exported = Server("--model", str(output))
+        try:
+            got = exported.upload(files)[1]["predictions"]
+        finally:
+            assert exported.stop(signal.SIGINT) == 0  # Ctrl+C stops it cleanly too
+    else:
+        from transfer_lightning.serving.api import ClassifierAPI
+
+        args = {"ckpt_path": None, "model": str(output), "max_image_mb": 1, "max_megapixels": 0.01, "top_k": 5}
+        api = ClassifierAPI(argparse.Namespace(**args, max_batch_size=1))
+        api.setup("cpu")
+        request = {"images": [base64.b64encode(data).decode() for _, data in files]}
+        got = api.encode_response(api.predict(api.decode_request(request)))["predictions"]
     want = server.upload(files)[1]["predictions"]
     for a, b in zip(got, want, strict=True):
         assert a["class"] == b["class"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)

@@ -72,6 +72,7 @@ def main(argv: list[str]) -> StreamInfo:
         view=datamodule.view,
         image_size=config.data.image_size,
         crop_pct=config.crop_pct,
+        interpolation=datamodule.preparation.interpolation,
         encoding=config.encoding,
         quality=config.quality if config.encoding == "jpeg" else None,
         split_sizes={},

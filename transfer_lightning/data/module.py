@@ -85,8 +85,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         skip_bad_images: Skip image files that do not decode (logged, and listed in the store's skipped.txt).
         class_balance: none; sampler (draw training images inversely to their class's count); or loss (weights).
         cache_dir: Where decoded stores are kept; default $XDG_CACHE_HOME/transfer_lightning.
-        predict_dir: A folder of new images (any nesting, unlabeled) or one image file for ``predict``; null predicts
-            on the test split. They are prepared as the checkpoint's :class:`Preprocessing` says (no training data).
+        predict_dir: New images for ``predict`` (a folder, any depth, or a file); null: the test split.
         class_names: The class names in label order; null: the class folders' (sorted), a table's or CIFAR-10's.
         labels_file: A CSV or TSV table of image files and their labels, instead of class folders; a
             relative path not found from here is looked for in data_dir.
@@ -251,7 +250,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 "no training data tells: pass the training data's --data.data_dir and --data.image_size too."
             )
         p = self.preparation
-        return Preprocessing(size, self.view, p.image_size, p.mean, p.std, p.interpolation)
+        resize = self.stream.info.interpolation if self.stream is not None else p.interpolation  # the stored images'
+        return Preprocessing(size, self.view, p.image_size, p.mean, p.std, p.interpolation, resize)
 
     @property
     def preparation(self) -> Preparation:
@@ -280,9 +280,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if self.stream is not None or (self.predict_dir is not None and self.trainer and self.trainer.predicting):
             return  # streams download lazily; predict_dir is decoded by predict_dataloader with the checkpoint's sizes
         if self.reads_image_files:
-            stores, size = self.split_stores()
+            stores, _ = self.split_stores()
             for store in filter(None, stores):
-                store.build(size)
+                store.build(*self.preprocessing.decoding)
             if stores.val is None:  # here, before Lightning creates the run's folder (setup comes after)
                 training_pool = pool_names(self.table, self.folders)[0]
                 validation_count(self.hparams.val_size, len(stores.train.samples), training_pool)
@@ -301,8 +301,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return self._setup_stream()
         no_test, root = "no test folder", self.data_dir
         if self.reads_image_files:
-            stores, size = self.split_stores()
-            train, val, test = (store.dataset(size) if store else None for store in stores)
+            stores, _ = self.split_stores()
+            train, val, test = (s.dataset(*self.preprocessing.decoding) if s else None for s in stores)
             names = pool_names(self.table, self.folders)
             if self.table is not None:
                 no_test, root = "no test rows", self.table.table.path
@@ -311,8 +311,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             train = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=True), source=f"{source} train")
             test = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=False), source=f"{source} test")
             val, names = None, [f"{self.data_dir} (CIFAR-10 training batches)", None, f"{self.data_dir} (test batch)"]
-        seed = self.hparams.split_seed
-        splits = make_splits((train, val, test), names, self.hparams.val_size, seed, root, no_test)
+        splits = make_splits((train, val, test), names, self.hparams.val_size, self.hparams.split_seed, root, no_test)
         self.train_set, self.val_set, self.test_set = splits.train, splits.val, splits.test
         several = ", several per image" if self.task == "multilabel" else ""
         rank_zero_info(f"Data ({self.num_classes} classes{several}): {splits.description}.")
@@ -358,8 +357,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if self.predict_dir is None:
             return self._loader(self.test_set)
         self._predict_preprocessing = self.preprocessing
-        stored_size = self._predict_preprocessing.stored_size
-        self.predict_set, self.predict_paths = predict_images(self.predict_dir, self.cache_dir, stored_size)
+        self.predict_set, self.predict_paths = predict_images(
+            self.predict_dir, self.cache_dir, self.preprocessing.decoding
+        )
         rank_zero_info(f"Predicting {len(self.predict_set)} images under {self.predict_dir}.")
         return self._loader(self.predict_set)
 

@@ -36,6 +36,7 @@ from transfer_lightning.data.datasets import class_counts, stratified_split, val
 from transfer_lightning.data.storage import describe_storage_error, is_remote, require_litdata, storage_provider
 from transfer_lightning.data.store import DECODE_ERRORS, decode_image
 from transfer_lightning.data.streaming import INFO_FILE, StreamInfo, split_dir
+from transfer_lightning.data.transforms import Decoding
 from transfer_lightning.data.workers import POOL_MIN_SECONDS
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import temporary_path
@@ -76,14 +77,14 @@ def held_out_splits(
 
 
 def encode_sample(
-    sample: Sample, size: tuple[int, int], encoding: str, quality: int, failures_dir: str
+    sample: Sample, decoding: Decoding, encoding: str, quality: int, failures_dir: str
 ) -> dict[str, Any] | None:
     """One item of an optimized data set: the image at the stored ``size`` (as the local store decodes it),
     JPEG bytes or raw uint8 pixels, and its label. A file that does not decode is noted in ``failures_dir``
     (LitData's workers cannot return it) and left out."""
     source, label = sample
     try:
-        pixels = decode_image(source if isinstance(source, str) else io.BytesIO(source), size)
+        pixels = decode_image(source if isinstance(source, str) else io.BytesIO(source), *decoding)
     except DECODE_ERRORS as error:
         shown = source if isinstance(source, str) else "an embedded image"
         with open(Path(failures_dir) / f"{os.getpid()}.txt", "a") as failures:
@@ -135,7 +136,7 @@ def write_optimized(
                 started = time.perf_counter()
                 encode = functools.partial(
                     encode_sample,
-                    size=info.size,
+                    decoding=info.decoding,
                     encoding=info.encoding,
                     quality=info.quality or 0,
                     failures_dir=str(failures_dir),

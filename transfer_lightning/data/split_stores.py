@@ -10,6 +10,7 @@ from transfer_lightning.data.datasets import ImageTensorDataset
 from transfer_lightning.data.sources import SplitFolders
 from transfer_lightning.data.store import ImageFolderStore
 from transfer_lightning.data.table_source import TableSource
+from transfer_lightning.data.transforms import Decoding
 
 
 class SplitStores(NamedTuple):
@@ -53,12 +54,10 @@ def pool_names(table: TableSource | None, folders: SplitFolders | None) -> list[
     return [str(folder) if folder else None for folder in (folders.train, folders.val, folders.test)]
 
 
-def predict_images(
-    predict_dir: Path, cache_dir: Path, stored_size: tuple[int, int]
-) -> tuple[ImageTensorDataset, list[str]]:
-    """The images of ``predict_dir`` (any nesting, or one file) at ``stored_size``, undecodable ones skipped, and
-    the path of each as predictions.csv shows it (relative to ``predict_dir``)."""
-    stored = ImageFolderStore(predict_dir, None, cache_dir, skip_bad_images=True).load(stored_size)
+def predict_images(predict_dir: Path, cache_dir: Path, decoding: Decoding) -> tuple[ImageTensorDataset, list[str]]:
+    """The images of ``predict_dir`` (any nesting, or one file) decoded as ``decoding`` says, undecodable ones
+    skipped, and the path of each as predictions.csv shows it (relative to ``predict_dir``)."""
+    stored = ImageFolderStore(predict_dir, None, cache_dir, skip_bad_images=True).load(*decoding)
     paths = [
         os.path.relpath(stored.files[row], predict_dir) if predict_dir.is_dir() else str(predict_dir)
         for row in stored.rows.tolist()

@@ -3,11 +3,12 @@
 An image is decoded with PIL (JPEG, PNG, WebP, BMP, TIFF, GIF, AVIF, and HEIC with the [heif]
 extra), turned upright by its EXIF orientation, converted to RGB from any mode (grayscale, RGBA,
 palette, CMYK), and written as uint8 (3, H, W) into row ``i`` of ``images.npy``. Images of another
-size than the store's are resized so that they cover it, keeping their aspect ratio, and centre-cropped (torchvision's
-``Resize`` + ``CenterCrop``). Reading maps the file read-only (``numpy.load(mmap_mode="r")``), so a batch
-reads only its own rows and a store larger than memory trains with bounded memory.
+size than the store's are resized so that they cover it, keeping their aspect ratio, with the weights'
+interpolation (antialiased, as PIL resizes), and centre-cropped (torchvision's ``Resize`` + ``CenterCrop``).
+Reading maps the file read-only (``numpy.load(mmap_mode="r")``), so a batch reads only its own rows and a
+store larger than memory trains with bounded memory.
 
-A store is a folder ``<cache_dir>/<split>-<fingerprint>-<H>x<W>/`` holding ``images.npy``,
+A store is a folder ``<cache_dir>/<split>-<fingerprint>-<H>x<W>-<interpolation>[-c<centre>]/`` holding ``images.npy``,
 ``labels.npy`` (class indices, or a 0/1 row per image for multi-label; -1 for a file skipped as
 undecodable), ``files.json`` (the file of each row),
 ``skipped.txt`` and ``info.json``. The
@@ -34,7 +35,7 @@ from PIL import Image, ImageOps
 
 from transfer_lightning.data.datasets import ImageArrays, ImageTensorDataset
 from transfer_lightning.data.listing import list_images
-from transfer_lightning.data.transforms import DEFAULT_CROP_PCT, View, stored_size
+from transfer_lightning.data.transforms import DEFAULT_CROP_PCT, Decoding, Interpolation, View, stored_size
 from transfer_lightning.data.workers import run_tasks
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import check_free_space, remove_leftovers, reserve, temporary_path
@@ -66,35 +67,55 @@ def fingerprint(folder: Path, samples: list[tuple[str, int]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def decode_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """uint8 (3, H, W) RGB array of the image at ``path``, upright; resized to cover ``size`` and centre-cropped.
+def decode_image(
+    path: str, size: tuple[int, int] | None = None, interpolation: Interpolation = "bilinear", centre: int | None = None
+) -> np.ndarray:
+    """uint8 (3, H, W) RGB array of the image at ``path``, upright; resized (``interpolation``) to cover ``size`` and
+    cropped to it around its centre ``centre`` square (:func:`cover_and_crop`).
 
     Raises one of :data:`DECODE_ERRORS` when the file is not a decodable image.
     """
     with Image.open(path) as image:
-        if size is not None:
-            image.draft("RGB", (max(size), max(size)))  # JPEG: decode at the smallest scale that still covers size
+        # Decoded whole, as torchvision's and timm's transforms do: a JPEG decoded at a reduced scale (PIL's draft)
+        # differs by a few grey levels after resizing.
         image = ImageOps.exif_transpose(image)
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")  # what PIL asks for before dropping a palette's transparency
         image = image.convert("RGB")
     if size is not None and image.size != (size[1], size[0]):
-        image = cover_and_crop(image, size)
+        image = cover_and_crop(image, size, interpolation, centre)
     return np.asarray(image).transpose(2, 0, 1)
 
 
-def cover_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize keeping the aspect ratio until ``size`` (H, W) is covered, then take the centre.
+#: PIL's filters for the interpolations the weights declare (PIL's resize is antialiased with each).
+PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
-    For a square ``size`` this is torchvision's ``Resize(side)`` + ``CenterCrop(side)`` (bilinear, antialiased).
+
+def cover_and_crop(
+    image: Image.Image, size: tuple[int, int], interpolation: Interpolation = "bilinear", centre: int | None = None
+) -> Image.Image:
+    """Resize keeping the aspect ratio until ``size`` (H, W) is covered, then crop ``size`` out of the middle.
+
+    For a square ``size`` the resize is torchvision's ``Resize(side, interpolation)`` of a PIL image, and the crop is
+    placed so that its centre ``centre`` square (what evaluation takes, :func:`~.transforms.center_crop`) is exactly
+    torchvision's ``CenterCrop(centre)`` of the resized image: the pixels of the weights' own evaluation transform.
     """
     height, width = size
-    scale = max(height / image.height, width / image.width)
-    # int(), not round(): torchvision's Resize truncates the longer side the same way.
-    resized = (max(width, int(image.width * scale)), max(height, int(image.height * scale)))
-    image = image.resize(resized, Image.Resampling.BILINEAR)
-    left, top = int(round((resized[0] - width) / 2)), int(round((resized[1] - height) / 2))
+    if image.width * height >= image.height * width:  # at least as wide as size: the height binds
+        resized = (max(width, int(height * image.width / image.height)), height)
+    else:
+        resized = (width, max(height, int(width * image.height / image.width)))
+    image = image.resize(resized, PIL_FILTERS[interpolation])
+    left, top = _crop_start(resized[0], width, centre), _crop_start(resized[1], height, centre)
     return image.crop((left, top, left + width, top + height))
+
+
+def _crop_start(resized: int, kept: int, centre: int | None) -> int:
+    """Where the ``kept`` pixels start along a side: centred as torchvision centres (rounding half to even), the
+    middle ``centre`` of them where given."""
+    if centre is None:
+        return int(round((resized - kept) / 2))
+    return min(max(int(round((resized - centre) / 2)) - (kept - centre) // 2, 0), resized - kept)
 
 
 def read_size(path: str) -> tuple[int, int]:
@@ -116,13 +137,13 @@ def _read_sizes(paths: list[str]) -> list[tuple[int, int] | str]:
     return sizes
 
 
-def _decode_rows(store_file: str, size: tuple[int, int], rows: list[int], paths: list[str]) -> list[tuple[int, str]]:
+def _decode_rows(store_file: str, decoding: Decoding, rows: list[int], paths: list[str]) -> list[tuple[int, str]]:
     """Decode ``paths`` into ``rows`` of the store; returns (row, error) of the files that failed."""
     images = np.load(store_file, mmap_mode="r+")
     failures = []
     for row, path in zip(rows, paths, strict=True):
         try:
-            images[row] = decode_image(path, size)
+            images[row] = decode_image(path, *decoding)
         except DECODE_ERRORS as error:
             failures.append((row, f"{type(error).__name__}: {error}"))
     images.flush()
@@ -202,10 +223,14 @@ class ImageFolderStore:
         sizes = {size for size in self._header_sizes() if isinstance(size, tuple)}
         return sizes.pop() if len(sizes) == 1 else None
 
-    def build(self, size: tuple[int, int]) -> Path:
-        """The folder of this tree's store at ``size`` (H, W), built first if it does not exist yet, or again
-        if it is damaged (cut short by a copy or a full disk): said in one line, never a traceback."""
-        path = self.cache_dir / f"{self.key}-{size[0]}x{size[1]}"
+    def build(
+        self, size: tuple[int, int], interpolation: Interpolation = "bilinear", centre: int | None = None
+    ) -> Path:
+        """The folder of this tree's store at ``size`` (H, W), decoded by :func:`decode_image` with ``interpolation``
+        and ``centre``, built first if it does not exist yet, or again if it is damaged (cut short by a copy or a
+        full disk): said in one line."""
+        decoding = f"{interpolation}-c{centre}" if centre else interpolation
+        path = self.cache_dir / f"{self.key}-{size[0]}x{size[1]}-{decoding}"
         if path in self._whole:
             return path
         if (path / "info.json").is_file():
@@ -218,7 +243,7 @@ class ImageFolderStore:
             path.rename(discard)  # out of the way at once; another process may look for it meanwhile
             shutil.rmtree(discard, ignore_errors=True)
         remove_leftovers(self.cache_dir)
-        self._build(path, size)
+        self._build(path, (size, interpolation, centre))
         self._whole.add(path)
         return path
 
@@ -227,14 +252,16 @@ class ImageFolderStore:
             self._whole.add(path)
         return path in self._whole
 
-    def dataset(self, size: tuple[int, int]) -> ImageTensorDataset:
-        """The rows that decoded, at ``size``, as a dataset named by its store's folder."""
-        stored = self.load(size)
+    def dataset(self, *decoding) -> ImageTensorDataset:
+        """The rows that decoded (``decoding``: :meth:`build`'s arguments), as a dataset named by its store's folder."""
+        stored = self.load(*decoding)
         return ImageTensorDataset(stored.arrays, stored.rows, source=str(stored.path.resolve()))
 
-    def load(self, size: tuple[int, int]) -> StoredImages:
+    def load(
+        self, size: tuple[int, int], interpolation: Interpolation = "bilinear", centre: int | None = None
+    ) -> StoredImages:
         """The store of this tree at ``size`` (H, W), memory-mapped (built first if need be)."""
-        path = self.build(size)
+        path = self.build(size, interpolation, centre)
         labels = torch.from_numpy(np.load(path / "labels.npy"))
         skipped = (path / "skipped.txt").read_text().splitlines()
         if skipped:
@@ -261,7 +288,8 @@ class ImageFolderStore:
             self._sizes = run_tasks(_read_sizes, [(chunk,) for chunk in _chunks(paths)], f"Reading {self.described}")
         return self._sizes
 
-    def _build(self, path: Path, size: tuple[int, int]) -> None:
+    def _build(self, path: Path, decoding: Decoding) -> None:
+        size, interpolation, _ = decoding
         header_sizes = self._header_sizes()
         bad = {i: error for i, error in enumerate(header_sizes) if isinstance(error, str)}
         good = [i for i in range(len(self.samples)) if i not in bad]
@@ -280,7 +308,7 @@ class ImageFolderStore:
             reserve(Path(store_file), os.path.getsize(store_file))  # a full disk fails here, not as SIGBUS later
             rows = list(range(len(good)))
             tasks = [
-                (store_file, size, chunk, [self.samples[i][0] for i in indices])
+                (store_file, decoding, chunk, [self.samples[i][0] for i in indices])
                 for chunk, indices in zip(_chunks(rows), _chunks(good), strict=True)
             ]
             failures = run_tasks(_decode_rows, tasks, f"Decoding {self.described} at {size[0]}x{size[1]}")
@@ -293,6 +321,7 @@ class ImageFolderStore:
             (temporary / "skipped.txt").write_text("".join(line + "\n" for line in skipped))
             (temporary / "files.json").write_text(json.dumps([self.samples[i][0] for i in good]))
             info = {"source": str(self.folder.resolve()), "images": len(good), "size": list(size)}
+            info["interpolation"] = interpolation
             info["uniform_size"] = list(sizes.pop()) if len(sizes) == 1 else None
             info |= {"images_bytes": os.path.getsize(store_file), "images_digest": edges_digest(Path(store_file))}
             (temporary / "info.json").write_text(json.dumps(info, indent=1))

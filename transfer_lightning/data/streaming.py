@@ -26,7 +26,7 @@ from torchvision.io import decode_jpeg
 from transfer_lightning.data.datasets import count_balancing_weights, count_positive_weights
 from transfer_lightning.data.preparation import Preparation
 from transfer_lightning.data.storage import download_file, is_remote, require_litdata
-from transfer_lightning.data.transforms import View, stored_size
+from transfer_lightning.data.transforms import Decoding, Interpolation, View, stored_size
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.tasks import TaskName
 
@@ -58,8 +58,15 @@ class StreamInfo:
     #: Where each split came from, as the log says it.
     description: str
     source: str
+    #: How stored images were resized (data sets optimized before it was recorded: bilinear).
+    interpolation: Interpolation = "bilinear"
     format: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decoding(self) -> Decoding:
+        """How ``optimize`` decodes each image (as the local store does)."""
+        return tuple(self.size), self.interpolation, self.image_size if self.view == "crop" else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

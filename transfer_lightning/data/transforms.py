@@ -151,12 +151,21 @@ def prepare_batch(
     return (batch - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
+#: How an image file is decoded into a store: :func:`~transfer_lightning.data.store.decode_image`'s size (H, W),
+#: interpolation and centre square.
+Decoding = tuple[tuple[int, int], Interpolation, int | None]
+
+#: The version of :class:`Preprocessing`'s saved form. 2: ``resize`` says how stored images were resized. 1 (older
+#: checkpoints): it is absent, and they were resized bilinear whatever ``interpolation`` said.
+PREPROCESSING_FORMAT = 2
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How an image file becomes the network's input at evaluation, exactly as in training.
 
-    1. Decode (RGB, EXIF-upright), resize keeping the aspect ratio until ``stored_size`` (H, W) is
-       covered, and take the centre ``stored_size`` (:func:`~transfer_lightning.data.store.decode_image`).
+    1. Decode (RGB, EXIF-upright), resize (``resize``, antialiased) keeping the aspect ratio until ``stored_size``
+       (H, W) is covered, and take the centre ``stored_size`` (:func:`~transfer_lightning.data.store.decode_image`).
     2. :func:`prepare_batch` without augmentation: the centre ``image_size`` square (``view`` crop)
        or a resize of the whole image to ``image_size`` (``view`` resize), then ``mean`` and ``std``.
 
@@ -169,6 +178,13 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: Interpolation = "bilinear"
+    resize: Interpolation = "bilinear"
+    format: int = PREPROCESSING_FORMAT
+
+    @property
+    def decoding(self) -> Decoding:
+        """How step 1 decodes: the stored size, the resize, and the centre square that evaluation crops."""
+        return tuple(self.stored_size), self.resize, self.image_size if self.view == "crop" else None
 
     @property
     def caller_size(self) -> tuple[int, int]:
@@ -197,12 +213,12 @@ class Preprocessing:
         upright = "Turn each image upright by its EXIF orientation (PIL.ImageOps.exif_transpose), convert it to RGB, "
         if tuple(self.stored_size) == (height, width):
             return upright + (
-                f"resize it keeping its aspect ratio so that it covers {height}x{width} (bilinear, "
+                f"resize it keeping its aspect ratio so that it covers {height}x{width} ({self.resize}, "
                 f"antialiased, as PIL's resize), then take the centre {height}x{width}; uint8, channels first."
             )
         return upright + (
             f"resize it keeping its aspect ratio so that it covers {self.stored_size[0]}x"
-            f"{self.stored_size[1]} (bilinear, antialiased, as PIL's resize; torchvision's "
+            f"{self.stored_size[1]} ({self.resize}, antialiased, as PIL's resize; torchvision's "
             f"Resize({min(self.stored_size)}) for a square), then take the centre {height}x{width} "
             f"(CenterCrop({height})); uint8, channels first."
         )
@@ -219,4 +235,6 @@ class Preprocessing:
             mean=tuple(values["mean"]),
             std=tuple(values["std"]),
             interpolation=values.get("interpolation", "bilinear"),  # older checkpoints name none: bilinear
+            resize=values.get("resize", "bilinear"),  # format 1: stored images were resized bilinear
+            format=values.get("format", 1),
         )

@@ -180,6 +180,7 @@ def describe(
         "preprocessing": preprocessing.describe(),
         "exif_orientation": "apply before resizing: PIL.ImageOps.exif_transpose(image), as training and predict do",
         "resize_to_cover": list(preprocessing.stored_size),
+        "resize_interpolation": preprocessing.resize,
         "center_crop": [height, width],
         "inside_the_model": {
             "scale": "divide by 255",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from importlib.metadata import version
 from pathlib import Path
@@ -44,12 +45,15 @@ def data_config(preprocessing: Preprocessing) -> dict[str, Any]:
     of the stored size (1.0 where whole images were resized, as CIFAR-10's 32 px ones)."""
     side = preprocessing.image_size or min(preprocessing.stored_size)
     crop = side / min(preprocessing.stored_size) if preprocessing.view == "crop" else 1.0
+    while math.floor(side / crop) < min(preprocessing.stored_size):  # timm resizes to floor(side / crop_pct)
+        crop = math.nextafter(crop, 0.0)
     return {
         "input_size": (3, side, side),
-        "interpolation": preprocessing.interpolation,
+        # timm resizes the photo with it: as the store did (crop view), or as the network's input was (whole images).
+        "interpolation": preprocessing.resize if preprocessing.view == "crop" else preprocessing.interpolation,
         "mean": tuple(preprocessing.mean),
         "std": tuple(preprocessing.std),
-        "crop_pct": round(crop, 4),
+        "crop_pct": crop,
         "crop_mode": "center",
     }
 

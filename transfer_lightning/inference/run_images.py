@@ -64,9 +64,11 @@ def open_run_images(checkpoint: dict[str, Any], preprocessing: Preprocessing, **
     data.prepare_data()
     data.setup("fit")
     found = data.preprocessing
-    if (tuple(found.stored_size), found.view) != (tuple(preprocessing.stored_size), preprocessing.view):
+    same_size = (tuple(found.stored_size), found.view) == (tuple(preprocessing.stored_size), preprocessing.view)
+    if not same_size or (found.view == "crop" and found.resize != preprocessing.resize):  # else nothing was resized
         raise UserInputError(
-            f"The data at {data.data_dir} comes out at {found.stored_size} ({found.view}), but the checkpoint was "
-            f"trained on {preprocessing.stored_size} ({preprocessing.view}): pass the run's own --data.data_dir."
+            f"The data at {data.data_dir} comes out at {found.stored_size} ({found.view}, resized {found.resize}), but "
+            f"the checkpoint was trained on {preprocessing.stored_size} ({preprocessing.view}, resized "
+            f"{preprocessing.resize}): pass the run's own --data.data_dir, or train again with this version."
         )
     return RunImages(data.train_set, data.val_set, preprocessing, data.test_set)

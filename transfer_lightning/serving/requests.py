@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from transfer_lightning.data.store import DECODE_ERRORS, decode_image
-from transfer_lightning.data.transforms import Preprocessing, center_crop
+from transfer_lightning.data.transforms import Interpolation, Preprocessing, center_crop
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.inference.export import ExportedClassifier, describe, load_classifier
 from transfer_lightning.network.onnx import inference_session
@@ -45,13 +45,16 @@ class ServedModel:
     run: Callable[[Tensor], Tensor]
     stored_size: tuple[int, int]
     input_size: tuple[int, int]
+    #: How photos are resized to cover ``stored_size``, as the store resized them in training.
+    resize: Interpolation
     #: The model's task, which turns its probabilities into answers (with a multi-label model's thresholds).
     task: Task
     info: dict
 
     def prepare(self, data: bytes) -> Tensor:
         """uint8 (3, H, W) of an image file's bytes, as ``predict`` prepares it."""
-        decoded = torch.from_numpy(decode_image(io.BytesIO(data), self.stored_size).copy())
+        centre = self.input_size[0] if tuple(self.input_size) != tuple(self.stored_size) else None
+        decoded = torch.from_numpy(decode_image(io.BytesIO(data), self.stored_size, self.resize, centre).copy())
         return center_crop(decoded[None], self.input_size[0])[0]
 
 
@@ -120,6 +123,7 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
         run=run,
         stored_size=tuple(description["resize_to_cover"]),
         input_size=tuple(description["center_crop"]),
+        resize=description.get("resize_interpolation", "bilinear"),  # files exported before it was recorded
         task=task,
         info=info,
     )
@@ -150,6 +154,7 @@ def load_hub_folder(folder: Path) -> tuple[ExportedClassifier, dict]:
         "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, height, width], "channels": "RGB"},
         "preprocessing": preprocessing.describe(),
         "resize_to_cover": list(preprocessing.stored_size),
+        "resize_interpolation": preprocessing.resize,
         "center_crop": [height, width],
     }
     return ExportedClassifier(network, preprocessing, task).eval(), description
