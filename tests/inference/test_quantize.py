@@ -43,7 +43,7 @@ def run(tmp_path_factory) -> Path:
             [
                 "fit", f"--data.data_dir={photos}", f"--data.cache_dir={root / 'cache'}", "--data.image_size=32",
                 "--data.batch_size=16", "--model.weights=null", "--model.optimizer=Adam", "--model.optimizer.lr=0.001",
-                "--trainer.max_epochs=8", "--test_after_fit=false", "--trainer.accelerator=cpu",
+                "--trainer.max_epochs=4", "--test_after_fit=false", "--trainer.accelerator=cpu",
                 "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             ]
         )  # fmt: skip
