@@ -219,33 +219,26 @@ PHOTO_CLASSES = ("ants", "bees", "wasps")
 QUIET = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
+def fit_in(folder: Path, args: list[str]) -> None:
+    """``fit`` with ``args``, run from ``folder`` (its lightning_logs/ goes there), as a user in that folder would."""
+    from transfer_lightning.commands.main import main
+
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        main(["fit", *args])
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
     """A folder holding ``last.ckpt`` of a small model fitted on mixed-size photos at 32 px, and its cache."""
-    from transfer_lightning.commands.main import main
-
     root = tmp_path_factory.mktemp("trained")
     photos = write_photo_folder(root / "photos", {"train": 12, "val": 4}, classes=PHOTO_CLASSES)
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        main(
-            [
-                "fit",
-                f"--data.data_dir={photos}",
-                f"--data.cache_dir={root / 'cache'}",
-                "--data.image_size=32",
-                "--data.batch_size=16",
-                "--model.weights=null",
-                "--model.optimizer=SGD",
-                "--model.optimizer.lr=0.05",
-                "--trainer.max_epochs=3",
-                "--test_after_fit=false",
-                *QUIET,
-            ]
-        )
-    finally:
-        os.chdir(cwd)
+    args = [f"--data.data_dir={photos}", f"--data.cache_dir={root / 'cache'}", "--data.image_size=32"]
+    args += ["--data.batch_size=16", "--model.weights=null", "--model.optimizer=SGD", "--model.optimizer.lr=0.05"]
+    fit_in(root, [*args, "--trainer.max_epochs=3", "--test_after_fit=false", *QUIET])
     shutil.copy(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", root / "last.ckpt")
     shutil.rmtree(photos)  # predict and export need only the checkpoint
     return root

@@ -7,7 +7,6 @@ import argparse
 import base64
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from tests.conftest import PHOTO_SIZES, photo, write_photo_folder
+from tests.conftest import PHOTO_SIZES, QUIET, fit_in, photo, write_photo_folder
 from transfer_lightning.commands.main import main
 from transfer_lightning.data import ImageArrays, ImageTensorDataset
 from transfer_lightning.data.transforms import Preprocessing
@@ -36,19 +35,9 @@ def run(tmp_path_factory) -> Path:
     chance), the photos in ``photos/``, and the float export ``float.onnx``."""
     root = tmp_path_factory.mktemp("int8_run")
     photos = write_photo_folder(root / "photos", {"train": 14, "val": 6}, classes=CLASSES)
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        main(
-            [
-                "fit", f"--data.data_dir={photos}", f"--data.cache_dir={root / 'cache'}", "--data.image_size=32",
-                "--data.batch_size=16", "--model.weights=null", "--model.optimizer=Adam", "--model.optimizer.lr=0.001",
-                "--trainer.max_epochs=4", "--test_after_fit=false", "--trainer.accelerator=cpu",
-                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            ]
-        )  # fmt: skip
-    finally:
-        os.chdir(cwd)
+    args = [f"--data.data_dir={photos}", f"--data.cache_dir={root / 'cache'}", "--data.image_size=32"]
+    args += ["--data.batch_size=16", "--model.weights=null", "--model.optimizer=Adam", "--model.optimizer.lr=0.001"]
+    fit_in(root, [*args, "--trainer.max_epochs=4", "--test_after_fit=false", *QUIET])
     shutil.copy(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", root / "last.ckpt")
     main(["export", f"--ckpt_path={root / 'last.ckpt'}", f"--output={root / 'float.onnx'}"])
     return root
