@@ -186,7 +186,7 @@ def test_too_few_training_images_and_a_model_without_weights_to_quantize(tmp_pat
             return images.float().mean(dim=(2, 3)).softmax(dim=1)
 
     model = tmp_path / "means.onnx"
-    write_onnx(ColourMeans(), torch.zeros(2, 3, 8, 8, dtype=torch.uint8), model, "images", "probabilities")
+    write_onnx(ColourMeans().eval(), torch.zeros(2, 3, 8, 8, dtype=torch.uint8), model, "images", "probabilities")
     enough = ImageArrays(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40) % 3)
     images = RunImages(ImageTensorDataset(enough), ImageTensorDataset(enough), preprocessing)
     with pytest.raises(UserInputError, match="ONNX Runtime cannot quantize this model's operators"):

@@ -344,6 +344,7 @@ def test_feature_cache_is_off_with_tta_flip(image_folder, tmp_path):
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs" / "recipes").glob("*.yaml"))
 
 
+@pytest.mark.filterwarnings("ignore:model.scheduler .* has T_max")  # the recipes are cut to 2 epochs here
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
 def test_recipe_configs_run_and_comment_every_setting(recipe, small_run_args, run_dir):
     settings = [line for line in recipe.read_text().splitlines() if ":" in line and not line.lstrip().startswith("#")]
