@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from transfer_lightning.commands.main import main
 from transfer_lightning.commands.subcommands import SUBCOMMANDS
 from transfer_lightning.data import ImageFolderDataModule
-from transfer_lightning.data.sources import download_cifar10
+from transfer_lightning.data.cifar10 import download_cifar10
 from transfer_lightning.errors import UserInputError
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune_sgd.yaml"

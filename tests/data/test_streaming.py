@@ -366,7 +366,7 @@ def test_frozen_features_of_a_stream_are_computed_by_both_processes_and_gathered
         streaming_dir=str(optimized), cache_dir=str(tmp_path / "here"), normalization="reference"
     )
     data.setup("fit")
-    share = data.stream.share("train", 0, 0)
+    share = data.source.share("train", 0, 0)
     with torch.no_grad():
         expected = torch.cat([model.classifier_inputs(data.batch_transform(batch, train=False))
                               for batch, _ in share.batches(50)])  # fmt: skip
@@ -407,7 +407,7 @@ def test_a_frozen_lbfgs_head_over_a_stream_trains_on_features_computed_once(opti
     assert first.trainer.callback_metrics["test/acc"] > 0.5  # 4 colour classes: chance is 0.25
     stored = [torch.load(path, weights_only=True) for path in (run_dir / "c" / "features").glob("*.pt")]
     assert sorted(len(item["features"]) for item in stored) == [20, 100, 100]  # val, train, train mirrored
-    model, share = first.model.eval(), first.datamodule.stream.share("train", 0, 0)
+    model, share = first.model.eval(), first.datamodule.source.share("train", 0, 0)
     with torch.no_grad():
         expected = torch.cat([model.classifier_inputs(first.datamodule.batch_transform(images, train=False))
                               for images, _ in share.batches(50)])  # fmt: skip

@@ -12,7 +12,7 @@ from PIL import Image
 from tests.conftest import CLASSES, class_images, write_image_folder
 from transfer_lightning.commands.main import main
 from transfer_lightning.data import ImageFolderDataModule
-from transfer_lightning.data.datasets import iterative_stratified_split
+from transfer_lightning.data.splits import iterative_stratified_split
 from transfer_lightning.data.tables import find_label_delimiter, read_label_table
 from transfer_lightning.errors import UserInputError
 
@@ -131,7 +131,7 @@ def test_files_without_or_with_another_extension_are_found_by_stem(tmp_path, cap
     write_images(tmp_path / "images", ["a.jpg", "b.png", "sub/c.png", "d.png", "e.png", "f.png"])
     (tmp_path / "t.csv").write_text("id,label\na,cat\nb.jpg,dog\nsub/c.png,cat\nd,dog\ne.png,cat\nf,dog\n")
     datamodule = module(tmp_path, tmp_path / "t.csv", images_dir=str(tmp_path / "images"))
-    samples = datamodule.table.resolved.samples[None]
+    samples = datamodule.source.resolved.samples[None]
     assert [Path(path).relative_to(tmp_path / "images").as_posix() for path, _ in samples] == [
         "a.jpg", "b.png", "sub/c.png", "d.png", "e.png", "f.png",
     ]  # fmt: skip

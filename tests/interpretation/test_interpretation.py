@@ -296,7 +296,7 @@ def test_wrong_cam_layer_is_one_clear_error_before_testing(interpreted, capsys):
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
         patch.chdir(root)
         data = [
-            f"--data.data_dir={cli.datamodule.data_dir}",
+            f"--data.data_dir={cli.datamodule.hparams.data_dir}",
             f"--data.cache_dir={root / 'cache'}",
             "--data.val_size=20",
         ]

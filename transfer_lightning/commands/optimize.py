@@ -3,6 +3,7 @@ a data set written once into LitData's optimized chunks, for ``fit --data.stream
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from pathlib import Path
@@ -11,11 +12,14 @@ from jsonargparse import ArgumentParser
 
 from transfer_lightning.commands.cli import program_name
 from transfer_lightning.data import ImageFolderDataModule
-from transfer_lightning.data.optimizing import held_out_splits, refuse_existing, write_optimized
-from transfer_lightning.data.split_stores import pool_names
+from transfer_lightning.data.optimizing import refuse_existing, write_optimized
+from transfer_lightning.data.settings import check_data_settings
+from transfer_lightning.data.source import FileSource
+from transfer_lightning.data.sources import open_source
+from transfer_lightning.data.splits import make_splits
 from transfer_lightning.data.storage import is_remote, require_litdata
 from transfer_lightning.data.streaming import StreamInfo
-from transfer_lightning.data.transforms import DEFAULT_CROP_PCT
+from transfer_lightning.data.transforms import DEFAULT_CROP_PCT, Interpolation
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import human_size
 
@@ -26,17 +30,26 @@ TRAINING_ONLY = {
 }  # fmt: skip
 
 
+#: The data settings that name the source (the rest say how it is split and stored).
+SOURCE_SETTINGS = set(inspect.signature(open_source).parameters)
+
+
 def build_parser(prog: str) -> ArgumentParser:
     parser = ArgumentParser(
         prog=prog,
         description="Write a photo folder or a label table once into LitData's optimized chunks, locally or to "
         "object storage, for fit/validate/test/predict --data.streaming_dir.",
     )
-    parser.add_class_arguments(ImageFolderDataModule, "data", skip=TRAINING_ONLY)
+    # The data module's options and help texts; only its source is made (open_source), never a DataModule.
+    parser.add_class_arguments(ImageFolderDataModule, "data", skip=TRAINING_ONLY, instantiate=False)
     parser.add_argument("--output", type=str, required=True, help="A new folder, or s3://BUCKET/PATH (gs://, r2://).")
     parser.add_argument(
         "--crop_pct", type=float, default=DEFAULT_CROP_PCT,
         help="Centre-crop fraction of the recipe's weights: images are stored at image_size / crop_pct (224 -> 256).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--interpolation", type=Interpolation, default="bilinear",
+        help="Resampling of the recipe's weights (bicubic for timm's EfficientNet-Lite0), as the local store resizes.",
     )  # fmt: skip
     parser.add_argument("--encoding", type=str, default="jpeg", choices=["jpeg", "raw"], help="JPEG, or uint8 pixels.")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality (1-100).")
@@ -46,51 +59,55 @@ def build_parser(prog: str) -> ArgumentParser:
 
 
 def main(argv: list[str]) -> StreamInfo:
-    """Parse ``argv``, split and write the data set, and say what was written."""
+    """Parse ``argv``, split the source and write it, and say what was written."""
     parser = build_parser(f"{program_name()} optimize")
     config = parser.parse_args(argv)
+    data = config.data
     if not 1 <= config.quality <= 100:
         raise UserInputError(f"--quality must be between 1 and 100, got {config.quality}.")
-    if config.data.image_size == "auto":
+    if data.image_size == "auto":
         raise UserInputError("optimize needs the image size to store: --data.image_size 224 (or null: as they are).")
+    check_data_settings(1, 0, data.val_size, data.image_size, (1.0, 1.0), "imagenet", "none")
     require_litdata()
-    refuse_existing(config.output, config.data.storage_options)
-    datamodule: ImageFolderDataModule = parser.instantiate(config).data
-    if not datamodule.reads_image_files:
+    refuse_existing(config.output, data.storage_options)
+    settings = {name: value for name, value in data.items() if name in SOURCE_SETTINGS}
+    source = open_source(**settings, download=False)
+    if not isinstance(source, FileSource):
         raise UserInputError(
-            f"optimize reads photo folders and label tables; {datamodule.data_dir} holds neither (CIFAR-10's python "
-            "batches: point --data.data_dir at a folder of class folders instead)."
+            f"optimize reads photo folders, label tables and Parquet; {source.describe()} is none of them (point "
+            "--data.data_dir at a folder of class folders instead)."
         )
-    stores, size = datamodule.split_stores(config.crop_pct)
-    pools = [store.samples if store is not None else None for store in stores]
-    names = pool_names(datamodule.table, datamodule.folders)
-    splits, description = held_out_splits(pools, names, config.data.val_size, config.data.split_seed)
+    size, view = source.stored_size(data.image_size, config.crop_pct)
+    splits = make_splits(source.sample_pools(), data.val_size, data.split_seed, source.root)
+    written = {"train": splits.train}
+    written |= {} if splits.val_is_test else {"val": splits.val}
+    written |= {} if splits.test_is_val else {"test": splits.test}
     info = StreamInfo(
-        task=datamodule.task,
-        class_names=datamodule.class_names,
+        task=source.task,
+        class_names=source.class_names,
         size=size,
-        view=datamodule.view,
-        image_size=config.data.image_size,
+        view=view,
+        image_size=data.image_size,
         crop_pct=config.crop_pct,
-        interpolation=datamodule.preparation.interpolation,
+        interpolation=config.interpolation,
         encoding=config.encoding,
         quality=config.quality if config.encoding == "jpeg" else None,
         split_sizes={},
         train_class_counts=[],
-        description=description,
-        source=str((datamodule.table.table.path if datamodule.table is not None else datamodule.data_dir).resolve()),
+        description=splits.description,
+        source=source.describe(),
     )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     start = time.perf_counter()
     info = write_optimized(
         config.output,
-        splits,
+        written,
         info,
         config.workers or cores,
         config.chunk_bytes,
-        config.data.storage_options,
-        config.data.skip_bad_images,
-        config.data.split_seed,
+        data.storage_options,
+        data.skip_bad_images,
+        data.split_seed,
     )
     sizes = ", ".join(f"{split} {count}" for split, count in info.split_sizes.items())
     print(

@@ -1,21 +1,16 @@
-"""Splits as index sets over uint8 image tensors, batches by indexing, and the order of each loader."""
+"""Image tensors served a whole batch at a time, class weights, and the order of each loader."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
-
-from transfer_lightning.errors import UserInputError
 
 
 class ImageArrays(NamedTuple):
@@ -145,70 +140,6 @@ def class_counts(labels: Tensor, num_classes: int) -> list[int]:
     return torch.bincount(labels, minlength=num_classes).tolist()
 
 
-def validation_count(val_size: int | float, pool_size: int, pool_name: str = "the training set") -> int:
-    """``val_size`` as a number of images held out of a pool: a count, or a fraction (0 < f < 1) of it.
-
-    Raises :class:`UserInputError`, saying what to set, when it would leave no image to train on.
-    """
-    if isinstance(val_size, float) and 0 < val_size < 1:
-        count = max(1, round(val_size * pool_size))
-    elif isinstance(val_size, float) and not val_size.is_integer():
-        raise UserInputError(f"val_size must be a count of images or a fraction between 0 and 1, got {val_size}.")
-    else:
-        count = int(val_size)
-    if count >= pool_size:
-        raise UserInputError(
-            f"data.val_size {val_size} holds out {count} images for validation, but {pool_name} has {pool_size}: "
-            f"set --data.val_size to a fraction such as 0.2, or a count below {pool_size}."
-        )
-    return count
-
-
-class Splits(NamedTuple):
-    """The train, val and test sets of a run, and one line saying where each comes from."""
-
-    train: ImageTensorDataset
-    val: ImageTensorDataset
-    test: ImageTensorDataset
-    description: str
-
-
-def make_splits(
-    pools: tuple[ImageTensorDataset, ImageTensorDataset | None, ImageTensorDataset | None],
-    names: tuple[str, str | None, str | None],
-    val_size: int | float,
-    split_seed: int,
-    root: Path,
-    no_test: str = "no test folder",
-) -> Splits:
-    """(train, val, test) from the pools a data set has: val carved out of train (stratified, seeded)
-    where there is no val pool (or the test set with ``val_size`` 0, the reference's way), and test
-    served by val where there is no test pool. ``root`` names the data set in messages, ``no_test``
-    says what it lacks when val also tests."""
-    (train, val, test), (train_name, val_name, test_name) = pools, names
-    if val is None:
-        count = validation_count(val_size, len(train), train_name)
-        if count == 0:
-            if test is None:
-                raise UserInputError(f"val_size 0 validates on the test set, but {root} has {no_test}.")
-            rank_zero_info(
-                "val_size is 0: validating on the TEST set (reference mode). Test accuracy is then not honest."
-            )
-            val, val_name = test, test_name
-        else:
-            train_positions, val_positions = stratified_split(train.labels, count, split_seed)
-            train, val = train.subset(train_positions), train.subset(val_positions)
-            how = "iterative stratification" if train.labels.ndim == 2 else "stratified"
-            val_name = f"{len(val_positions)} images held out of {train_name} ({how}, seed {split_seed})"
-    if test is None:
-        test, test_name = val, f"the val images ({no_test} in {root})"
-    description = (
-        f"train = {train_name} ({len(train)} images), val = {val_name} ({len(val)} images), "
-        f"test = {test_name} ({len(test)} images)"
-    )
-    return Splits(train, val, test, description)
-
-
 def make_sampler(
     dataset: ImageTensorDataset, shuffle: bool, balance_classes: int | None, rank: int, world_size: int
 ) -> Sampler | None:
@@ -223,68 +154,3 @@ def make_sampler(
     if world_size == 1:
         return None
     return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-
-
-def stratified_split(labels: Tensor, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Split positions of ``labels`` into (train, val), ``val_size`` of them for val, per-class proportional.
-
-    The same ``seed`` gives the same split on every machine. Both index tensors are sorted. 0/1
-    labels (N, classes) of multi-label data go to :func:`iterative_stratified_split`.
-    """
-    if not 0 < val_size < len(labels):
-        raise UserInputError(
-            f"val_size must be between 1 and {len(labels) - 1} (the training set has {len(labels)} images), "
-            f"got {val_size}."
-        )
-    if labels.ndim == 2:
-        return iterative_stratified_split(labels, val_size, seed)
-    generator = torch.Generator().manual_seed(seed)
-    counts = torch.bincount(labels).double()
-    quotas = counts * val_size / len(labels)
-    per_class = quotas.floor().long()
-    # Largest-remainder rounding so that the quotas add up to exactly val_size.
-    leftover = val_size - int(per_class.sum())
-    per_class[torch.argsort(quotas - per_class, descending=True, stable=True)[:leftover]] += 1
-    shuffled = torch.randperm(len(labels), generator=generator)
-    val_indices = torch.cat([shuffled[labels[shuffled] == c][:n] for c, n in enumerate(per_class.tolist())])
-    is_val = torch.zeros(len(labels), dtype=torch.bool)
-    is_val[val_indices] = True
-    return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
-
-
-def iterative_stratified_split(labels: Tensor, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """(train, val) positions of multi-label 0/1 ``labels`` (N, classes), about ``val_size`` for val.
-
-    Iterative stratification (Sechidis, Tsoumakas and Vlahavas, 2011), which scikit-multilearn and
-    iterstrat implement: the rarest class still unplaced goes first, each of its images to the split
-    that most lacks that class, so rare classes are spread before common ones fill the splits. A
-    simple random split of multi-label data leaves rare classes out of validation; here every class
-    with at least two images wants one of them in validation (a class with one image can only train,
-    and the setup log says so). Images without labels fill the splits' remaining room. The sizes are
-    within a few images of the request; the same ``seed`` gives the same split.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=generator).numpy()
-    present = labels.numpy()[order] > 0
-    counts = present.sum(axis=0).astype(float)
-    want_val = counts * val_size / len(labels)
-    want_val = np.where(counts >= 2, np.maximum(want_val, 1.0), want_val)
-    wanted = np.stack([counts - want_val, want_val])  # images of each class that (train, val) still want
-    room = np.array([len(labels) - val_size, val_size], dtype=float)  # images each split still wants
-    split = np.full(len(labels), -1)
-    remaining = present.copy()  # labels of the images not placed yet
-    while remaining.any():
-        left = remaining.sum(axis=0)
-        rarest = int(np.argmin(np.where(left > 0, left, np.inf)))
-        for image in np.flatnonzero(remaining[:, rarest]):
-            target = 1 if (wanted[1, rarest], room[1]) > (wanted[0, rarest], room[0]) else 0
-            split[image] = target
-            wanted[target] -= present[image]
-            room[target] -= 1
-            remaining[image] = False
-    for image in np.flatnonzero(split < 0):  # no label at all
-        split[image] = int(room[1] > room[0])
-        room[split[image]] -= 1
-    is_val = np.zeros(len(labels), dtype=bool)
-    is_val[order[split == 1]] = True
-    return torch.from_numpy(np.flatnonzero(~is_val)), torch.from_numpy(np.flatnonzero(is_val))

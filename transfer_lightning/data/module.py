@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torchvision
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -20,29 +19,15 @@ from transfer_lightning.data.datasets import (
     class_counts,
     keep_batch,
     make_sampler,
-    make_splits,
     positive_weights,
-    validation_count,
 )
-from transfer_lightning.data.parquet import extract_parquet
+from transfer_lightning.data.predict_images import predict_images
 from transfer_lightning.data.preparation import BatchPreparation, ImageSize, Preparation
-from transfer_lightning.data.settings import (
-    DEFAULT_DATA_DIR,
-    ClassBalance,
-    check_data_settings,
-    default_cache_dir,
-    resolve_class_names,
-)
-from transfer_lightning.data.sources import (
-    cifar10_source,
-    download_cifar10,
-    find_split_folders,
-    read_cifar10_batches,
-)
-from transfer_lightning.data.split_stores import SplitStores, make_split_stores, pool_names, predict_images
-from transfer_lightning.data.store import shared_store_size
+from transfer_lightning.data.settings import ClassBalance, check_data_settings, default_cache_dir
+from transfer_lightning.data.source import Source
+from transfer_lightning.data.sources import open_source
+from transfer_lightning.data.splits import make_splits
 from transfer_lightning.data.streaming import StreamSource, stream_loader
-from transfer_lightning.data.table_source import TableSource
 from transfer_lightning.data.transforms import Normalization, Preprocessing, View, WeightsPreprocessing
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.tasks import TaskName
@@ -138,55 +123,30 @@ class ImageFolderDataModule(pl.LightningDataModule):
         # class_names would clash with the model's hyperparameter of that name, which holds the resolved list.
         self.save_hyperparameters(ignore=["class_names"])
         check_data_settings(batch_size, num_workers, val_size, image_size, crop_scale, normalization, class_balance)
-        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else DEFAULT_DATA_DIR
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.predict_dir = Path(predict_dir).expanduser() if predict_dir else None
         if self.predict_dir is not None and not self.predict_dir.exists():
             raise UserInputError(f"data.predict_dir {predict_dir} does not exist: pass a folder of images or an image.")
-        #: The optimized data set streamed instead of data_dir (its splits are opened in setup).
-        stream = streaming_dir if self.predict_dir is None else None
-        self.stream = StreamSource(stream, storage_options, max_cache_size, self.cache_dir) if stream else None
-        if data_dir is not None and self.predict_dir is None and not self.data_dir.is_dir():
-            raise UserInputError(
-                f"data.data_dir {data_dir} does not exist. Point it at a folder of images (DIR/train/<class>/*.jpg "
-                "and DIR/test/<class>/*.jpg, or DIR/<class>/*.jpg) or holding cifar-10-batches-py/, or leave it "
-                f"unset for CIFAR-10 in ./{DEFAULT_DATA_DIR} (downloaded with data.download true)."
-            )
-        #: The label table and its rows' files, when labels_file is set (not read to predict new images).
-        self.table: TableSource | None = None
-        if parquet is not None and self.predict_dir is None and self.stream is None:  # read into a table, once
-            labels_file, label_delimiter = extract_parquet(parquet, self.cache_dir, file_column, label_column)
-            images_dir = file_column = label_column = split_column = None
-        if labels_file is not None and self.predict_dir is None and self.stream is None:
-            columns = (file_column, label_column, split_column)
-            named_dir = self.data_dir if data_dir is not None else None
-            self.table = TableSource.open(labels_file, named_dir, images_dir, columns, label_delimiter, skip_bad_images)
-        self.folders = find_split_folders(self.data_dir) if self.table is None and self.stream is None else None
-        #: Whether prepare_data downloads CIFAR-10 into data_dir: only where it belongs, see the class docstring.
-        self.downloads = (
-            download
-            and self.table is None
-            and self.folders is None
-            and self.stream is None
-            and not self._has_cifar10()
-            and (data_dir is None or (self.data_dir.is_dir() and not any(self.data_dir.iterdir())))
-        )
-        self.class_names = (
-            self.stream.class_names(class_names)
-            if self.stream
-            else resolve_class_names(
-                class_names,
-                self.table.table if self.table is not None else None,
-                self.folders,
-                self.data_dir,
-                predicting=self.predict_dir is not None,
-                cifar10_available=self._has_cifar10() or self.downloads,
-            )
-        )
+        source_settings = {
+            "data_dir": data_dir, "download": download, "class_names": class_names, "labels_file": labels_file,
+            "images_dir": images_dir, "file_column": file_column, "label_column": label_column,
+            "split_column": split_column, "label_delimiter": label_delimiter, "streaming_dir": streaming_dir,
+            "max_cache_size": max_cache_size, "storage_options": storage_options, "parquet": parquet,
+            "cache_dir": cache_dir, "skip_bad_images": skip_bad_images,
+        }  # fmt: skip
+        self._source: Source | None = None
+        if self.predict_dir is None:
+            self._source = open_source(**source_settings)
+        # New images take the checkpoint's class names; its training data (folders or CIFAR-10, never downloaded)
+        # is only opened for a checkpoint that does not record its preprocessing.
+        self._training_data = {"data_dir": data_dir, "download": False, "cache_dir": cache_dir}
+        given = list(class_names) if class_names is not None and self.predict_dir is not None else None
+        self.class_names = given or self.source.class_names
         self._preparer = BatchPreparation(normalization, image_size, tuple(crop_scale))
-        #: How stored images become the network's input; set by :meth:`setup` (see ``prepare_batch``).
+        #: The backbone's preprocessing, handed over by :meth:`use_weights`.
+        self._weights: WeightsPreprocessing | None = None
+        #: How stored images become the network's input; set with the stored size (see ``prepare_batch``).
         self.view: View = "resize"
-        self._stores: SplitStores | None = None
         self.train_set: ImageTensorDataset | None = None
         self.val_set: ImageTensorDataset | None = None
         self.test_set: ImageTensorDataset | None = None
@@ -199,28 +159,32 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self._predict_preprocessing: Preprocessing | None = None
 
     @property
+    def source(self) -> Source:
+        """Where the images come from (:mod:`~transfer_lightning.data.sources`)."""
+        if self._source is None:
+            self._source = open_source(**self._training_data)
+        return self._source
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self._source, StreamSource)
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     @property
-    def reads_image_files(self) -> bool:
-        """Whether the images are files (class folders or a label table) decoded into stores, not CIFAR-10's batches."""
-        return self.folders is not None or self.table is not None
-
-    @property
-    def task(self) -> TaskName:
-        """multilabel when the label table gives images several labels (or 0/1 columns), else multiclass."""
-        if self.stream is not None:
-            return self.stream.info.task
-        return "multilabel" if self.table is not None and self.table.table.multilabel else "multiclass"
+    def task(self) -> TaskName | None:
+        """The source's task (:mod:`~transfer_lightning.tasks`); ``None`` when predicting new images (the model's)."""
+        return self.source.task if self.predict_dir is None else None
 
     @property
     def input_size(self) -> tuple[int, int] | None:
         """(height, width) of the batches the network gets; ``None`` before ``setup``."""
         if self.preparation.image_size is not None:
             return (self.preparation.image_size,) * 2
-        if self.stream is not None:
-            return self.stream.info.size
+        if self.streamed:
+            return self.source.info.size
         return tuple(self.test_set.arrays.images.shape[-2:]) if self.test_set is not None else None
 
     @property
@@ -228,8 +192,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """Class weights for the training loss when ``class_balance`` is loss; else ``None``."""
         if self.hparams.class_balance != "loss" or self.train_set is None:
             return None
-        if self.stream is not None:
-            return self.stream.loss_weights()
+        if self.streamed:
+            return self.source.loss_weights()
         labels = self.train_set.labels
         return positive_weights(labels) if self.task == "multilabel" else balancing_weights(labels, self.num_classes)
 
@@ -238,30 +202,36 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """How an image file becomes the network's input at evaluation (saved in checkpoints)."""
         if self.predict_dir is not None and self._checkpoint_preprocessing is not None:
             return self._checkpoint_preprocessing
-        if self.stream is not None:
-            size, self.view = self.stream.info.size, self.stream.info.view
-        elif self.reads_image_files:
-            _, size = self.split_stores()
-        elif self._has_cifar10():
-            size = (32, 32)
-        else:
+        p = self.preparation
+        try:
+            size, self.view = self.source.stored_size(p.image_size, p.crop_pct)
+        except UserInputError:
+            if self.predict_dir is None:
+                raise
             raise UserInputError(
                 "The checkpoint does not say how its images were prepared (an older version's) and "
                 "no training data tells: pass the training data's --data.data_dir and --data.image_size too."
-            )
-        p = self.preparation
-        resize = self.stream.info.interpolation if self.stream is not None else p.interpolation  # the stored images'
+            ) from None
+        resize = self.source.info.interpolation if self.streamed else p.interpolation  # the stored images'
         return Preprocessing(size, self.view, p.image_size, p.mean, p.std, p.interpolation, resize)
 
     @property
     def preparation(self) -> Preparation:
-        """The settings with ``auto`` resolved from the weights of the model this data serves (resolved once)."""
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        return self._preparer.resolved(getattr(model, "weights_preprocessing", None))
+        """The settings with ``auto`` resolved from the weights handed over by :meth:`use_weights`."""
+        needs_weights = "auto" in (self.hparams.normalization, self.hparams.image_size)
+        if needs_weights and self._weights is None and self.trainer is not None:
+            raise UserInputError(
+                "data.normalization or data.image_size auto takes the backbone's preprocessing: call "
+                "datamodule.use_weights(model.weights_preprocessing) before the Trainer runs (the CLI does), "
+                "or set both."
+            )
+        return self._preparer.resolved(self._weights)
 
     def use_weights(self, weights: WeightsPreprocessing) -> Preparation:
-        """Resolve ``auto`` from ``weights`` now, for a data module that serves no Trainer (export's calibration)."""
-        return self._preparer.resolved(weights)
+        """The handshake with the model: resolve ``auto`` from its backbone's ``weights`` (once, before any store is
+        built: the stores and the checkpoint depend on them). Without it, ``auto`` means ImageNet's."""
+        self._weights = weights
+        return self.preparation
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: :attr:`preprocessing`, which depends on the images, not only the settings."""
@@ -272,52 +242,32 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if "preprocessing" in state_dict:
             self._checkpoint_preprocessing = Preprocessing.from_dict(state_dict["preprocessing"])
 
-    def _has_cifar10(self) -> bool:
-        return (self.data_dir / torchvision.datasets.CIFAR10.base_folder).is_dir()
-
     def prepare_data(self) -> None:
-        """Download CIFAR-10, or decode the image folders into their stores (once per node)."""
-        if self.stream is not None or (self.predict_dir is not None and self.trainer and self.trainer.predicting):
+        """Download CIFAR-10, or decode the image files into their stores (once per node)."""
+        if self.streamed or (self.predict_dir is not None and self.trainer and self.trainer.predicting):
             return  # streams download lazily; predict_dir is decoded by predict_dataloader with the checkpoint's sizes
-        if self.reads_image_files:
-            stores, _ = self.split_stores()
-            for store in filter(None, stores):
-                store.build(*self.preprocessing.decoding)
-            if stores.val is None:  # here, before Lightning creates the run's folder (setup comes after)
-                training_pool = pool_names(self.table, self.folders)[0]
-                validation_count(self.hparams.val_size, len(stores.train.samples), training_pool)
-        elif self.downloads and not self._has_cifar10():
-            download_cifar10(self.data_dir)
+        # Here, before Lightning creates the run's folder (setup comes after), so a bad val_size leaves none.
+        self.source.prepare(self.preprocessing.decoding, self.hparams.val_size)
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None or (stage == "predict" and self.predict_dir is not None):
             return
-        if self.hparams.class_balance == "sampler" and (self.task == "multilabel" or self.stream is not None):
+        if self.hparams.class_balance == "sampler" and (self.task == "multilabel" or self.streamed):
             raise UserInputError(
                 "data.class_balance sampler draws images by their one class, at random; with several labels per image, "
                 "or over a stream, use class_balance loss (class weights in the loss)."
             )
-        if self.stream is not None:
+        if self.streamed:
             return self._setup_stream()
-        no_test, root = "no test folder", self.data_dir
-        if self.reads_image_files:
-            stores, _ = self.split_stores()
-            train, val, test = (s.dataset(*self.preprocessing.decoding) if s else None for s in stores)
-            names = pool_names(self.table, self.folders)
-            if self.table is not None:
-                no_test, root = "no test rows", self.table.table.path
-        else:
-            source = cifar10_source(self.data_dir)
-            train = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=True), source=f"{source} train")
-            test = ImageTensorDataset(read_cifar10_batches(self.data_dir, train=False), source=f"{source} test")
-            val, names = None, [f"{self.data_dir} (CIFAR-10 training batches)", None, f"{self.data_dir} (test batch)"]
-        splits = make_splits((train, val, test), names, self.hparams.val_size, self.hparams.split_seed, root, no_test)
+        source = self.source
+        pools = source.pools(self.preprocessing.decoding)
+        splits = make_splits(pools, self.hparams.val_size, self.hparams.split_seed, source.root)
         self.train_set, self.val_set, self.test_set = splits.train, splits.val, splits.test
         several = ", several per image" if self.task == "multilabel" else ""
         rank_zero_info(f"Data ({self.num_classes} classes{several}): {splits.description}.")
-        if self.table is not None:
-            splits_labels = {"train": splits.train.labels, "val": splits.val.labels, "test": splits.test.labels}
-            rank_zero_info(self.table.summary(splits_labels))
+        summary = source.summary(splits)
+        if summary:
+            rank_zero_info(summary)
         counts = class_counts(self.train_set.labels, self.num_classes)
         rank_zero_info(
             "Training images per class: " + ", ".join(f"{n} {c}" for c, n in zip(self.class_names, counts, strict=True))
@@ -325,23 +275,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _setup_stream(self) -> None:
         """Open the optimized data set's splits, here where the rank is known; one shuffling seed on every rank."""
-        self.view, seed = self.stream.info.view, torch.initial_seed() % 2**31
+        self.view, seed = self.source.info.view, torch.initial_seed() % 2**31
         if self.trainer is not None:
             seed = self.trainer.strategy.broadcast(seed)
-        self.train_set, self.val_set, self.test_set = self.stream.splits(seed, self.preparation)
-        rank_zero_info(f"Data ({self.num_classes} classes, streamed): {self.stream.description()}.")
-
-    def split_stores(self, crop_pct: float | None = None) -> tuple[SplitStores, tuple[int, int]]:
-        """The store of every split folder (or table split), and the one size they all use: the images' own if they
-        share one not larger than needed, else image_size / crop_pct (the weights' unless given; sets :attr:`view`)."""
-        if self._stores is None:  # listed once, whether prepare_data ran in this process or not
-            args = (self.cache_dir, self.hparams.skip_bad_images)
-            self._stores = make_split_stores(self.table, self.folders, self.class_names, *args)
-        stores = [store for store in self._stores if store is not None]
-        prep = self.preparation
-        crop_pct = prep.crop_pct if crop_pct is None else crop_pct
-        size, self.view = shared_store_size(stores, prep.image_size, self.data_dir, crop_pct)
-        return self._stores, size
+        self.train_set, self.val_set, self.test_set = self.source.splits(seed, self.preparation)
+        rank_zero_info(f"Data ({self.num_classes} classes, streamed): {self.source.describe()}.")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -365,7 +303,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: ImageTensorDataset | None, shuffle: bool = False) -> DataLoader:
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
-        if self.stream is not None and not isinstance(dataset, ImageTensorDataset):  # features are tensors
+        if self.streamed and not isinstance(dataset, ImageTensorDataset):  # features are tensors
             trainer = self.trainer if shuffle else None  # the training loader's state counts trained batches
             return stream_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, on_gpu, trainer)
         world_size = self.trainer.world_size if self.trainer is not None else 1

@@ -1,7 +1,7 @@
 """Writing a data set once into LitData's optimized chunks, locally or to object storage (``optimize``).
 
-The splits are decided here, once (the data's own train/val/test pools, or a seeded stratified val held out of
-train, as the data module does), every image is resized to the stored size as the local store does, encoded
+The splits are those the data module makes of the same source (:func:`~transfer_lightning.data.splits.make_splits`),
+every image is resized to the stored size as the local store does, encoded
 (JPEG at a stated quality, or raw pixels), and the items of each split are shuffled with a seed before LitData
 writes them (its workers read whole chunks, so a chunk should hold a mix of classes). One process per core, or
 this process alone when the first images say that the split takes less than the workers' start-up.
@@ -23,7 +23,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.io import encode_jpeg
 
-from transfer_lightning.data.datasets import class_counts, stratified_split, validation_count
+from transfer_lightning.data.datasets import class_counts
+from transfer_lightning.data.source import Sample
 from transfer_lightning.data.storage import describe_storage_error, is_remote, require_litdata, storage_provider
 from transfer_lightning.data.store import DECODE_ERRORS, decode_image
 from transfer_lightning.data.streaming import INFO_FILE, StreamInfo, split_dir
@@ -44,36 +45,6 @@ from transfer_lightning.logs import progress_bar
 
 #: Images encoded here first, to estimate whether worker processes would finish sooner.
 PROBE_IMAGES = 32
-#: An image's source (a file's path, or its encoded bytes) and its label (a class index, or one 0/1 per class).
-Sample = tuple[str | bytes, int | tuple[int, ...]]
-
-
-def held_out_splits(
-    pools: Sequence[list[Sample] | None], names: Sequence[str | None], val_size: int | float, seed: int
-) -> tuple[dict[str, list[Sample]], str]:
-    """The samples of each split to write, and one line saying where each came from: the data's own val and
-    test pools, val held out of train (stratified, ``seed``) where it has none, as the data module splits."""
-    train, val, test = pools
-    splits, description = {"train": train}, []
-    if val is None:
-        count = validation_count(val_size, len(train), names[0])
-        if count == 0:
-            if test is None:
-                raise UserInputError("val_size 0 validates on the test split, but the data has no test split.")
-            rank_zero_info("val_size is 0: the test split also validates (reference mode).")
-        else:
-            labels = torch.tensor([label for _, label in train])
-            kept, held = stratified_split(labels, count, seed)
-            splits["train"] = [train[i] for i in kept.tolist()]
-            splits["val"] = [train[i] for i in held.tolist()]
-            description.append(f"val = {count} images held out of {names[0]} (stratified, seed {seed})")
-    else:
-        splits["val"] = val
-        description.append(f"val = {names[1]}")
-    if test is not None:
-        splits["test"] = test
-        description.append(f"test = {names[2]}")
-    return splits, f"train = {names[0]}, " + ", ".join(description)
 
 
 def encode_sample(

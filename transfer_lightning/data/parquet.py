@@ -20,7 +20,8 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from transfer_lightning.data.sources import TEST_FOLDER_NAMES, TRAIN_FOLDER_NAMES, VAL_FOLDER_NAMES
+from transfer_lightning.data.folders import TEST_FOLDER_NAMES, TRAIN_FOLDER_NAMES, VAL_FOLDER_NAMES
+from transfer_lightning.data.table_source import TableSource
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import temporary_path
 from transfer_lightning.logs import progress_bar
@@ -218,3 +219,27 @@ def _label_names(path: Path, row: int, value: Any, names: list[str] | None) -> l
             raise UserInputError(f"{path}, row {row}: label {value!r} is not one of the {len(names)} classes.")
         return [names[item] for item in values]
     return [str(item) for item in values]
+
+
+class ParquetSource(TableSource):
+    """Parquet files as the Hugging Face Hub writes them, read once into a label table and its image files in the
+    cache (:func:`extract_parquet`); their splits come from the files' names."""
+
+    @classmethod
+    def extract(
+        cls,
+        spec: str | list[str],
+        cache_dir: Path,
+        image_column: str | None,
+        label_column: str | None,
+        given: list[str] | None,
+        skip_bad_images: bool,
+    ) -> ParquetSource:
+        table, delimiter = extract_parquet(spec, cache_dir, image_column, label_column)
+        source = cls.open(str(table), None, None, (None, None, None), delimiter, given, cache_dir, skip_bad_images)
+        source.spec = spec
+        return source
+
+    def describe(self) -> str:
+        files = self.spec if isinstance(self.spec, str) else ", ".join(self.spec)
+        return f"Parquet {files} ({len(self.table.rows)} rows, read into {self.images_dir})"

@@ -1,4 +1,4 @@
-"""The data module's settings: checked once, defaulted, and the class names they imply."""
+"""The data module's settings: checked once, and defaulted."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from transfer_lightning.data.sources import CIFAR10_CLASSES, SplitFolders, image_folder_classes
-from transfer_lightning.data.tables import LabelTable
 from transfer_lightning.data.transforms import NORMALIZATIONS
 from transfer_lightning.errors import UserInputError
 
@@ -49,40 +47,3 @@ DEFAULT_DATA_DIR = Path("data")
 def default_cache_dir() -> Path:
     """Where decoded stores and features go unless ``data.cache_dir`` says: ``$XDG_CACHE_HOME/transfer_lightning``."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transfer_lightning"
-
-
-def resolve_class_names(
-    given: list[str] | None,
-    table: LabelTable | None,
-    folders: SplitFolders | None,
-    data_dir: Path,
-    predicting: bool,
-    cifar10_available: bool,
-) -> list[str]:
-    """The class names, in label order: the table's, the class folders', or CIFAR-10's; ``given`` names
-    (``data.class_names``) must agree with them, and predicting new images takes them as they are."""
-    if predicting and given is not None:
-        return list(given)  # predicting needs no training data
-    if table is not None or folders is not None:
-        if table is not None:
-            found, source, whose = table.class_names, f"the classes of {table.path}", "the table's"
-        else:
-            found, source, whose = image_folder_classes(folders), f"the class folders of {data_dir}", "the folders"
-        if given is not None and list(given) != found:
-            raise UserInputError(
-                f"data.class_names {list(given)} differ from {source}: {found}. "
-                f"Leave data.class_names unset to use {whose}."
-            )
-        return found
-    if given is not None:
-        if len(given) != len(CIFAR10_CLASSES):
-            raise UserInputError(f"CIFAR-10 has 10 classes; data.class_names gives {len(given)}.")
-        return list(given)
-    if cifar10_available:
-        return list(CIFAR10_CLASSES)
-    raise UserInputError(
-        f"No data in {data_dir}: expected torchvision's CIFAR-10 folder "
-        f"{data_dir / 'cifar-10-batches-py'} or an image-folder tree such as "
-        f"{data_dir}/train/<class>/*.jpg and {data_dir}/val/<class>/*.jpg. Point --data.data_dir at "
-        f"one of them, or leave it unset with --data.download true to fetch CIFAR-10 into ./{DEFAULT_DATA_DIR}."
-    )

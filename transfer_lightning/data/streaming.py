@@ -25,6 +25,7 @@ from torchvision.io import decode_jpeg
 
 from transfer_lightning.data.datasets import count_balancing_weights, count_positive_weights
 from transfer_lightning.data.preparation import Preparation
+from transfer_lightning.data.source import Source
 from transfer_lightning.data.storage import download_file, is_remote, require_litdata
 from transfer_lightning.data.transforms import Decoding, Interpolation, View, stored_size
 from transfer_lightning.errors import UserInputError
@@ -207,31 +208,41 @@ def _trained_batches_loader() -> type:
     return TrainedBatchesLoader
 
 
-class StreamSource:
+class StreamSource(Source):
     """An optimized data set as the data module's source: its :class:`StreamInfo` read at once (class names and
-    task are needed before training starts), its splits opened in ``setup``, where each rank knows its rank.
+    task are needed before training starts), its splits (made once, by ``optimize``) opened in ``setup``, where each
+    rank knows its rank.
 
     Args:
         root: The data set's folder or object-store URL (``data.streaming_dir``).
         storage_options: The object store client's options (``endpoint_url``, credentials).
         max_cache_size: Most disk the downloaded chunks of one split take (LitData's limit, e.g. "50GB").
         cache_dir: Where downloaded chunks are kept (``streams/`` under the data module's cache_dir).
+        given: ``data.class_names``; when set, they must be the data set's.
     """
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None, max_cache_size: str, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict[str, Any] | None,
+        max_cache_size: str,
+        cache_dir: Path,
+        given: list[str] | None = None,
+    ) -> None:
         require_litdata()
         self.root = root if is_remote(root) else str(Path(root).expanduser())
         self.storage_options, self.max_cache_size, self.cache_dir = storage_options, max_cache_size, cache_dir
         self.info = read_info(self.root, storage_options)
-
-    def class_names(self, given: list[str] | None) -> list[str]:
-        """The data set's class names; ``data.class_names``, when set, must be the same."""
         if given is not None and list(given) != self.info.class_names:
             raise UserInputError(
                 f"data.class_names {list(given)} differ from those of {self.root}: {self.info.class_names}. "
                 "Leave data.class_names unset to use the data set's."
             )
-        return list(self.info.class_names)
+        self.class_names = list(self.info.class_names)
+
+    @property
+    def task(self) -> TaskName:
+        return self.info.task
 
     def check_size(self, image_size: int | None, crop_pct: float) -> None:
         """One line when the run's image size needs other stored images than the data set holds (the local
@@ -249,6 +260,10 @@ class StreamSource:
                 f"--data.image_size {self.info.image_size}, or optimize the data again with --data.image_size "
                 f"{image_size} --crop_pct {crop_pct:.4g}."
             )
+
+    def stored_size(self, image_size: int | None, crop_pct: float) -> tuple[tuple[int, int], View]:
+        self.check_size(image_size, crop_pct)
+        return tuple(self.info.size), self.info.view
 
     def loss_weights(self) -> Tensor:
         """The class weights of ``class_balance`` loss, from the training images per class counted at optimize time."""
@@ -282,7 +297,7 @@ class StreamSource:
         label_shape = (len(self.info.class_names),) if self.info.task == "multilabel" else ()
         return StreamShare(dataset, source, self.info.split_sizes[name], num_workers, label_shape)
 
-    def description(self) -> str:
+    def describe(self) -> str:
         sizes = ", ".join(f"{split} {count}" for split, count in self.info.split_sizes.items())
         return f"{self.root}, optimized from {self.info.source} ({self.info.description}): {sizes} images"
 

@@ -1,5 +1,5 @@
-"""A label table joined with its image files: each row's file found under the images folder (by path, or by
-stem), the rows by split, and what the log says of them (:class:`TableSource`)."""
+"""A label table as a source: each row's file found under the images folder (by path, or by stem), the rows by
+split, and what the log says of them (:class:`TableSource`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
 
 from transfer_lightning.data.listing import IMAGE_EXTENSIONS, is_hidden_or_system
+from transfer_lightning.data.source import FileSource, Samples
+from transfer_lightning.data.splits import Pools, Splits
 from transfer_lightning.data.tables import SKIPPED_ROWS_SHOWN, Label, LabelTable, read_label_table, refuse_rows
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.tasks import TaskName
 
 
 @dataclass(frozen=True)
@@ -91,13 +93,27 @@ def _index_images(root: Path) -> tuple[dict[str, str], dict[str, list[str]], dic
     return exact, stems, names
 
 
-@dataclass(frozen=True)
-class TableSource:
-    """A label table with its rows' image files found: what the data module reads instead of class folders."""
+class TableSource(FileSource):
+    """A label table with its rows' image files found: one pool per split of its rows (all rows train without a split
+    column)."""
 
-    table: LabelTable
-    images_dir: Path
-    resolved: ResolvedRows
+    def __init__(
+        self,
+        table: LabelTable,
+        images_dir: Path,
+        resolved: ResolvedRows,
+        given: list[str] | None,
+        cache_dir: Path,
+        skip_bad_images: bool,
+    ) -> None:
+        super().__init__(cache_dir, skip_bad_images)
+        self.table, self.images_dir, self.resolved, self.root = table, images_dir, resolved, table.path
+        self.class_names = table.class_names
+        if given is not None and list(given) != self.class_names:
+            raise UserInputError(
+                f"data.class_names {list(given)} differ from the classes of {table.path}: {self.class_names}. "
+                "Leave data.class_names unset to use the table's."
+            )
 
     @classmethod
     def open(
@@ -107,7 +123,9 @@ class TableSource:
         images_dir: str | None,
         columns: tuple[str | None, str | list[str] | None, str | None],
         label_delimiter: str,
-        skip_missing: bool,
+        given: list[str] | None,
+        cache_dir: Path,
+        skip_bad_images: bool,
     ) -> TableSource:
         """Read and check the table, find its files, and log how. ``columns``: the file, label and split
         columns, None to find them by name. A relative ``labels_file`` not found here is looked for in
@@ -121,7 +139,7 @@ class TableSource:
         if not root.is_dir():
             raise UserInputError(f"data.images_dir {root} does not exist: pass the folder of the table's images.")
         table = read_label_table(path, *columns, label_delimiter=label_delimiter)
-        resolved = resolve_files(table, root, skip_missing)
+        resolved = resolve_files(table, root, skip_bad_images)
         rank_zero_info(f"Labels from {path} ({len(table.rows)} rows, {len(table.class_names)} classes): {table.how}.")
         if resolved.by_stem:
             rank_zero_info(
@@ -134,25 +152,31 @@ class TableSource:
                 f"Skipped {len(resolved.skipped)} rows whose file is not an image under {root}:\n  {shown}"
                 + (f"\n  ... {more} more" if more > 0 else "")
             )
-        return cls(table, root, resolved)
+        return cls(table, root, resolved, given, cache_dir, skip_bad_images)
 
-    def split_samples(self) -> list[tuple[str, list[tuple[str, Label]]] | None]:
-        """(name, samples) of the train, val and test rows; None for a split without rows. Without a
-        split column every row is a training row."""
-        samples = self.resolved.samples
-        train = samples.get(None, samples.get("train"))
-        return [("train", train)] + [(split, samples[split]) if split in samples else None for split in ("val", "test")]
+    @property
+    def task(self) -> TaskName:
+        return "multilabel" if self.table.multilabel else "multiclass"
 
-    def pool_names(self) -> list[str | None]:
-        """How the log names the train, val and test rows."""
-        name, samples = self.table.path.name, self.resolved.samples
-        train = f"{name} ({'all' if None in samples else 'train'} rows)"
-        return [train] + [f"{name} ({split} rows)" if split in samples else None for split in ("val", "test")]
+    def describe(self) -> str:
+        return f"label table {self.table.path} ({len(self.table.rows)} rows; images under {self.images_dir})"
 
-    def summary(self, splits: dict[str, Tensor]) -> str:
-        """One log line: the table's rows, and the images and classes of each split, from its labels."""
+    def sample_pools(self) -> Pools[Samples]:
+        """The train, val and test rows; without a split column every row is a training row."""
+        samples, name, stem = self.resolved.samples, self.table.path.name, self.table.path.stem
+        pools, names = [], []
+        for split in ("train", "val", "test"):
+            rows = samples.get(None, samples.get("train")) if split == "train" else samples.get(split)
+            pools.append(Samples(rows, self.images_dir, f"{stem}-{split}") if rows is not None else None)
+            which = "all" if split == "train" and None in samples else split
+            names.append(f"{name} ({which} rows)" if rows is not None else None)
+        return Pools(*pools, names=tuple(names), no_test="no test rows")
+
+    def summary(self, splits: Splits) -> str:
+        """The table's rows, and the images and classes of each split, from its labels."""
         parts = []
-        for split, labels in splits.items():
+        for split, subset in zip(("train", "val", "test"), splits[:3], strict=True):
+            labels = subset.labels
             classes = int((labels.sum(dim=0) > 0).sum()) if labels.ndim == 2 else len(torch.unique(labels))
             parts.append(f"{split} {len(labels)} images, {classes} classes")
         return f"{self.table.path.name}: {len(self.table.rows)} rows; " + "; ".join(parts) + "."

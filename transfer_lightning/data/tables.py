@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from transfer_lightning.data.sources import TEST_FOLDER_NAMES, TRAIN_FOLDER_NAMES, VAL_FOLDER_NAMES
+from transfer_lightning.data.folders import TEST_FOLDER_NAMES, TRAIN_FOLDER_NAMES, VAL_FOLDER_NAMES
 from transfer_lightning.errors import UserInputError
 
 #: Column names looked for, in this order, compared in lower case.

@@ -67,7 +67,8 @@ def open_run_images(checkpoint: dict[str, Any], preprocessing: Preprocessing, **
     same_size = (tuple(found.stored_size), found.view) == (tuple(preprocessing.stored_size), preprocessing.view)
     if not same_size or (found.view == "crop" and found.resize != preprocessing.resize):  # else nothing was resized
         raise UserInputError(
-            f"The data at {data.data_dir} comes out at {found.stored_size} ({found.view}, resized {found.resize}), but "
+            f"The data ({data.source.describe()}) comes out at {found.stored_size} ({found.view}, resized "
+            f"{found.resize}), but "
             f"the checkpoint was trained on {preprocessing.stored_size} ({preprocessing.view}, resized "
             f"{preprocessing.resize}): pass the run's own --data.data_dir, or train again with this version."
         )

@@ -133,7 +133,7 @@ class FrozenFeatureCache(pl.Callback):
         for split in splits:
             images = self._image_sets[split] = getattr(datamodule, split)
             if not isinstance(images, ImageTensorDataset):  # a stream: each rank reads its share, then they join
-                images = datamodule.stream.share(split.removesuffix("_set"), 0, datamodule.hparams.num_workers)
+                images = datamodule.source.share(split.removesuffix("_set"), 0, datamodule.hparams.num_workers)
             features, labels = self.features(model, datamodule, images, split, trainer)
             count += len(labels)
             if split == "train_set" and self.train_flips:
