@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from transfer_lightning import checkpoints
+from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.data.transforms import WeightsPreprocessing
 from transfer_lightning.model_settings import check_model_settings
 from transfer_lightning.network import FrozenBatchNorm, FrozenParts, GradualUnfreezing, check_input_size, create_network
@@ -69,6 +70,7 @@ class TransferClassifier(pl.LightningModule):
             image and its mirror image (twice the evaluation work).
         task: multiclass (one class per image: softmax, accuracy) or multilabel (any number: a sigmoid
             per class, mAP); null takes the data's (:mod:`~transfer_lightning.tasks`).
+        data_task: The data's task, linked from ``data.task`` by the CLI (a plain Trainer: pass ``data.task``).
         threshold: multilabel: the probability at or above which an image gets a class; null picks
             each class's threshold on validation (best F1), saved in the checkpoint.
         head_solver: gradient (the optimizer, batch by batch) or lbfgs: on cached frozen features, each
@@ -105,6 +107,7 @@ class TransferClassifier(pl.LightningModule):
         backbone_lr_scale: float | None = None,
         tta_flip: bool = False,
         task: TaskName | None = None,
+        data_task: TaskName | None = None,
         threshold: float | None = None,
         head_solver: HeadSolver = "gradient",
         lbfgs_l2: tuple[float, float] = (1e-1, 1e-6),
@@ -115,7 +118,9 @@ class TransferClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_model_settings(locals())
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "data_task"])
+        # The task, resolved once before anything is built; saved in checkpoints as resolved.
+        self.hparams.task = task_for_data(task, threshold, data_task or task or "multiclass")
         #: lbfgs: the head fitted by full-batch L-BFGS, one strength per epoch, by hand (manual optimization).
         self.head_fitter = LBFGSHead(*lbfgs_l2, lbfgs_max_iter) if head_solver == "lbfgs" else None
         self.automatic_optimization = self.head_fitter is None
@@ -134,20 +139,9 @@ class TransferClassifier(pl.LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         #: The last test's report, written out by ClassificationReportFiles.
         self.test_report: TestReport | None = None
-        self.use_task(task or "multiclass")  # a null task is multiclass until the data says otherwise
-
-    def use_task(self, name: TaskName) -> None:
-        """Make the model's :class:`~transfer_lightning.tasks.Task` (and its metrics) the one called ``name``."""
-        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
-        self.task: Task = create_task(name, names, self.hparams.threshold)
+        names = class_names or [str(i) for i in range(num_classes)]
+        self.task: Task = create_task(self.hparams.task, names, threshold)
         self.metrics = self.task.metrics()
-
-    def check_task(self, data_task: TaskName) -> None:
-        """Take the data's task when ``task`` is null; refuse multi-label data for a multiclass model."""
-        chosen = task_for_data(self.hparams.task, self.hparams.threshold, data_task)
-        if self.hparams.task is None:
-            self.use_task(chosen)
-            self.hparams.task = chosen  # saved in checkpoints as the resolved task
 
     @property
     def class_names(self) -> list[str]:
@@ -177,12 +171,15 @@ class TransferClassifier(pl.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self._trainer else None
-        self.check_task(getattr(datamodule, "task", "multiclass"))
-        input_size = getattr(datamodule, "input_size", None)
-        if input_size is not None:
-            check_input_size(self.network, input_size, self.hparams.backbone, self.parts.min_size)
-        self.loss_weights = getattr(datamodule, "loss_weights", None)
+        data = self.trainer.datamodule if self._trainer else None
+        if isinstance(
+            data, ImageFolderDataModule
+        ):  # the data's facts, once its setup ran; another data module has none
+            if data.task is not None:
+                task_for_data(self.task.name, self.hparams.threshold, data.task)  # multi-label data, multiclass model
+            if data.input_size is not None:
+                check_input_size(self.network, data.input_size, self.hparams.backbone, self.parts.min_size)
+            self.loss_weights = data.loss_weights
         if self.hparams.channels_last:
             self.network.to(memory_format=torch.channels_last)
         if self.hparams.compile and not self._compiled:

@@ -13,14 +13,15 @@ import torchvision.transforms as T
 from PIL import Image
 
 from tests.conftest import (
+    SGD,
     SHARED_CIFAR10,
     SHARED_MOBILENET,
     assert_test_scores_by_hand,
+    make_trainer,
     needs_shared,
     write_image_folder,
     write_photo_folder,
 )
-from tests.model.test_model import SGD, make_trainer
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.data import ImageFolderDataModule, ImageFolderStore, center_crop, decode_image, store, workers
 from transfer_lightning.data.datasets import EpochSampler
@@ -268,6 +269,7 @@ def test_class_balance_loss_weighs_the_training_loss(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording_cross_entropy)
     model = TransferClassifier(weights=None, num_classes=4, optimizer=SGD)
+    datamodule.use_weights(model.weights_preprocessing)
     make_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(model, datamodule)
     assert len(weights_used) == 1  # the one training step, weighted
     torch.testing.assert_close(weights_used[0], expected)

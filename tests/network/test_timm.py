@@ -15,8 +15,7 @@ import torch
 timm = pytest.importorskip("timm")
 from safetensors.torch import load_file  # noqa: E402 - after the skip: the timm extra brings safetensors
 
-from tests.conftest import SHARED, assert_test_scores_by_hand  # noqa: E402
-from tests.tasks.test_multilabel import write_tagged_table  # noqa: E402
+from tests.conftest import DDP, SHARED, assert_test_scores_by_hand, run_cli, small_ddp_args, write_tagged_table  # noqa: E402  # noqa: E402
 from transfer_lightning.commands.cli import TransferLightningCLI  # noqa: E402
 from transfer_lightning.commands.main import main  # noqa: E402
 from transfer_lightning.errors import UserInputError  # noqa: E402
@@ -196,7 +195,7 @@ def test_the_store_size_follows_the_weights_crop_fraction(tmp_path, efficientnet
         data = ImageFolderDataModule(
             data_dir=str(photos), image_size=64, normalization=normalization, cache_dir=str(tmp_path / "cache")
         )
-        data.trainer = type("Attached", (), {"lightning_module": model})()  # what a Trainer gives the data module
+        data.use_weights(model.weights_preprocessing)  # the handshake the CLI makes
         assert data.preprocessing.stored_size == (side, side) and data.view == "crop"
 
 
@@ -420,9 +419,8 @@ def test_lr_find_and_a_sweep_that_chooses_the_backbone(small_run_args, run_dir, 
 
 def test_ddp_with_a_timm_backbone(image_folder, tmp_path, efficientnet_folder):
     """Two CPU processes (Lightning's DDP launcher, gloo): fit and the test after it, with the folder's weights."""
-    from tests.training.test_ddp import DDP, common, run_cli
 
-    args = [*common(image_folder, tmp_path / "cache"), f"--model.backbone=local-dir:{efficientnet_folder}"]
+    args = [*small_ddp_args(image_folder, tmp_path / "cache"), f"--model.backbone=local-dir:{efficientnet_folder}"]
     run_cli("fit", *args, "--model.weights=DEFAULT", "--data.image_size=40", *DDP, cwd=tmp_path)
     assert len(list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))) >= 1
     assert (tmp_path / "lightning_logs" / "version_0" / "classification_report.md").is_file()

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import lazy_instance
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -22,16 +22,17 @@ from transfer_lightning.inference import PredictionsCSV
 from transfer_lightning.interpretation import Interpretation
 from transfer_lightning.logs import PlainProgress
 from transfer_lightning.model import TransferClassifier
-from transfer_lightning.tasks import MulticlassTask
 from transfer_lightning.training import (
     AtomicCheckpointIO,
     CheckpointOnInterrupt,
     DashboardLayout,
     FrozenFeatureCache,
     HparamsWithResults,
+    TaskCheckpoint,
     TrainingSpeed,
     WeightEMA,
 )
+from transfer_lightning.training.best_checkpoint import AUTO
 
 DESCRIPTION = (
     "Transfer learning of image classifiers (torchvision's, timm's and the Hugging Face Hub's) with PyTorch "
@@ -50,10 +51,6 @@ SUBCOMMAND_HELP = {
 }
 #: Subcommands that evaluate a trained checkpoint.
 EVALUATING = ("validate", "test", "predict")
-
-
-#: The task of a model whose config names none, until the data says otherwise: it sets the checkpoint defaults.
-DEFAULT_TASK = MulticlassTask(class_names=[])
 
 
 def program_name() -> str:
@@ -155,20 +152,18 @@ class TransferLightningCLI(LightningCLI):
                 config["data"][key] = value
 
     def instantiate_classes(self) -> None:
-        """Build model, data and trainer; a value they reject is a config error, not a crash. The model
-        takes the data's task when model.task is null, and a multi-label model's best checkpoint is the
-        one with the best val/mAP (accuracy does not apply), unless the config names another metric."""
+        """Build data, model and trainer; a value they reject is a config error, not a crash. The data's task
+        reached the model through a link; the backbone's preprocessing goes to the data here (the handshake), and
+        the best checkpoint follows the model's task (val/acc, or val/mAP for several labels) unless set."""
         try:
             super().instantiate_classes()
         except (TypeError, ValueError) as error:
             if isinstance(error, UserInputError):
                 raise
             raise UserInputError(f"Invalid configuration: {error}") from None
-        if self.datamodule.predict_dir is None:
-            self.model.check_task(self.datamodule.task)
-        checkpoint, task = self.trainer.checkpoint_callback, self.model.task
-        if checkpoint is not None and checkpoint.monitor == DEFAULT_TASK.monitor and task.monitor != checkpoint.monitor:
-            checkpoint.monitor, checkpoint.filename = task.monitor, task.checkpoint_filename
+        self.datamodule.use_weights(self.model.weights_preprocessing)
+        if isinstance(self.trainer.checkpoint_callback, TaskCheckpoint):
+            self.trainer.checkpoint_callback.follow(self.model.task)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         """Lightning's subcommands with one-line help texts of ours, and ours (:data:`.subcommands.SUBCOMMANDS`) too."""
@@ -183,14 +178,14 @@ class TransferLightningCLI(LightningCLI):
             subcommands.add_subcommand(name, ShortErrorParser(description=subcommand.help), help=subcommand.help)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": DEFAULT_TASK.monitor,
+                "checkpoint.monitor": AUTO,
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
                 # Metric names hold "/", so Lightning must not insert them into the file name.
-                "checkpoint.filename": DEFAULT_TASK.checkpoint_filename,
+                "checkpoint.filename": AUTO,
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
@@ -202,6 +197,7 @@ class TransferLightningCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.task", "model.data_task", apply_on="instantiate")
         parser.add_argument(
             "--test_after_fit",
             type=bool,

@@ -3,6 +3,7 @@
 TensorBoard shows (:mod:`.dashboards`)."""
 
 from transfer_lightning.training.averaging import WeightEMA
+from transfer_lightning.training.best_checkpoint import TaskCheckpoint
 from transfer_lightning.training.checkpoint_io import AtomicCheckpointIO
 from transfer_lightning.training.dashboards import DashboardLayout, HparamsWithResults
 from transfer_lightning.training.feature_cache import FrozenFeatureCache
@@ -15,6 +16,7 @@ __all__ = [
     "DashboardLayout",
     "FrozenFeatureCache",
     "HparamsWithResults",
+    "TaskCheckpoint",
     "TrainingSpeed",
     "WeightEMA",
 ]
