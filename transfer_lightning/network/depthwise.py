@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
 #: Inputs up to this many pixels high and wide get the weight gradient of :func:`depthwise_weight_gradient`.
@@ -67,6 +66,11 @@ class SmallDepthwiseConv(torch.autograd.Function):
         return grad_images, grad_weight, grad_bias, None, None, None
 
 
+def pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    """A convolution's stride, padding or dilation as (height, width), as ``conv2d`` reads an int."""
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 def _small_depthwise(images, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> tuple | None:
     """The arguments of :class:`SmallDepthwiseConv` when this ``conv2d`` call is one it should take, else None."""
     if not (isinstance(images, Tensor) and images.dim() == 4 and images.device.type == "cpu"):
@@ -76,7 +80,7 @@ def _small_depthwise(images, weight, bias=None, stride=1, padding=0, dilation=1,
     depthwise = groups == images.shape[1] == weight.shape[0] and weight.shape[1] == 1
     if not depthwise or max(images.shape[-2:]) > MAX_INPUT_SIDE:
         return None
-    return images, weight, bias, _pair(stride), _pair(padding), _pair(dilation)
+    return images, weight, bias, pair(stride), pair(padding), pair(dilation)
 
 
 class SmallDepthwiseGradients(TorchFunctionMode):

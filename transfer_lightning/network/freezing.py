@@ -23,10 +23,13 @@ from torch.optim import Optimizer
 
 from transfer_lightning.errors import UserInputError
 
+#: The public BatchNorm classes (timm's BatchNormAct2d and the lazy ones subclass them).
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 
 def batchnorms(module: nn.Module) -> list[nn.Module]:
     """Every BatchNorm layer inside ``module``."""
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [m for m in module.modules() if isinstance(m, BATCHNORMS)]
 
 
 def modules_before(network: nn.Module, name: str) -> list[str]:
@@ -211,7 +214,7 @@ def run_folded(modules: Iterable[nn.Module]) -> None:
     class's forward, not the replaced one.
     """
     for module in modules:
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        if not batchnorms(module):
             continue
         # torch.fx's fuse finds every convolution-BatchNorm pair in the traced graph and folds it with
         # torch.nn.utils.fusion.fuse_conv_bn_eval; that function alone would need the pairs found by hand.
