@@ -1,12 +1,16 @@
-"""Tiny data sets made by the tests, and one helper that shrinks any config run to seconds."""
+"""Tiny data sets made by the tests, the runs several test modules share, and the helpers they share."""
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -18,6 +22,8 @@ SHARED_MOBILENET = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
 needs_shared = pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="../shared (real CIFAR-10 and weights) is absent")
 
 CLASSES = ["cat", "dog", "frog", "ship"]
+#: The reference recipe's config, which the small runs shrink.
+FINETUNE_SGD = Path(__file__).resolve().parents[1] / "configs" / "finetune_sgd.yaml"
 
 
 def class_images(label: int, count: int, generator: torch.Generator, size: int = 32) -> torch.Tensor:
@@ -242,3 +248,118 @@ def trained(tmp_path_factory) -> Path:
     shutil.copy(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", root / "last.ckpt")
     shutil.rmtree(photos)  # predict and export need only the checkpoint
     return root
+
+
+# --- Helpers shared by several test modules ------------------------------------------------------------------
+
+SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+
+
+def datamodule_for(image_folder, tmp_path, **kwargs):
+    """The CIFAR-like image folder as a data module: 20 validation images, batches of 16, ImageNet's statistics
+    (named, so a plain Trainer needs no ``use_weights`` handshake: the models here have random weights)."""
+    from transfer_lightning.data import ImageFolderDataModule
+
+    settings = {"val_size": 20, "batch_size": 16, "normalization": "imagenet"} | kwargs
+    return ImageFolderDataModule(data_dir=str(image_folder), cache_dir=str(tmp_path / "cache"), **settings)
+
+
+def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
+    """A plain Trainer on the CPU for a few batches, without logger, checkpoints or progress bars."""
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return pl.Trainer(**{**settings, **kwargs})
+
+
+def head_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.head.state_dict().items()}
+
+
+def write_tagged_table(root: Path, train: int = 96, val: int = 32, test: int = 32) -> Path:
+    """``root/images/*.png`` and ``root/tags.csv`` (file, tags separated by spaces, split)."""
+    written = write_tagged_images(root / "images", train + val + test)
+    splits = ["train"] * train + ["val"] * val + ["test"] * test
+    rows = [f"{name},{' '.join(tags)},{split}" for (name, tags), split in zip(written, splits, strict=True)]
+    (root / "tags.csv").write_text("image,tags,split\n" + "\n".join(rows) + "\n")
+    return root / "tags.csv"
+
+
+def table_args(table: Path, cache: Path) -> list[str]:
+    """A small multi-label run over the tagged table: random weights, SGD, batches of 16."""
+    return [
+        f"--data.labels_file={table}",
+        f"--data.images_dir={table.parent / 'images'}",
+        f"--data.cache_dir={cache}",
+        "--data.batch_size=16",
+        "--model.weights=null",
+        "--model.optimizer=SGD",
+        "--model.optimizer.lr=0.05",
+        *QUIET,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory) -> Path:
+    """A folder holding a label table, its images, and the run of a multi-label model fitted (and tested) on it."""
+    root = tmp_path_factory.mktemp("tagged")
+    table = write_tagged_table(root)
+    fit_in(root, [*table_args(table, root / "cache"), "--trainer.max_epochs=6"])
+    return root
+
+
+def best_checkpoint(root: Path) -> Path:
+    (path,) = (root / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt")
+    return path
+
+
+#: Two processes under DDP on the CPU.
+DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+
+
+def run_cli(*args: str, cwd: Path) -> None:
+    """The real entry point in a fresh process: Lightning's DDP launcher starts the second one."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "transfer_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def small_ddp_args(image_folder: Path, cache: Path) -> list[str]:
+    """One short epoch on the image folder; 21 validation and 32 test images: 2 processes cannot split 21 evenly,
+    so padding would show."""
+    return [
+        f"--data.data_dir={image_folder}",
+        f"--data.cache_dir={cache}",
+        "--data.val_size=21",
+        "--data.batch_size=8",
+        "--model.weights=null",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def stops(args: list[str], capsys, run_dir: Path) -> str:
+    """Run the CLI, expecting exit 2 with one line on stderr and nothing written; returns that line."""
+    from transfer_lightning.commands.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # not progress bars
+    assert exit_info.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert not (run_dir / "lightning_logs").exists() and not (run_dir / "data").exists()
+    return lines[0]

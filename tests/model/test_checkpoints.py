@@ -19,8 +19,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import write_image_folder
-from tests.tasks.test_multilabel import write_tagged_table
+from tests.conftest import write_image_folder, write_tagged_table
 from transfer_lightning import checkpoints
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main

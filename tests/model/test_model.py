@@ -2,51 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-
-import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.conftest import prepared_by_hand
-from transfer_lightning.data import CIFAR10DataModule
+from tests.conftest import SGD, datamodule_for, head_state, make_trainer, prepared_by_hand
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.network.freezing import batchnorms
-
-SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
-
-
-def datamodule_for(image_folder, tmp_path, **kwargs) -> CIFAR10DataModule:
-    return CIFAR10DataModule(
-        data_dir=str(image_folder), cache_dir=str(tmp_path / "cache"), val_size=20, batch_size=16, **kwargs
-    )
-
-
-def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        limit_train_batches=3,
-        limit_val_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**settings, **kwargs})
 
 
 def backbone_state(model: TransferClassifier) -> dict[str, torch.Tensor]:
     """Every backbone tensor (weights and BatchNorm buffers), copied."""
     head = model.parts.head + "."
     return {k: v.clone() for k, v in model.network.state_dict().items() if not k.startswith(head)}
-
-
-def head_state(model: TransferClassifier) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.head.state_dict().items()}
 
 
 def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], running_stats: bool) -> set[str]:

@@ -20,9 +20,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import PHOTO_CLASSES as CLASSES
-from tests.conftest import PHOTO_SIZES, QUIET, photo
+from tests.conftest import PHOTO_SIZES, QUIET, best_checkpoint, photo
 from tests.servers import Server
-from tests.tasks.test_multilabel import tagged  # noqa: F401  (the fixture: a multi-label model fitted on tagged images)
 from transfer_lightning.commands.main import main
 
 pytest.importorskip("litserve", reason="the [serve] extra is not installed")
@@ -211,7 +210,6 @@ def test_without_the_serve_extra_serve_names_it(trained, monkeypatch, capsys):  
 
 
 def test_a_multilabel_model_answers_the_labels_above_their_thresholds(tagged, tmp_path):  # noqa: F811
-    from tests.tasks.test_multilabel import best_checkpoint
 
     checkpoint = best_checkpoint(tagged)
     main(["export", f"--ckpt_path={checkpoint}", f"--output={tmp_path / 'model.pt2'}"])

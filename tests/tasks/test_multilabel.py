@@ -6,7 +6,6 @@ import csv
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import TAGS, prepared_by_hand, tagged_image, write_tagged_images
+from tests.conftest import (
+    QUIET,
+    TAGS,
+    best_checkpoint,
+    prepared_by_hand,
+    table_args,
+    tagged_image,
+)
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
 from transfer_lightning.data import ImageFolderDataModule, decode_image
@@ -24,44 +30,7 @@ from transfer_lightning.model import TransferClassifier
 from transfer_lightning.reporting.runs import markdown_table, read_run
 from transfer_lightning.tasks.multilabel import multilabel_report, pick_thresholds
 
-QUIET = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 FORMATS = ["pt2"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else [])
-
-
-def write_tagged_table(root: Path, train: int = 96, val: int = 32, test: int = 32) -> Path:
-    """``root/images/*.png`` and ``root/tags.csv`` (file, tags separated by spaces, split)."""
-    written = write_tagged_images(root / "images", train + val + test)
-    splits = ["train"] * train + ["val"] * val + ["test"] * test
-    rows = [f"{name},{' '.join(tags)},{split}" for (name, tags), split in zip(written, splits, strict=True)]
-    (root / "tags.csv").write_text("image,tags,split\n" + "\n".join(rows) + "\n")
-    return root / "tags.csv"
-
-
-def table_args(table: Path, cache: Path) -> list[str]:
-    return [
-        f"--data.labels_file={table}",
-        f"--data.images_dir={table.parent / 'images'}",
-        f"--data.cache_dir={cache}",
-        "--data.batch_size=16",
-        "--model.weights=null",
-        "--model.optimizer=SGD",
-        "--model.optimizer.lr=0.05",
-        *QUIET,
-    ]
-
-
-@pytest.fixture(scope="module")
-def tagged(tmp_path_factory) -> Path:
-    """A folder holding a label table, its images, and the run of a multi-label model fitted (and tested) on it."""
-    root = tmp_path_factory.mktemp("tagged")
-    table = write_tagged_table(root)
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        main(["fit", *table_args(table, root / "cache"), "--trainer.max_epochs=6"])
-    finally:
-        os.chdir(cwd)
-    return root
 
 
 def network_probabilities(model: TransferClassifier, datamodule: ImageFolderDataModule, split: str) -> torch.Tensor:
@@ -81,11 +50,6 @@ def average_precision_by_hand(scores: list[float], positives: list[int]) -> floa
             hits += 1
             total += hits / rank
     return total / hits
-
-
-def best_checkpoint(root: Path) -> Path:
-    (path,) = (root / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt")
-    return path
 
 
 def loaded(root: Path) -> tuple[TransferClassifier, ImageFolderDataModule]:

@@ -5,28 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 
+from tests.conftest import DDP, run_cli, small_ddp_args, table_args, write_tagged_table
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.reporting.runs import read_run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
-
-
-def run_cli(*args: str, cwd: Path) -> None:
-    """The real entry point in a fresh process: Lightning's DDP launcher starts the second one."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "transfer_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 class RecordTrainingOrder(pl.Callback):
@@ -39,21 +27,6 @@ class RecordTrainingOrder(pl.Callback):
         positions = list(trainer.train_dataloader.sampler)  # the loader as Lightning prepared it for this process
         path = self.folder / f"rank{trainer.global_rank}-epoch{trainer.current_epoch}.json"
         path.write_text(json.dumps({"positions": positions, "train_size": len(trainer.datamodule.train_set)}))
-
-
-def common(image_folder: Path, cache: Path) -> list[str]:
-    # 21 validation and 32 test images: 2 processes cannot split 21 evenly, so padding would show.
-    return [
-        f"--data.data_dir={image_folder}",
-        f"--data.cache_dir={cache}",
-        "--data.val_size=21",
-        "--data.batch_size=8",
-        "--model.weights=null",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
 
 
 def in_one_process(subcommand: str, args: list[str], checkpoint: Path, cwd: Path, monkeypatch) -> dict[str, float]:
@@ -69,7 +42,7 @@ def test_ddp_fit_and_test_and_evaluation_equals_single_process(config, image_fol
     """One DDP fit (validation each epoch, then the test of the best checkpoint, here the only one) scores
     what one process scores on the same checkpoint. The frozen config tests on cached features both ways; its
     validation in fit sees features and a plain validate sees images, so only the fine-tuned one compares those."""
-    args = [f"--config={CONFIGS / config}.yaml", *common(image_folder, tmp_path / "cache")]
+    args = [f"--config={CONFIGS / config}.yaml", *small_ddp_args(image_folder, tmp_path / "cache")]
     run_cli("fit", *args, *DDP, cwd=tmp_path)  # version_0
     ddp = read_run(tmp_path / "lightning_logs" / "version_0")
     assert ddp.epochs == 1 and ddp.test_score() is not None
@@ -99,7 +72,7 @@ def test_ddp_training_shards_are_disjoint_and_cover_the_training_set(image_folde
     training set (one image repeated to even them out, as DistributedSampler pads), in an order that
     changes between epochs."""
     record = {"class_path": "tests.training.test_ddp.RecordTrainingOrder", "init_args": {"folder": str(tmp_path)}}
-    args = [f"--config={CONFIGS / 'finetune_adam'}.yaml", *common(image_folder, tmp_path / "cache")]
+    args = [f"--config={CONFIGS / 'finetune_adam'}.yaml", *small_ddp_args(image_folder, tmp_path / "cache")]
     args += ["--trainer.max_epochs=2", "--test_after_fit=false", f"--trainer.callbacks+={json.dumps(record)}"]
     run_cli("fit", *args, *DDP, cwd=tmp_path)
     for epoch in (0, 1):
@@ -117,7 +90,6 @@ def test_ddp_multilabel_metrics_equal_a_single_process(tmp_path, monkeypatch):
     """mAP and F1 need every image's probabilities at once: under DDP they are gathered from both
     processes, so validation (with the thresholds picked on it) and the test give exactly what one process
     gives (33 images: uneven shares)."""
-    from tests.tasks.test_multilabel import table_args, write_tagged_table
 
     table = write_tagged_table(tmp_path / "data", train=40, val=33, test=33)
     args = [*table_args(table, tmp_path / "cache"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]

@@ -12,8 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 
-from tests.conftest import assert_test_scores_by_hand
-from tests.model.test_model import SGD, datamodule_for, head_state, make_trainer
+from tests.conftest import SGD, assert_test_scores_by_hand, datamodule_for, head_state, make_trainer
 from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.model import TransferClassifier
