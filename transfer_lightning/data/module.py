@@ -15,13 +15,11 @@ from torch.utils.data import DataLoader
 
 from transfer_lightning.data.datasets import (
     ImageTensorDataset,
-    balancing_weights,
     class_counts,
     keep_batch,
     make_sampler,
-    positive_weights,
 )
-from transfer_lightning.data.predict_images import predict_images
+from transfer_lightning.data.predict_images import NewImages
 from transfer_lightning.data.preparation import BatchPreparation, ImageSize, Preparation
 from transfer_lightning.data.settings import ClassBalance, check_data_settings, default_cache_dir
 from transfer_lightning.data.source import Source
@@ -124,9 +122,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.save_hyperparameters(ignore=["class_names"])
         check_data_settings(batch_size, num_workers, val_size, image_size, crop_scale, normalization, class_balance)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.predict_dir = Path(predict_dir).expanduser() if predict_dir else None
-        if self.predict_dir is not None and not self.predict_dir.exists():
-            raise UserInputError(f"data.predict_dir {predict_dir} does not exist: pass a folder of images or an image.")
+        #: ``predict_dir``'s images, predicted on instead of the test split.
+        self.new_images = NewImages(Path(predict_dir).expanduser(), self.cache_dir) if predict_dir else None
         source_settings = {
             "data_dir": data_dir, "download": download, "class_names": class_names, "labels_file": labels_file,
             "images_dir": images_dir, "file_column": file_column, "label_column": label_column,
@@ -135,12 +132,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
             "cache_dir": cache_dir, "skip_bad_images": skip_bad_images,
         }  # fmt: skip
         self._source: Source | None = None
-        if self.predict_dir is None:
+        if self.new_images is None:
             self._source = open_source(**source_settings)
         # New images take the checkpoint's class names; its training data (folders or CIFAR-10, never downloaded)
         # is only opened for a checkpoint that does not record its preprocessing.
         self._training_data = {"data_dir": data_dir, "download": False, "cache_dir": cache_dir}
-        given = list(class_names) if class_names is not None and self.predict_dir is not None else None
+        given = list(class_names) if class_names is not None and self.new_images is not None else None
         self.class_names = given or self.source.class_names
         self._preparer = BatchPreparation(normalization, image_size, tuple(crop_scale))
         #: The backbone's preprocessing, handed over by :meth:`use_weights`.
@@ -151,12 +148,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.val_set: ImageTensorDataset | None = None
         self.test_set: ImageTensorDataset | None = None
         self.predict_set: ImageTensorDataset | None = None
-        #: Path of every image of :attr:`predict_set` as the CSV shows it (relative to ``predict_dir``).
-        self.predict_paths: list[str] | None = None
-        #: The preprocessing of the checkpoint being predicted with (see :meth:`load_state_dict`).
-        self._checkpoint_preprocessing: Preprocessing | None = None
-        #: How :attr:`predict_set` is prepared, resolved once by :meth:`predict_dataloader`.
-        self._predict_preprocessing: Preprocessing | None = None
 
     @property
     def source(self) -> Source:
@@ -170,13 +161,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return isinstance(self._source, StreamSource)
 
     @property
+    def predict_paths(self) -> list[str] | None:
+        """Each predicted new image's path as the CSV shows it; ``None`` when predicting the test split."""
+        return self.new_images.paths if self.new_images is not None else None
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     @property
     def task(self) -> TaskName | None:
         """The source's task (:mod:`~transfer_lightning.tasks`); ``None`` when predicting new images (the model's)."""
-        return self.source.task if self.predict_dir is None else None
+        return self.source.task if self.new_images is None else None
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -192,27 +188,24 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """Class weights for the training loss when ``class_balance`` is loss; else ``None``."""
         if self.hparams.class_balance != "loss" or self.train_set is None:
             return None
-        if self.streamed:
-            return self.source.loss_weights()
-        labels = self.train_set.labels
-        return positive_weights(labels) if self.task == "multilabel" else balancing_weights(labels, self.num_classes)
+        return self.source.loss_weights(self.train_set)
 
     @property
     def preprocessing(self) -> Preprocessing:
         """How an image file becomes the network's input at evaluation (saved in checkpoints)."""
-        if self.predict_dir is not None and self._checkpoint_preprocessing is not None:
-            return self._checkpoint_preprocessing
+        if self.new_images is not None and self.new_images.checkpoint_preprocessing is not None:
+            return self.new_images.checkpoint_preprocessing
         p = self.preparation
         try:
             size, self.view = self.source.stored_size(p.image_size, p.crop_pct)
         except UserInputError:
-            if self.predict_dir is None:
+            if self.new_images is None:
                 raise
             raise UserInputError(
                 "The checkpoint does not say how its images were prepared (an older version's) and "
                 "no training data tells: pass the training data's --data.data_dir and --data.image_size too."
             ) from None
-        resize = self.source.info.interpolation if self.streamed else p.interpolation  # the stored images'
+        resize = self.source.stored_interpolation(p.interpolation)
         return Preprocessing(size, self.view, p.image_size, p.mean, p.std, p.interpolation, resize)
 
     @property
@@ -239,18 +232,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take the checkpoint's preprocessing for ``predict_dir`` (the training data may be absent)."""
-        if "preprocessing" in state_dict:
-            self._checkpoint_preprocessing = Preprocessing.from_dict(state_dict["preprocessing"])
+        if self.new_images is not None and "preprocessing" in state_dict:
+            self.new_images.checkpoint_preprocessing = Preprocessing.from_dict(state_dict["preprocessing"])
 
     def prepare_data(self) -> None:
-        """Download CIFAR-10, or decode the image files into their stores (once per node)."""
-        if self.streamed or (self.predict_dir is not None and self.trainer and self.trainer.predicting):
-            return  # streams download lazily; predict_dir is decoded by predict_dataloader with the checkpoint's sizes
+        """Download CIFAR-10, or decode the image files into their stores (once per node; a stream: nothing)."""
+        if self.new_images is not None and self.trainer and self.trainer.predicting:
+            return  # decoded by predict_dataloader with the checkpoint's sizes
         # Here, before Lightning creates the run's folder (setup comes after), so a bad val_size leaves none.
         self.source.prepare(self.preprocessing.decoding, self.hparams.val_size)
 
     def setup(self, stage: str) -> None:
-        if self.train_set is not None or (stage == "predict" and self.predict_dir is not None):
+        if self.train_set is not None or (stage == "predict" and self.new_images is not None):
             return
         if self.hparams.class_balance == "sampler" and (self.task == "multilabel" or self.streamed):
             raise UserInputError(
@@ -292,13 +285,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """The test split; or with ``predict_dir`` its images, decoded as the checkpoint's preprocessing says."""
-        if self.predict_dir is None:
+        if self.new_images is None:
             return self._loader(self.test_set)
-        self._predict_preprocessing = self.preprocessing
-        self.predict_set, self.predict_paths = predict_images(
-            self.predict_dir, self.cache_dir, self.preprocessing.decoding
-        )
-        rank_zero_info(f"Predicting {len(self.predict_set)} images under {self.predict_dir}.")
+        self.predict_set = self.new_images.load(self.preprocessing)
         return self._loader(self.predict_set)
 
     def _loader(self, dataset: ImageTensorDataset | None, shuffle: bool = False) -> DataLoader:
@@ -324,8 +313,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         images, labels = batch
         if images.dtype != torch.uint8:  # cached backbone features (the frozen-feature cache) arrive ready to use
             return batch
-        if self._predict_preprocessing is not None and self.trainer is not None and self.trainer.predicting:
-            return self._predict_preprocessing(images), labels  # new images, prepared as the checkpoint says
+        new = self.new_images.preprocessing if self.new_images is not None else None
+        if new is not None and self.trainer is not None and self.trainer.predicting:
+            return new(images), labels  # new images, prepared as the checkpoint says
         training = self.trainer is not None and self.trainer.training
         return self.batch_transform(images, train=training), labels
 

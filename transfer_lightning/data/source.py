@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from transfer_lightning.data.datasets import ImageTensorDataset
+from transfer_lightning.data.datasets import ImageTensorDataset, balancing_weights, positive_weights
 from transfer_lightning.data.splits import Pools, Splits, validation_count
 from transfer_lightning.data.store import ImageFolderStore, shared_store_size
-from transfer_lightning.data.transforms import Decoding, View
+from transfer_lightning.data.transforms import Decoding, Interpolation, View
 from transfer_lightning.tasks import TaskName
 
 #: An image's source (a file's path, or its encoded bytes) and its label (a class index, or one 0/1 per class).
@@ -62,17 +62,28 @@ class Source(ABC):
     def stored_size(self, image_size: int | None, crop_pct: float) -> tuple[tuple[int, int], View]:
         """The (H, W) the images are kept at for a network input of ``image_size``, and the view that needs."""
 
+    @abstractmethod
+    def prepare(self, decoding: Decoding, val_size: int | float) -> None:
+        """Once per node, before the run's folder exists: fetch or decode what is read later, and check that
+        ``val_size`` leaves images to train on."""
+
+    def stored_interpolation(self, wanted: Interpolation) -> Interpolation:
+        """How the stored images are resized: as the run wants, unless they were stored already."""
+        return wanted
+
+    def loss_weights(self, train_set: ImageTensorDataset) -> Tensor:
+        """Class weights that make every class weigh the same in the training loss (``class_balance: loss``)."""
+        labels = train_set.labels
+        return (
+            positive_weights(labels) if self.task == "multilabel" else balancing_weights(labels, len(self.class_names))
+        )
+
 
 class LocalSource(Source):
     """A source decoded into tensors on this machine, whose pools are split here by the one split policy."""
 
     #: Names the data set in messages.
     root: Path
-
-    @abstractmethod
-    def prepare(self, decoding: Decoding, val_size: int | float) -> None:
-        """Once per node, before the run's folder exists: fetch or decode what :meth:`pools` reads, and check that
-        ``val_size`` leaves images to train on."""
 
     @abstractmethod
     def pools(self, decoding: Decoding) -> Pools[ImageTensorDataset]:

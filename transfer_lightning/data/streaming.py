@@ -265,7 +265,13 @@ class StreamSource(Source):
         self.check_size(image_size, crop_pct)
         return tuple(self.info.size), self.info.view
 
-    def loss_weights(self) -> Tensor:
+    def stored_interpolation(self, wanted: Interpolation) -> Interpolation:
+        return self.info.interpolation
+
+    def prepare(self, decoding: Decoding, val_size: int | float) -> None:
+        """Nothing: LitData downloads chunks as they are read, and ``optimize`` made the splits."""
+
+    def loss_weights(self, train_set: Any = None) -> Tensor:
         """The class weights of ``class_balance`` loss, from the training images per class counted at optimize time."""
         counts, total = torch.tensor(self.info.train_class_counts), self.info.split_sizes["train"]
         if self.info.task == "multilabel":

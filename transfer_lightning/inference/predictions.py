@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
 from transfer_lightning.interpretation.cam import grad_cam, resolve_cam_layer
@@ -75,7 +76,7 @@ class PredictionsCSV(BasePredictionWriter):
         confidence, classes = probabilities.max(dim=1)  # the predicted class; for multilabel the most probable
         maps = grad_cam(pl_module, resolve_cam_layer(pl_module.network, self.cam_layer, images), images, classes)
         shown = denormalize(images, datamodule.preparation.mean, datamodule.preparation.std).cpu()
-        paths = getattr(datamodule, "predict_paths", None)
+        paths = datamodule.predict_paths if isinstance(datamodule, ImageFolderDataModule) else None
         folder = Path(self._log_dir or ".") / "explanations"
         for index, image, cam, label, p in zip(
             indices, shown, maps, classes.tolist(), confidence.tolist(), strict=True
@@ -88,7 +89,8 @@ class PredictionsCSV(BasePredictionWriter):
                 self._sheet.append((overlay(image, cam), f"{Path(name).name}\n{names[label]} {p:.2f}"))
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        paths = getattr(trainer.datamodule, "predict_paths", None)
+        datamodule = trainer.datamodule
+        paths = datamodule.predict_paths if isinstance(datamodule, ImageFolderDataModule) else None
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         path = Path(trainer.log_dir or ".") / f"predictions{suffix}.csv"
         task, top_k = pl_module.task, min(self.top_k, len(pl_module.class_names))
