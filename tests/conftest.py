@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -264,8 +263,12 @@ def datamodule_for(image_folder, tmp_path, **kwargs):
     return ImageFolderDataModule(data_dir=str(image_folder), cache_dir=str(tmp_path / "cache"), **settings)
 
 
-def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
+def make_trainer(tmp_path, **kwargs):
     """A plain Trainer on the CPU for a few batches, without logger, checkpoints or progress bars."""
+    # Imported here, not at the top: lightning.pytorch imported before pytest's log capture is set up gives itself
+    # a handler and stops propagating, and caplog then sees none of its lines (pytest 7 and 8).
+    import lightning.pytorch as pl
+
     settings = dict(
         accelerator="cpu",
         devices=1,
