@@ -63,9 +63,12 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], resuming_fi
 
 def upgrade_state_dict(state_dict: dict[str, Any]) -> None:
     """Rename, in place, what checkpoints saved before the task objects hold under older names:
-    a multi-label model's decision thresholds were the model's own buffer, and are now its task's."""
+    a multi-label model's decision thresholds were the model's own buffer, and are now its task's; and give
+    a multiclass model saved before calibration its temperature of 1."""
     if "thresholds" in state_dict:
         state_dict["task.thresholds"] = state_dict.pop("thresholds")
+    if "task.thresholds" not in state_dict:  # multiclass, saved before calibration: the softmax as it was
+        state_dict.setdefault("task.temperature", torch.ones(()))
 
 
 def model_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:

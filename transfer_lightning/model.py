@@ -73,6 +73,8 @@ class TransferClassifier(pl.LightningModule):
         data_task: The data's task, linked from ``data.task`` by the CLI (a plain Trainer: pass ``data.task``).
         threshold: multilabel: the probability at or above which an image gets a class; null picks
             each class's threshold on validation (best F1), saved in the checkpoint.
+        calibrate: multiclass: fit a temperature on each validation that divides the logits, so that
+            the probabilities are calibrated (the top class is unchanged); false keeps the softmax as it is.
         head_solver: gradient (the optimizer, batch by batch) or lbfgs: on cached frozen features, each
             epoch fits the head to convergence by full-batch L-BFGS at the next strength of ``lbfgs_l2``,
             so the best checkpoint is the best strength (:class:`~transfer_lightning.optim.LBFGSHead`).
@@ -109,6 +111,7 @@ class TransferClassifier(pl.LightningModule):
         task: TaskName | None = None,
         data_task: TaskName | None = None,
         threshold: float | None = None,
+        calibrate: bool = True,
         head_solver: HeadSolver = "gradient",
         lbfgs_l2: tuple[float, float] = (1e-1, 1e-6),
         lbfgs_max_iter: int = 500,
@@ -140,7 +143,7 @@ class TransferClassifier(pl.LightningModule):
         #: The last test's report, written out by ClassificationReportFiles.
         self.test_report: TestReport | None = None
         names = class_names or [str(i) for i in range(num_classes)]
-        self.task: Task = create_task(self.hparams.task, names, threshold)
+        self.task: Task = create_task(self.hparams.task, names, threshold, calibrate)
         self.metrics = self.task.metrics()
 
     @property

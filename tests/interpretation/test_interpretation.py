@@ -232,9 +232,10 @@ def test_html_report_is_self_contained(interpreted):
     for src in sources:
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
     assert page.count("<img ") == page.count('<img src="data:image/png;base64,')
-    # Comparison curves; fit run: curves, confusion matrix, top losses, maps, confused pairs, training batch;
-    # test run: the confusion matrix, top losses, maps and confused pairs.
-    assert len(sources) == 1 + 6 + 4
+    # Comparison curves; fit run: curves, confusion matrix, reliability diagram, top losses, maps, confused pairs,
+    # training batch; test run: the confusion matrix, reliability diagram, top losses, maps and confused pairs.
+    assert len(sources) == 1 + 7 + 5
+    assert page.count("<h3>Reliability: accuracy against confidence") == 2
     assert "<h2>Comparison</h2>" in page and "<h2>version_0</h2>" in page and "<h2>version_1</h2>" in page
     report = (root / "lightning_logs" / "version_0" / "classification_report.md").read_text()
     assert "<th>precision</th>" in page and re.search(r"accuracy [\d.]+%", report).group(0) in page

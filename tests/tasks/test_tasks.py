@@ -62,7 +62,12 @@ def test_multilabel_thresholds_travel_with_the_task_and_its_description():
     copy = create_task("multilabel", NAMES)
     copy.load_output_description(task.describe_output())
     assert torch.equal(copy.thresholds, task.thresholds)
-    assert create_task("multiclass", NAMES).state_dict() == {}
+    multiclass = create_task("multiclass", NAMES)
+    multiclass.temperature.fill_(2.5)
+    assert set(multiclass.state_dict()) == {"temperature"}  # the calibration travels the same way
+    copy = create_task("multiclass", NAMES)
+    copy.load_output_description(multiclass.describe_output())
+    assert float(copy.temperature) == 2.5
 
 
 def test_thresholds_are_picked_where_f1_is_best():

@@ -166,7 +166,14 @@ def model_card(model: TransferClassifier, preprocessing: Preprocessing, ckpt_pat
         'model = timm.create_model("hf-hub:ORG/NAME", pretrained=True).eval()   # or "local-dir:PATH"',
         "config = timm.data.resolve_model_data_config(model)",
         "transform = timm.data.create_transform(**config)",
-        f"probabilities = model(transform(image)[None]).{'softmax(-1)' if model.task.single_label else 'sigmoid()'}",
+        *(
+            [
+                f"temperature = {float(model.task.temperature):.6g}  # config.json: {CONFIG_KEY}.output.temperature",
+                "probabilities = (model(transform(image)[None]) / temperature).softmax(-1)  # calibrated",
+            ]
+            if model.task.single_label
+            else ["probabilities = model(transform(image)[None]).sigmoid()"]
+        ),
         "```",
         "",
         f"Preprocessing used in training (in `config.json`): {preprocessing.describe()} "

@@ -21,6 +21,7 @@ from transfer_lightning.reporting.runs import Run, duration, markdown_table, plo
 #: (heading, file in the run folder, TensorBoard image tag), in page order; the file wins when both exist.
 PICTURES = [
     ("Confusion matrix", None, "test/confusion_matrix"),
+    ("Reliability: accuracy against confidence, before and after the temperature", None, "test/reliability_diagram"),
     ("Top losses: true / predicted / probability", "top_losses.png", "test/top_losses"),
     ("Where it looked: the maps of the predicted and of the true class", "top_losses_cam.png", "test/top_losses_cam"),
     ("Most confused classes", "most_confused.png", "test/most_confused"),

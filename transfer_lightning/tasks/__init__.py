@@ -10,11 +10,12 @@ from transfer_lightning.tasks.multilabel import MultilabelReport, MultilabelTask
 TASKS: dict[str, type[Task]] = {"multiclass": MulticlassTask, "multilabel": MultilabelTask}
 
 
-def create_task(name: TaskName, class_names: list[str], threshold: float | None = None) -> Task:
-    """The task called ``name`` over ``class_names``; ``threshold`` fixes a multi-label task's thresholds."""
+def create_task(name: TaskName, class_names: list[str], threshold: float | None = None, calibrate: bool = True) -> Task:
+    """The task called ``name`` over ``class_names``; ``threshold`` fixes a multi-label task's thresholds, and
+    ``calibrate`` false keeps a multiclass task's temperature at 1."""
     if name == "multilabel":
         return MultilabelTask(class_names, threshold)
-    return TASKS[name](class_names)
+    return MulticlassTask(class_names, calibrate)
 
 
 def task_for_data(model_task: TaskName | None, threshold: float | None, data_task: TaskName) -> TaskName:

@@ -8,14 +8,16 @@ share in macro-F1, which averages over the classes that have test images.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import CatMetric, Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -25,6 +27,14 @@ from torchmetrics.classification import (
 )
 
 from transfer_lightning.tasks.base import Task, TaskMetrics, TestReport, percent
+from transfer_lightning.tasks.calibration import (
+    ECE_BINS,
+    MIN_IMAGES,
+    calibration_error,
+    fit_temperature,
+    reliability,
+    reliability_diagram,
+)
 
 #: Top-k accuracy is reported for k = 5 when there are more than this many classes.
 TOP_K = 5
@@ -49,6 +59,12 @@ class ClassificationReport(TestReport):
     confused: list[tuple[str, str, int]]
     #: Test images per (true class, predicted class).
     confusion: Tensor
+    #: Expected calibration error of the test's probabilities before and after the temperature (None: not measured).
+    calibration_error_before: float | None = None
+    calibration_error: float | None = None
+    temperature: float = 1.0
+    #: The reliability diagram's points before and after the temperature (see :func:`.calibration.reliability`).
+    reliability: dict[str, list[tuple[float, float, int]]] | None = None
 
     @property
     def present(self) -> list[bool]:
@@ -56,6 +72,8 @@ class ClassificationReport(TestReport):
 
     def scalars(self) -> dict[str, float]:
         values = {"test/acc": self.accuracy, "test/f1_macro": self.macro_f1}
+        if self.calibration_error is not None:
+            values |= {"test/ece_uncalibrated": self.calibration_error_before, "test/ece": self.calibration_error}
         if self.top_k_accuracy is not None:
             values[f"test/acc_top{TOP_K}"] = self.top_k_accuracy
         for name, recall, present in zip(self.class_names, self.recall, self.present, strict=True):
@@ -66,7 +84,10 @@ class ClassificationReport(TestReport):
     def figures(self) -> dict[str, Any]:
         figure, _ = MulticlassConfusionMatrix(len(self.class_names)).plot(self.confusion, labels=self.class_names)
         figure.set_size_inches(8, 8)
-        return {"test/confusion_matrix": figure}
+        figures = {"test/confusion_matrix": figure}
+        if self.reliability is not None:
+            figures["test/reliability_diagram"] = reliability_diagram(self.reliability)
+        return figures
 
     def to_markdown(self) -> str:
         lines = [
@@ -87,6 +108,12 @@ class ClassificationReport(TestReport):
             else:
                 lines.append(f"| {name} | {percent(precision)} | {percent(recall)} | {percent(f1)} | {support} |")
         lines.append("")
+        if self.calibration_error is not None:
+            lines += [
+                f"Calibration: expected calibration error {percent(self.calibration_error)} with temperature "
+                f"{self.temperature:.3f} ({percent(self.calibration_error_before)} without; {ECE_BINS} bins).",
+                "",
+            ]
         if self.confused:
             lines += [
                 "## Most confused classes",
@@ -167,25 +194,58 @@ class MulticlassMetrics(TaskMetrics):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_metrics = ClassificationMetrics(num_classes)
+        # The logits of a whole split, for the temperature and the calibration error (gathered under DDP).
+        self.logits = nn.ModuleDict({stage: CatMetric() for stage in ("val", "test")})
+        self.labels = nn.ModuleDict({stage: CatMetric() for stage in ("val", "test")})
 
     def training_update(self, logits: Tensor, labels: Tensor) -> dict[str, Metric]:
         self.train_acc(logits, labels)
         return {"train/acc": self.train_acc}
 
     def update(self, stage: Literal["val", "test"], logits: Tensor, labels: Tensor) -> dict[str, Metric]:
+        self.logits[stage].update(logits.float())
+        self.labels[stage].update(labels)
         if stage == "test":
             self.test_metrics.update(logits, labels)  # logged from the report, at the test's end
             return {}
         self.val_acc.update(logits, labels)
         return {"val/acc": self.val_acc}
 
-    def validation_end(self, task: Task, sanity_checking: bool) -> dict[str, float]:
-        return {}  # accuracy is logged per batch, and Lightning computes it for the epoch
+    def split(self, stage: Literal["val", "test"]) -> tuple[Tensor, Tensor]:
+        """The logits and labels of the whole split, read once (the collections are reset)."""
+        logits, labels = self.logits[stage].compute(), self.labels[stage].compute().long()
+        self.logits[stage].reset()
+        self.labels[stage].reset()
+        return logits, labels
 
-    def test_end(self, task: Task) -> ClassificationReport:
+    def validation_end(self, task: MulticlassTask, sanity_checking: bool) -> dict[str, float]:
+        """Fit the task's temperature on this validation (accuracy is logged per batch by Lightning)."""
+        logits, labels = self.split("val")
+        if sanity_checking or len(labels) == 0:
+            return {}
+        before = calibration_error(logits.softmax(dim=-1), labels)
+        task.calibrate_on(logits, labels)
+        after = calibration_error(task.probabilities(logits), labels)
+        return {"val/ece_uncalibrated": before, "val/ece": after, "val/temperature": float(task.temperature)}
+
+    def test_end(self, task: MulticlassTask) -> ClassificationReport:
         report = self.test_metrics.compute(task.class_names)
         self.test_metrics.reset()
-        return report
+        logits, labels = self.split("test")
+        if len(labels) == 0:
+            return report
+        before, after = logits.softmax(dim=-1), task.probabilities(logits)
+        temperature = float(task.temperature)
+        return dataclasses.replace(
+            report,
+            calibration_error_before=calibration_error(before, labels),
+            calibration_error=calibration_error(after, labels),
+            temperature=temperature,
+            reliability={
+                "softmax": reliability(before, labels),
+                f"temperature {temperature:.2f}": reliability(after, labels),
+            },
+        )
 
 
 class MulticlassTask(Task):
@@ -197,8 +257,30 @@ class MulticlassTask(Task):
     single_label = True
     true_column = "true_class"
 
+    def __init__(self, class_names: list[str], calibrate: bool = True) -> None:
+        super().__init__(class_names)
+        #: Whether validation fits :attr:`temperature` (``model.calibrate``).
+        self.calibrate = calibrate
+        #: Divides the logits before the softmax: fitted on validation, saved in checkpoints and exported files.
+        self.register_buffer("temperature", torch.ones(()))
+        self._said_too_few = False
+
+    def calibrate_on(self, logits: Tensor, labels: Tensor) -> None:
+        """Fit :attr:`temperature` to a validation split's logits; too small a split keeps 1.0 and says so once."""
+        if not self.calibrate:
+            return
+        if len(labels) < MIN_IMAGES:
+            if not self._said_too_few:
+                rank_zero_info(
+                    f"Calibration: {len(labels)} validation images are too few to fit a temperature (at least "
+                    f"{MIN_IMAGES}); the probabilities are the softmax's as they are (temperature 1)."
+                )
+                self._said_too_few = True
+            return
+        self.temperature.fill_(fit_temperature(logits, labels))
+
     def probabilities(self, logits: Tensor) -> Tensor:
-        return logits.softmax(dim=-1)
+        return (logits / self.temperature).softmax(dim=-1)
 
     def flip_average(self, logits: Tensor, mirrored: Tensor) -> Tensor:
         """The log of the mean of the two softmaxes (in log space, so nothing underflows)."""
@@ -226,7 +308,10 @@ class MulticlassTask(Task):
         return MulticlassMetrics(self.num_classes)
 
     def describe_output(self) -> dict[str, Any]:
-        return {"activation": "softmax (multiclass)"}
+        return {"activation": "softmax of logits / temperature (multiclass)", "temperature": float(self.temperature)}
+
+    def load_output_description(self, output: dict[str, Any]) -> None:
+        self.temperature.fill_(output.get("temperature", 1.0))  # files exported before calibration: 1
 
     def prediction_header(self, top_k: int) -> list[str]:
         ranked = [f"top{rank}_{what}" for rank in range(1, top_k + 1) for what in ("class", "probability")]
