@@ -220,6 +220,7 @@ def run_cli(*args: str, cwd: Path, status: int = 0, timeout: float = 180) -> str
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow  # 37 s; the default suite keeps S3 (errors, interrupts) and a stream's fit and resume apart
 def test_s3_optimize_ddp_fit_resume_and_test(image_folder, s3_endpoint, tmp_path, monkeypatch):
     """The photo folder optimized to s3:// on a loopback S3 server; two CPU processes (DDP) train from it, stop at
     step 3 of epoch 0, resume from last.ckpt, and test: no training image is read twice in the cut epoch,

@@ -417,6 +417,7 @@ def test_lr_find_and_a_sweep_that_chooses_the_backbone(small_run_args, run_dir, 
     assert "model:" in best and "backbone:" in best
 
 
+@pytest.mark.slow  # 14 s: DDP is covered by tests/training/test_ddp.py; this adds timm's network to it
 def test_ddp_with_a_timm_backbone(image_folder, tmp_path, efficientnet_folder):
     """Two CPU processes (Lightning's DDP launcher, gloo): fit and the test after it, with the folder's weights."""
 

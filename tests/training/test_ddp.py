@@ -37,7 +37,10 @@ def in_one_process(subcommand: str, args: list[str], checkpoint: Path, cwd: Path
     return {name: float(value) for name, value in cli.trainer.callback_metrics.items()}
 
 
-@pytest.mark.parametrize("config", ["feature_extractor_sgd", "finetune_adam"])
+@pytest.mark.parametrize(
+    "config",
+    ["feature_extractor_sgd", pytest.param("finetune_adam", marks=pytest.mark.slow)],  # the suite's time
+)
 def test_ddp_fit_and_test_and_evaluation_equals_single_process(config, image_folder, tmp_path, monkeypatch):
     """One DDP fit (validation each epoch, then the test of the best checkpoint, here the only one) scores
     what one process scores on the same checkpoint. The frozen config tests on cached features both ways; its
