@@ -4,6 +4,7 @@ class, and travels with the checkpoint into predict and the exported files."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -16,6 +17,7 @@ from transfer_lightning.commands.cli import TransferLightningCLI
 from transfer_lightning.commands.main import main
 from transfer_lightning.inference import export
 from transfer_lightning.reporting.runs import read_run
+from transfer_lightning.serving.requests import load_model
 from transfer_lightning.tasks import create_task
 from transfer_lightning.tasks.calibration import fit_temperature, reliability
 
@@ -71,8 +73,8 @@ def test_too_few_validation_images_keep_temperature_one_and_say_so(caplog):
 
 
 def test_fit_keeps_the_temperature_and_predict_and_export_give_calibrated_probabilities(image_folder, run_dir):
-    """60 validation images fit a temperature; test logs the calibration error before and after; predict's
-    probabilities are softmax(logits / T) computed here from the checkpoint's network; the export carries T."""
+    """60 validation images fit a temperature; test logs the calibration error before and after; predict's, serve's
+    and the exported files' probabilities are softmax(logits / T) computed here from the checkpoint's network."""
     args = [f"--data.data_dir={image_folder}", f"--data.cache_dir={run_dir / 'cache'}", "--data.val_size=60"]
     args += ["--data.batch_size=16", "--model.weights=null", "--model.optimizer=SGD", "--model.optimizer.lr=0.05"]
     cli = TransferLightningCLI(args=["fit", *args, "--trainer.max_epochs=3", "--seed_everything=0", *QUIET])
@@ -92,6 +94,10 @@ def test_fit_keeps_the_temperature_and_predict_and_export_give_calibrated_probab
         expected = (model.network(preprocessing(pixels)) / temperature).softmax(dim=-1)
     for path, probabilities in zip(photos, expected, strict=True):
         assert float(rows[path.name]["probability"]) == pytest.approx(float(probabilities.max()), abs=1e-4)
-    output = run_dir / "model.pt2"
-    main(["export", f"--ckpt_path={best}", "--format=pt2", f"--output={output}"])
-    assert json.loads(Path(f"{output}.json").read_text())["output"]["temperature"] == pytest.approx(temperature)
+    served = load_model(str(best), None, "cpu")  # what serve answers with
+    torch.testing.assert_close(served.run(pixels), expected, atol=1e-4, rtol=0)
+    for format in ["pt2"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else []):
+        output = run_dir / f"model.{format}"
+        main(["export", f"--ckpt_path={best}", f"--output={output}"])
+        assert json.loads(Path(f"{output}.json").read_text())["output"]["temperature"] == pytest.approx(temperature)
+        torch.testing.assert_close(export.run_exported(output, format, pixels), expected, atol=1e-4, rtol=0)
