@@ -19,7 +19,7 @@ from transfer_lightning.inference import export
 from transfer_lightning.reporting.runs import read_run
 from transfer_lightning.serving.requests import load_model
 from transfer_lightning.tasks import create_task
-from transfer_lightning.tasks.calibration import fit_temperature, reliability
+from transfer_lightning.tasks.calibration import fit_temperature, multilabel_calibration_error, reliability
 
 
 def ece_by_hand(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
@@ -101,3 +101,24 @@ def test_fit_keeps_the_temperature_and_predict_and_export_give_calibrated_probab
         main(["export", f"--ckpt_path={best}", f"--output={output}"])
         assert json.loads(Path(f"{output}.json").read_text())["output"]["temperature"] == pytest.approx(temperature)
         torch.testing.assert_close(export.run_exported(output, format, pixels), expected, atol=1e-4, rtol=0)
+
+
+def binary_ece_by_hand(probabilities: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
+    """A label's calibration error: |share of positives - mean probability| per probability bin, weighted."""
+    total = 0.0
+    for low in range(bins):
+        inside = (probabilities > low / bins) & (probabilities <= (low + 1) / bins)
+        if inside.any():
+            total += inside.float().mean() * (targets[inside].float().mean() - probabilities[inside].mean()).abs()
+    return float(total)
+
+
+def test_the_multilabel_calibration_error_is_the_mean_of_each_labels():
+    """Label 0's probabilities are honest (by construction), label 1's say 0.9 where 0.5 is true."""
+    generator = torch.Generator().manual_seed(0)
+    honest = torch.rand(4000, generator=generator)
+    targets = torch.stack([(torch.rand(4000, generator=generator) < honest), torch.rand(4000) < 0.5], dim=1).long()
+    probabilities = torch.stack([honest, torch.full((4000,), 0.9)], dim=1)
+    by_hand = [binary_ece_by_hand(p, t) for p, t in zip(probabilities.T, targets.T, strict=True)]
+    assert by_hand[0] < 0.03 and by_hand[1] == pytest.approx(0.4, abs=0.03)
+    assert multilabel_calibration_error(probabilities, targets) == pytest.approx(sum(by_hand) / 2, abs=1e-3)

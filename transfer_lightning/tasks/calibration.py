@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_calibration_error
+from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
 #: Validation images below which no temperature is fitted (it stays 1.0): too few to say how confident to be.
 MIN_IMAGES = 50
@@ -39,6 +39,16 @@ def calibration_error(probabilities: Tensor, labels: Tensor) -> float:
     """Expected calibration error: the mean gap between confidence and accuracy over :data:`ECE_BINS` bins of
     confidence, weighted by the images in each (torchmetrics' ``multiclass_calibration_error``, L1)."""
     return float(multiclass_calibration_error(probabilities.float(), labels, probabilities.shape[-1], n_bins=ECE_BINS))
+
+
+def multilabel_calibration_error(probabilities: Tensor, targets: Tensor) -> float:
+    """The calibration error of each label's sigmoid (torchmetrics' ``binary_calibration_error``, 15 bins), averaged
+    over the labels: several labels per image have no temperature, but their probabilities can still be honest."""
+    errors = [
+        binary_calibration_error(probabilities[:, k].float(), targets[:, k], n_bins=ECE_BINS)
+        for k in range(probabilities.shape[-1])
+    ]
+    return float(torch.stack(errors).mean())
 
 
 def reliability(probabilities: Tensor, labels: Tensor) -> list[tuple[float, float, int]]:

@@ -25,6 +25,7 @@ from torchmetrics.functional.classification import (
 )
 
 from transfer_lightning.tasks.base import Task, TaskMetrics, TestReport, percent
+from transfer_lightning.tasks.calibration import multilabel_calibration_error
 
 #: The decision thresholds a multi-label class's threshold is picked from on the validation set.
 THRESHOLD_GRID = torch.linspace(0.01, 0.99, 99)
@@ -54,6 +55,8 @@ class MultilabelReport(TestReport):
     #: (class, images) of the labels most often missed (false negatives) and invented (false positives).
     missed: list[tuple[str, int]]
     invented: list[tuple[str, int]]
+    #: Expected calibration error of each label's probability, averaged over the labels.
+    calibration_error: float = math.nan
 
     @property
     def present(self) -> list[bool]:
@@ -64,6 +67,7 @@ class MultilabelReport(TestReport):
             "test/mAP": self.mean_average_precision,
             "test/f1_macro": self.macro_f1,
             "test/f1_micro": self.micro_f1,
+            "test/ece": self.calibration_error,
         }
         for name, ap, present in zip(self.class_names, self.average_precision, self.present, strict=True):
             if present:
@@ -76,7 +80,8 @@ class MultilabelReport(TestReport):
             "",
             f"{self.images} test images, {sum(self.support)} labels; mAP {percent(self.mean_average_precision)} "
             f"(mean over the {sum(self.present)} classes with test images), at the decision thresholds "
-            f"macro-F1 {percent(self.macro_f1)} and micro-F1 {percent(self.micro_f1)}.",
+            f"macro-F1 {percent(self.macro_f1)} and micro-F1 {percent(self.micro_f1)}; expected calibration error "
+            f"{percent(self.calibration_error)} (each label's probability, 15 bins, averaged over the labels).",
             "",
             "| class | AP | precision | recall | F1 | threshold | test images |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -181,6 +186,7 @@ def multilabel_report(
         micro_f1=micro_f1,
         missed=worst(stats[:, 3]),
         invented=worst(stats[:, 1]),
+        calibration_error=multilabel_calibration_error(probabilities, targets),
     )
 
 
@@ -210,6 +216,7 @@ class MultilabelMetrics(TaskMetrics):
         precisions = average_precisions(probabilities, targets)
         scores = {"val/mAP": mean_over_present(precisions), "val/f1_macro": mean_over_present(f1)}
         scores["val/f1_micro"] = micro_f1
+        scores["val/ece"] = multilabel_calibration_error(probabilities, targets)
         for name, ap in zip(task.class_names, precisions.tolist(), strict=True):
             if not math.isnan(ap):  # a class without validation positives has no AP
                 scores[f"val/AP_{name}"] = ap
