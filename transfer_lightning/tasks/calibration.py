@@ -45,7 +45,7 @@ def multilabel_calibration_error(probabilities: Tensor, targets: Tensor) -> floa
     """The calibration error of each label's sigmoid (torchmetrics' ``binary_calibration_error``, 15 bins), averaged
     over the labels: several labels per image have no temperature, but their probabilities can still be honest."""
     errors = [
-        binary_calibration_error(probabilities[:, k].float(), targets[:, k], n_bins=ECE_BINS)
+        binary_calibration_error(probabilities[:, k].float().contiguous(), targets[:, k].contiguous(), n_bins=ECE_BINS)
         for k in range(probabilities.shape[-1])
     ]
     return float(torch.stack(errors).mean())
