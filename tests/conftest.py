@@ -236,15 +236,29 @@ def fit_in(folder: Path, args: list[str]) -> None:
         os.chdir(cwd)
 
 
+def fit_photo_run(
+    root: Path, splits: dict[str, int], classes: tuple[str, ...], optimizer: str, lr: float, epochs: int
+) -> Path:
+    """Fit a small random-weight model on mixed-size photos at 32 px in ``root`` (no test), copy its last checkpoint
+    to ``root/last.ckpt``, and return the photos' folder."""
+    photos = write_photo_folder(root / "photos", splits, classes=classes)
+    args = [f"--data.data_dir={photos}", f"--data.cache_dir={root / 'cache'}", "--data.image_size=32"]
+    args += [
+        "--data.batch_size=16",
+        "--model.weights=null",
+        f"--model.optimizer={optimizer}",
+        f"--model.optimizer.lr={lr}",
+    ]
+    fit_in(root, [*args, f"--trainer.max_epochs={epochs}", "--test_after_fit=false", *QUIET])
+    shutil.copy(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", root / "last.ckpt")
+    return photos
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
     """A folder holding ``last.ckpt`` of a small model fitted on mixed-size photos at 32 px, and its cache."""
     root = tmp_path_factory.mktemp("trained")
-    photos = write_photo_folder(root / "photos", {"train": 12, "val": 4}, classes=PHOTO_CLASSES)
-    args = [f"--data.data_dir={photos}", f"--data.cache_dir={root / 'cache'}", "--data.image_size=32"]
-    args += ["--data.batch_size=16", "--model.weights=null", "--model.optimizer=SGD", "--model.optimizer.lr=0.05"]
-    fit_in(root, [*args, "--trainer.max_epochs=3", "--test_after_fit=false", *QUIET])
-    shutil.copy(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", root / "last.ckpt")
+    photos = fit_photo_run(root, {"train": 12, "val": 4}, PHOTO_CLASSES, "SGD", 0.05, epochs=3)
     shutil.rmtree(photos)  # predict and export need only the checkpoint
     return root
 

@@ -7,7 +7,6 @@ import argparse
 import base64
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import onnx
@@ -15,7 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from tests.conftest import PHOTO_SIZES, QUIET, fit_in, photo, write_photo_folder
+from tests.conftest import PHOTO_SIZES, fit_photo_run, photo
 from transfer_lightning.commands.main import main
 from transfer_lightning.data import ImageArrays, ImageTensorDataset
 from transfer_lightning.data.transforms import Preprocessing
@@ -34,11 +33,7 @@ def run(tmp_path_factory) -> Path:
     """A folder with ``last.ckpt`` of a ResNet18 fitted on mixed-size photos at 32 px (val accuracy well above
     chance), the photos in ``photos/``, and the float export ``float.onnx``."""
     root = tmp_path_factory.mktemp("int8_run")
-    photos = write_photo_folder(root / "photos", {"train": 14, "val": 6}, classes=CLASSES)
-    args = [f"--data.data_dir={photos}", f"--data.cache_dir={root / 'cache'}", "--data.image_size=32"]
-    args += ["--data.batch_size=16", "--model.weights=null", "--model.optimizer=Adam", "--model.optimizer.lr=0.001"]
-    fit_in(root, [*args, "--trainer.max_epochs=4", "--test_after_fit=false", *QUIET])
-    shutil.copy(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", root / "last.ckpt")
+    fit_photo_run(root, {"train": 14, "val": 6}, CLASSES, "Adam", 0.001, epochs=4)
     main(["export", f"--ckpt_path={root / 'last.ckpt'}", f"--output={root / 'float.onnx'}"])
     return root
 

@@ -3,7 +3,6 @@ a data set written once into LitData's optimized chunks, for ``fit --data.stream
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.data.optimizing import refuse_existing, write_optimized
 from transfer_lightning.data.settings import check_data_settings
 from transfer_lightning.data.source import FileSource
-from transfer_lightning.data.sources import open_source
+from transfer_lightning.data.sources import SOURCE_SETTINGS, open_source
 from transfer_lightning.data.splits import make_splits
 from transfer_lightning.data.storage import is_remote, require_litdata
 from transfer_lightning.data.streaming import StreamInfo
@@ -28,10 +27,6 @@ TRAINING_ONLY = {
     "batch_size", "num_workers", "normalization", "augment", "crop_scale", "class_balance", "predict_dir",
     "download", "streaming_dir", "max_cache_size", "class_names",
 }  # fmt: skip
-
-
-#: The data settings that name the source (the rest say how it is split and stored).
-SOURCE_SETTINGS = set(inspect.signature(open_source).parameters)
 
 
 def build_parser(prog: str) -> ArgumentParser:

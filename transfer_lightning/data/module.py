@@ -23,7 +23,7 @@ from transfer_lightning.data.predict_images import NewImages
 from transfer_lightning.data.preparation import BatchPreparation, ImageSize, Preparation
 from transfer_lightning.data.settings import ClassBalance, check_data_settings, default_cache_dir
 from transfer_lightning.data.source import Source
-from transfer_lightning.data.sources import open_source
+from transfer_lightning.data.sources import SOURCE_SETTINGS, open_source
 from transfer_lightning.data.splits import make_splits
 from transfer_lightning.data.streaming import StreamSource, stream_loader
 from transfer_lightning.data.transforms import Normalization, Preprocessing, View, WeightsPreprocessing
@@ -124,13 +124,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         #: ``predict_dir``'s images, predicted on instead of the test split.
         self.new_images = NewImages(Path(predict_dir).expanduser(), self.cache_dir) if predict_dir else None
-        source_settings = {
-            "data_dir": data_dir, "download": download, "class_names": class_names, "labels_file": labels_file,
-            "images_dir": images_dir, "file_column": file_column, "label_column": label_column,
-            "split_column": split_column, "label_delimiter": label_delimiter, "streaming_dir": streaming_dir,
-            "max_cache_size": max_cache_size, "storage_options": storage_options, "parquet": parquet,
-            "cache_dir": cache_dir, "skip_bad_images": skip_bad_images,
-        }  # fmt: skip
+        # Every source setting as given (hparams holds them all but class_names, kept out above).
+        source_settings = {name: self.hparams.get(name) for name in SOURCE_SETTINGS} | {"class_names": class_names}
         self._source: Source | None = None
         if self.new_images is None:
             self._source = open_source(**source_settings)

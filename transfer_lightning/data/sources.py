@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,7 @@ def open_source(
         f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg. Point --data.data_dir at "
         f"one of them, or leave it unset with --data.download true to fetch CIFAR-10 into ./{DEFAULT_DATA_DIR}."
     )
+
+
+#: The data settings that name the source (the data module's other settings say how it is split, stored and batched).
+SOURCE_SETTINGS = tuple(inspect.signature(open_source).parameters)
