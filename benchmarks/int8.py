@@ -27,11 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from transfer_lightning import checkpoints  # noqa: E402
 from transfer_lightning.data.transforms import Preprocessing  # noqa: E402
 from transfer_lightning.errors import UserInputError  # noqa: E402
-from transfer_lightning.inference.export import ExportedClassifier, example_images, export  # noqa: E402
+from transfer_lightning.inference.export import (  # noqa: E402
+    ExportedClassifier,
+    example_images,
+    export,
+    write_onnx_classifier,
+)
 from transfer_lightning.inference.quantize import QuantizeSettings, Recipe, has_vnni, pre_process, quantize  # noqa: E402
 from transfer_lightning.inference.run_images import open_run_images  # noqa: E402
 from transfer_lightning.model import TransferClassifier  # noqa: E402
-from transfer_lightning.network.onnx import inference_session, write_onnx  # noqa: E402
+from transfer_lightning.network.onnx import inference_session  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "weights"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
@@ -69,7 +74,7 @@ def speed(seconds: float) -> None:
         exported = ExportedClassifier.of(model, preprocessing).eval()
         with tempfile.TemporaryDirectory() as folder:
             float_file, int8_file = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
-            write_onnx(exported, example_images(preprocessing, 2), float_file, "images", "probabilities")
+            write_onnx_classifier(exported, preprocessing, float_file)
             prepared = Path(folder) / "prepared.onnx"
             pre_process(float_file, prepared)
             calibration = example_images(preprocessing, 64, seed=3)

@@ -9,6 +9,7 @@ recovered from their hyperparameters is, and the rest fails with a message that 
 
 from __future__ import annotations
 
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -64,11 +65,13 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], resuming_fi
 def upgrade_state_dict(state_dict: dict[str, Any]) -> None:
     """Rename, in place, what checkpoints saved before the task objects hold under older names:
     a multi-label model's decision thresholds were the model's own buffer, and are now its task's; and give
-    a multiclass model saved before calibration its temperature of 1."""
+    a multiclass model saved before calibration its temperature of 1, and one saved before "none of these" no
+    unknown threshold (every image is given a known class, as then)."""
     if "thresholds" in state_dict:
         state_dict["task.thresholds"] = state_dict.pop("thresholds")
-    if "task.thresholds" not in state_dict:  # multiclass, saved before calibration: the softmax as it was
+    if "task.thresholds" not in state_dict:  # multiclass: the softmax as it was, and no image called unknown
         state_dict.setdefault("task.temperature", torch.ones(()))
+        state_dict.setdefault("task.unknown_threshold", torch.tensor(math.inf))
 
 
 def model_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from transfer_lightning.model_settings import check_model_settings
 from transfer_lightning.network import FrozenBatchNorm, FrozenParts, GradualUnfreezing, check_input_size, create_network
 from transfer_lightning.network.timm_backbones import layer_decay_scales
 from transfer_lightning.optim import LBFGSHead, optimization, parameter_groups
-from transfer_lightning.tasks import Task, TaskName, TestReport, create_task, task_for_data
+from transfer_lightning.tasks import KNOWN_RATE, Task, TaskName, TestReport, create_task, task_for_data
 from transfer_lightning.tasks.report_files import ClassificationReportFiles
 
 #: The backbone's learning rate relative to the head's after gradual unfreezing, unless set.
@@ -75,6 +75,9 @@ class TransferClassifier(pl.LightningModule):
             each class's threshold on validation (best F1), saved in the checkpoint.
         calibrate: multiclass: fit a temperature on each validation that divides the logits, so that
             the probabilities are calibrated (the top class is unchanged); false keeps the softmax as it is.
+        known_rate: multiclass: the share of validation images (all of known classes) that "none of these" keeps:
+            each validation chooses the threshold of the unknown score (the energy of the logits) below which this
+            share falls; predict, serve and exported files answer ``unknown`` above it. null: never answer unknown.
         head_solver: gradient (the optimizer, batch by batch) or lbfgs: on cached frozen features, each
             epoch fits the head to convergence by full-batch L-BFGS at the next strength of ``lbfgs_l2``,
             so the best checkpoint is the best strength (:class:`~transfer_lightning.optim.LBFGSHead`).
@@ -112,6 +115,7 @@ class TransferClassifier(pl.LightningModule):
         data_task: TaskName | None = None,
         threshold: float | None = None,
         calibrate: bool = True,
+        known_rate: float | None = KNOWN_RATE,
         head_solver: HeadSolver = "gradient",
         lbfgs_l2: tuple[float, float] = (1e-1, 1e-6),
         lbfgs_max_iter: int = 500,
@@ -143,7 +147,7 @@ class TransferClassifier(pl.LightningModule):
         #: The last test's report, written out by ClassificationReportFiles.
         self.test_report: TestReport | None = None
         names = class_names or [str(i) for i in range(num_classes)]
-        self.task: Task = create_task(self.hparams.task, names, threshold, calibrate)
+        self.task: Task = create_task(self.hparams.task, names, threshold, calibrate, known_rate)
         self.metrics = self.task.metrics()
 
     @property
@@ -263,9 +267,13 @@ class TransferClassifier(pl.LightningModule):
         self.log_dict(self.test_report.scalars())
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Class probabilities of each image, with its true label(s) when the data has them."""
+        """Class probabilities of each image, with its true label(s) when the data has them, and its unknown score
+        when the task gives one."""
         images, labels = batch
-        return {"probabilities": self.task.probabilities(self.evaluation_logits(images)), "labels": labels}
+        logits = self.evaluation_logits(images)
+        outputs = {"probabilities": self.task.probabilities(logits), "labels": labels}
+        unknown_scores = self.task.unknown_scores(logits)
+        return outputs if unknown_scores is None else outputs | {"unknown_scores": unknown_scores}
 
     def configure_optimizers(self) -> Any:
         if self.head_fitter is not None:

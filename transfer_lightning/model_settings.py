@@ -42,6 +42,11 @@ def check_model_settings(a: dict[str, Any]) -> None:
         raise UserInputError("model.threshold is the decision threshold of multilabel models; task is multiclass.")
     if a["threshold"] is not None and not 0 < a["threshold"] < 1:
         raise UserInputError(f"threshold must be a probability between 0 and 1 (e.g. 0.5), got {a['threshold']}.")
+    if a["known_rate"] is not None and not 0 < a["known_rate"] <= 1:
+        raise UserInputError(
+            f"known_rate is the share of known images to keep (e.g. 0.95), in (0, 1]; got {a['known_rate']}. "
+            "Use null to never answer unknown."
+        )
     if a["trainable_from"] is not None and a["freeze_backbone"] and unfreeze_at is None:
         raise UserInputError(
             f"trainable_from {a['trainable_from']!r} says where fine-tuning starts, but freeze_backbone: true "

@@ -66,6 +66,7 @@ CASES = {
     "zero batch size": (lambda tmp: ["--data.batch_size=0"], "batch_size must be at least 1"),
     "negative learning rate": (lambda tmp: ["--model.optimizer.lr=-0.1"], "rejected its arguments"),
     "zero learning rate": (lambda tmp: ["--model.optimizer.lr=0"], "learning rate must be positive"),
+    "known_rate out of range": (lambda tmp: ["--model.known_rate=1.5"], "known_rate is the share of known images"),
     "val_size too large": (lambda tmp: ["--data.val_size=100000"], "set --data.val_size to a fraction"),
     "image too small for the backbone": (
         lambda tmp: ["--model.backbone=vit_b_16"],

@@ -57,14 +57,17 @@ def test_predict_dir_scores_new_images_from_the_checkpoint_alone(trained, new_im
 
     decodable = sorted(p.relative_to(new_images).as_posix() for p in new_images.rglob("img*"))
     assert sorted(row["path"] for row in rows) == decodable  # one row per decodable image, path relative to DIR
-    columns = ["path", "predicted_class", "probability"]
+    columns = ["path", "predicted_class", "probability", "unknown_score", "unknown"]
     columns += [f"top{k}_{what}" for k in (1, 2, 3) for what in ("class", "probability")]  # k = min(5, 3 classes)
     assert list(rows[0]) == columns
     # Each row holds what the checkpoint's network gives for that file, decoded here independently.
     model, preprocessing = export.load_classifier(trained / "last.ckpt")
     with torch.no_grad():
         expected = model.network(preprocessing(caller_images([new_images / row["path"] for row in rows], trained)))
-    for row, probabilities in zip(rows, expected.softmax(dim=-1), strict=True):
+    threshold = float(model.task.unknown_threshold)
+    for row, probabilities, logits in zip(rows, expected.softmax(dim=-1), expected, strict=True):
+        assert float(row["unknown_score"]) == pytest.approx(-float(logits.logsumexp(-1)), abs=1e-4)  # the energy
+        assert row["unknown"] == str(float(row["unknown_score"]) > threshold).lower()  # inf: never unknown
         # Ranks by value: classes whose probabilities tie within float noise may come in either order on
         # another CPU, so each rank's class must have the rank's probability, not a fixed name.
         ranked = sorted(probabilities.tolist(), reverse=True)
@@ -74,7 +77,8 @@ def test_predict_dir_scores_new_images_from_the_checkpoint_alone(trained, new_im
         assert [of_class[name] for name in named] == pytest.approx(ranked, abs=1e-5)
         written = [float(row[f"top{k}_probability"]) for k in (1, 2, 3)]
         assert written == pytest.approx(ranked, abs=1e-5)
-        assert row["predicted_class"] == row["top1_class"] and row["probability"] == row["top1_probability"]
+        predicted = "unknown" if row["unknown"] == "true" else row["top1_class"]
+        assert row["predicted_class"] == predicted and row["probability"] == row["top1_probability"]
     assert "broken.jpg" in caplog.text and "do not decode" in caplog.text  # listed, never silently skipped
 
 
@@ -82,7 +86,9 @@ def test_predict_takes_a_single_file_and_a_top_k(trained, new_images, run_dir):
     image = new_images / "camera1" / "2025" / "img1.jpg"
     rows = predict(trained, image, run_dir, "--predictions.top_k=1", *QUIET)
     assert [row["path"] for row in rows] == [str(image)]
-    assert list(rows[0]) == ["path", "predicted_class", "probability", "top1_class", "top1_probability"]
+    assert list(rows[0]) == [
+        "path", "predicted_class", "probability", "unknown_score", "unknown", "top1_class", "top1_probability"
+    ]  # fmt: skip
 
 
 def test_predict_dir_mistakes_are_one_clear_error(trained, run_dir, capsys):
@@ -120,7 +126,7 @@ def test_exported_model_agrees_with_the_checkpoint_and_predict(format, trained, 
 
     rows = predict(trained, new_images, run_dir, f"--data.cache_dir={run_dir / 'cache'}", *QUIET)
     images = caller_images([new_images / row["path"] for row in rows], trained)
-    exported = export.run_exported(output, format, images)
+    exported = export.run_exported(output, format, images).probabilities
     model, preprocessing = export.load_classifier(trained / "last.ckpt")
     with torch.no_grad():
         lightning = model(preprocessing(images)).softmax(dim=-1)
@@ -138,8 +144,12 @@ def test_pt2_file_runs_with_plain_torch(trained, tmp_path):
     """The guide's stand-alone snippet (docs/guides/use.md): only torch, no transfer_lightning."""
     output = export.export(trained / "last.ckpt", tmp_path / "model.pt2")
     program = torch.export.load(output).module()
-    probabilities = program(torch.zeros(5, 3, 32, 32, dtype=torch.uint8))
-    assert probabilities.shape == (5, 3) and torch.allclose(probabilities.sum(dim=1), torch.ones(5))
+    probabilities, unknown_scores = program(torch.zeros(5, 3, 32, 32, dtype=torch.uint8))
+    assert probabilities.shape == (5, 3) and unknown_scores.shape == (5,)
+    model, preprocessing = export.load_classifier(trained / "last.ckpt")
+    with torch.no_grad():
+        logits = model(preprocessing(torch.zeros(5, 3, 32, 32, dtype=torch.uint8)))
+    torch.testing.assert_close(unknown_scores, -logits.logsumexp(-1), atol=1e-4, rtol=0)  # the energy
 
 
 def test_export_mistakes_are_one_clear_error(trained, tmp_path, monkeypatch, capsys):
@@ -275,17 +285,20 @@ def test_the_guide_snippets_run_without_this_package_and_agree_with_predict(trai
         export.export(trained / "last.ckpt", run_dir / f"model.{format}")
 
     namespace: dict = {}
-    results = []
+    results, scores = [], []
     for snippet in (onnx_snippet, torch_snippet):  # the guide's own code, run as a reader would
         exec(snippet, namespace)
         results.append(torch.as_tensor(namespace["probabilities"]).flatten())
+        scores.append(float(torch.as_tensor(namespace["unknown_score"])[0]))
     # What the snippet feeds the model is exactly what predict decodes: the upright photo, resized and cropped.
     preprocessing = checkpoints.preprocessing(checkpoints.read_checkpoint(trained / "last.ckpt"), "last.ckpt")
     assert torch.equal(torch.from_numpy(namespace["pixels"][0]), eval_pixels(run_dir / "photo.jpg", preprocessing))
     (row,) = predict(trained, run_dir / "photo.jpg", run_dir, *QUIET)
-    for probabilities in results:
-        assert CLASSES[int(probabilities.argmax())] == row["predicted_class"]
+    for probabilities, score in zip(results, scores, strict=True):
+        assert CLASSES[int(probabilities.argmax())] == row["top1_class"]
         assert float(probabilities.max()) == pytest.approx(float(row["probability"]), abs=1e-4)
+        assert score == pytest.approx(float(row["unknown_score"]), abs=1e-4)
+    assert str(namespace["unknown"]).lower() == row["unknown"]
 
 
 def test_export_of_a_cifar_run_upsamples_inside_the_model(cifar_batches, run_dir):

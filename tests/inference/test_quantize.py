@@ -52,7 +52,7 @@ def validation_accuracy_by_hand(model_file: Path, photos: Path) -> float:
     for label, name in enumerate(CLASSES):
         files = sorted((photos / "val" / name).iterdir())
         images = torch.stack([model.prepare(path.read_bytes()) for path in files])
-        right += int((model.run(images).argmax(1) == label).sum())
+        right += int((model.run(images).probabilities.argmax(1) == label).sum())
         total += len(files)
     return right / total
 
@@ -84,8 +84,8 @@ def test_int8_file_is_smaller_holds_integer_weights_and_agrees_with_the_float_fi
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator)
     for label in range(3):  # and images like the classes', which the float model tells apart
         images[label::3] = images[label::3] // 4 + (torch.arange(3) == label).view(3, 1, 1).to(torch.uint8) * 160
-    got = load_model(None, str(int8_file), "cpu").run(images)
-    expected = load_model(None, str(float_file), "cpu").run(images)
+    got = load_model(None, str(int8_file), "cpu").run(images).probabilities
+    expected = load_model(None, str(float_file), "cpu").run(images).probabilities
     assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
 
 

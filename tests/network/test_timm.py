@@ -334,7 +334,9 @@ def test_hub_folder_reloads_in_timm_with_the_checkpoints_probabilities(timm_chec
     assert card.startswith("---\nlibrary_name: timm\n") and "image-classification" in card
     served = load_model(None, str(folder), "cpu")
     raw = export.example_images(preprocessing, 2, seed=4)
-    assert torch.allclose(served.run(raw), model.task.probabilities(model.logits(preprocessing(raw))), atol=1e-5)
+    logits = model.logits(preprocessing(raw))
+    assert torch.allclose(served.run(raw).probabilities, model.task.probabilities(logits), atol=1e-5)
+    assert torch.allclose(served.run(raw).unknown_scores, -logits.logsumexp(-1), atol=1e-4)  # the folder's rule too
 
 
 def test_predict_with_a_hub_folder_gives_the_checkpoints_probabilities(timm_checkpoint, tmp_path, capsys):
@@ -515,12 +517,19 @@ def test_timms_own_transform_on_the_hub_folder_gives_predicts_probabilities(timm
     sizes = [(300, 200), (200, 301), (97, 61), (64, 48), (150, 150), (55, 120), (401, 233), (43, 90)]
     for index, size in enumerate(sizes):
         photo(index % 3, size, generator).save(photos / f"p{index}.jpg", quality=95)
-    assert_timm_transform_agrees_with_predict(timm_photo_checkpoint, photos, tmp_path, capsys)
+    # A threshold of "none of these" between the photos' 4th and 5th unknown scores: half of them are unknown.
+    served = load_model(str(timm_photo_checkpoint), None, "cpu")
+    scores = served.run(torch.stack([served.prepare(p.read_bytes()) for p in photos.iterdir()])).unknown_scores
+    checkpoint = torch.load(timm_photo_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"]["task.unknown_threshold"] = scores.sort().values[3:5].mean()
+    torch.save(checkpoint, tmp_path / "thresholded.ckpt")
+    assert_timm_transform_agrees_with_predict(tmp_path / "thresholded.ckpt", photos, tmp_path, capsys)
 
 
 def assert_timm_transform_agrees_with_predict(checkpoint: Path, photos: Path, tmp_path: Path, capsys) -> None:
-    """predict --model on the checkpoint's Hub folder against timm's own transform and model on the same files: the
-    same pixels (to float rounding) and probabilities within 1e-3."""
+    """predict --model on the checkpoint's Hub folder against timm's own transform and model on the same files, turned
+    into answers by the model card's own lines: the same pixels (to float rounding), probabilities within 1e-3, and
+    the same "none of these"."""
     import csv
 
     from PIL import Image
@@ -537,14 +546,22 @@ def assert_timm_transform_agrees_with_predict(checkpoint: Path, photos: Path, tm
     served = load_model(None, str(folder), "cpu")
     rows = list(csv.DictReader(output.open()))
     assert len(rows) == len(list(photos.iterdir()))
+    usage = (folder / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0].splitlines()
+    first = next(i for i, line in enumerate(usage) if line.startswith(("logits", "probabilities")))
+    answer_lines = "\n".join(usage[first:])  # after loading the model and its transform, as the card says
+    assert "unknown = -logits.logsumexp(-1) > unknown_threshold" in answer_lines
     for row in rows:
         with Image.open(photos / row["path"]) as image, torch.no_grad():
             timms = transform(image.convert("RGB"))[None]
-            probabilities = model(timms).softmax(-1)[0]
+            namespace = {"model": model, "transform": transform, "image": image.convert("RGB")}
+            exec(answer_lines, namespace)
+        probabilities = namespace["probabilities"][0]
         ours = preprocessing(served.prepare((photos / row["path"]).read_bytes())[None])
         assert (timms - ours).abs().max() < 1e-5, row["path"]  # the same pixels, not only similar answers
         assert float(probabilities.max()) == pytest.approx(float(row["probability"]), abs=1e-3), row["path"]
-        assert model.pretrained_cfg["label_names"][int(probabilities.argmax())] == row["predicted_class"]
+        closest = model.pretrained_cfg["label_names"][int(probabilities.argmax())]
+        assert row["unknown"] == str(bool(namespace["unknown"][0])).lower()
+        assert row["predicted_class"] == ("unknown" if row["unknown"] == "true" else closest)
 
 
 @pytest.mark.slow

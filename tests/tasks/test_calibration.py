@@ -47,7 +47,7 @@ def test_a_fitted_temperature_lowers_the_calibration_error_and_keeps_every_top_c
     logits, labels = overconfident(3000, seed=0)
     task = create_task("multiclass", ["a", "b", "c", "d", "e"])
     before = task.probabilities(logits)
-    task.calibrate_on(logits, labels)
+    task.fit_on_validation(logits, labels)
     after = task.probabilities(logits)
     assert float(task.temperature) > 2  # over-confident logits are divided, not multiplied
     assert torch.equal(after.argmax(dim=1), before.argmax(dim=1))
@@ -65,10 +65,11 @@ def test_too_few_validation_images_keep_temperature_one_and_say_so(caplog):
     logits, labels = overconfident(20, seed=0)
     task = create_task("multiclass", ["a", "b", "c", "d", "e"])
     with caplog.at_level(logging.INFO):
-        task.calibrate_on(logits, labels)
+        task.fit_on_validation(logits, labels)
     assert float(task.temperature) == 1.0 and "20 validation images are too few" in caplog.text
+    assert not task.has_unknown_threshold  # nor a threshold of "none of these"
     off = create_task("multiclass", ["a", "b", "c", "d", "e"], calibrate=False)
-    off.calibrate_on(*overconfident(3000, seed=0))
+    off.fit_on_validation(*overconfident(3000, seed=0))
     assert float(off.temperature) == 1.0
 
 
@@ -95,12 +96,13 @@ def test_fit_keeps_the_temperature_and_predict_and_export_give_calibrated_probab
     for path, probabilities in zip(photos, expected, strict=True):
         assert float(rows[path.name]["probability"]) == pytest.approx(float(probabilities.max()), abs=1e-4)
     served = load_model(str(best), None, "cpu")  # what serve answers with
-    torch.testing.assert_close(served.run(pixels), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(served.run(pixels).probabilities, expected, atol=1e-4, rtol=0)
     for format in ["pt2"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else []):
         output = run_dir / f"model.{format}"
         main(["export", f"--ckpt_path={best}", f"--output={output}"])
         assert json.loads(Path(f"{output}.json").read_text())["output"]["temperature"] == pytest.approx(temperature)
-        torch.testing.assert_close(export.run_exported(output, format, pixels), expected, atol=1e-4, rtol=0)
+        exported = export.run_exported(output, format, pixels).probabilities
+        torch.testing.assert_close(exported, expected, atol=1e-4, rtol=0)
 
 
 def binary_ece_by_hand(probabilities: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:

@@ -175,7 +175,9 @@ def test_predict_writes_the_labels_above_threshold_and_every_probability(tagged,
         assert description["task"] == "multilabel"
         assert list(description["output"]["thresholds"].values()) == pytest.approx(model.task.thresholds.tolist())
         images = torch.stack([torch.from_numpy(decode_image(str(new / row["path"]))) for row in rows])
-        probabilities = export.run_exported(output, format, images)
+        outputs = export.run_exported(output, format, images)
+        assert outputs.unknown_scores is None  # multi-label: no class above its threshold is already "none"
+        probabilities = outputs.probabilities
         for row, expected in zip(rows, probabilities, strict=True):
             written = [float(row[f"probability_{name}"]) for name in names]
             assert written == pytest.approx(expected.tolist(), abs=1e-4)

@@ -51,8 +51,11 @@ def test_labels_from_probabilities_and_as_text():
     assert multilabel.chosen(probabilities).tolist() == [[0, 1, 0], [1, 0, 0]]
     assert multilabel.label_text(torch.tensor([1, 1, 0])) == "sea;sand dune"  # a name holds a space: ";"
     assert multilabel.prediction_cells(probabilities[1], 2) == ["sea", "0.500000", "0.100000", "0.400000"]
-    expected = ["cat", "0.500000", "cat", "0.500000", "frog", "0.400000"]  # predicted, then the top 2
-    assert multiclass.prediction_cells(probabilities[1], 2) == expected
+    expected = ["cat", "0.500000", "", "false", "cat", "0.500000", "frog", "0.400000"]  # predicted, then the top 2
+    assert multiclass.prediction_cells(probabilities[1], 2) == expected  # a file that gives no unknown score
+    multiclass.unknown_threshold.fill_(-2.0)
+    assert multiclass.prediction_cells(probabilities[1], 2, -2.5)[:4] == ["cat", "0.500000", "-2.500000", "false"]
+    assert multiclass.prediction_cells(probabilities[1], 2, -1.5)[:4] == ["unknown", "0.500000", "-1.500000", "true"]
 
 
 def test_multilabel_thresholds_travel_with_the_task_and_its_description():
@@ -64,10 +67,11 @@ def test_multilabel_thresholds_travel_with_the_task_and_its_description():
     assert torch.equal(copy.thresholds, task.thresholds)
     multiclass = create_task("multiclass", NAMES)
     multiclass.temperature.fill_(2.5)
-    assert set(multiclass.state_dict()) == {"temperature"}  # the calibration travels the same way
+    multiclass.unknown_threshold.fill_(-3.25)
+    assert set(multiclass.state_dict()) == {"temperature", "unknown_threshold"}  # calibration, and "none of these"
     copy = create_task("multiclass", NAMES)
     copy.load_output_description(multiclass.describe_output())
-    assert float(copy.temperature) == 2.5
+    assert float(copy.temperature) == 2.5 and float(copy.unknown_threshold) == -3.25
 
 
 def test_thresholds_are_picked_where_f1_is_best():

@@ -63,8 +63,8 @@ def main(argv: list[str]) -> None:
                     continue
                 names.append(os.path.relpath(path, folder) if folder.is_dir() else str(folder))
             if images:
-                for name, row in zip(names, model.run(torch.stack(images)), strict=True):
-                    writer.writerow([name, *task.prediction_cells(row, top_k)])
+                for name, (row, score) in zip(names, model.run(torch.stack(images)).per_image(), strict=True):
+                    writer.writerow([name, *task.prediction_cells(row, top_k, score)])
     rank_zero_info(f"Predictions of {len(files) - len(skipped)} images: {args.output}")
     if skipped:
         rank_zero_info(f"Skipped {len(skipped)} files that do not decode as images, e.g. {skipped[0]}.")

@@ -2,9 +2,10 @@
 
 The file takes a batch of RGB ``uint8`` images ``(N, 3, H, W)`` at the trained size and returns
 class probabilities ``(N, classes)`` (softmax; multi-label models: one sigmoid per class, with the
-decision thresholds in the JSON); scaling, normalisation and any resize to the network's input
-size happen inside. Resizing photos of any size to ``H x W`` stays with the caller, because training
-decoded them with PIL's antialiased resize, which torch's ``interpolate`` matches only to a few grey
+decision thresholds in the JSON) and, of a multiclass model, each image's unknown score ``(N,)`` as a second
+output (above the JSON's ``output.unknown_threshold``: "none of these"); scaling, normalisation and any resize
+to the network's input size happen inside. Resizing photos of any size to ``H x W`` stays with the caller,
+because training decoded them with PIL's antialiased resize, which torch's ``interpolate`` matches only to a few grey
 levels. ``FILE.json`` beside the model says how (and holds the class names).
 
 Formats: ``pt2`` (``torch.export``, loaded with ``torch.export.load(FILE).module()``) and ``onnx``
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,13 +39,43 @@ from transfer_lightning.tasks import Task
 
 Format = Literal["onnx", "pt2"]
 FORMATS: tuple[Format, ...] = ("onnx", "pt2")
+#: The name of the unknown scores' output in ONNX files.
+UNKNOWN_SCORE = "unknown_score"
 #: Largest difference of any probability between the exported file and the Lightning model (fp32).
 TOLERANCE = 1e-4
 
 
+class Outputs(NamedTuple):
+    """What a model gives for a batch of images: class probabilities, and each image's unknown score (``None`` from
+    multi-label models, and from files exported before "none of these")."""
+
+    probabilities: Tensor
+    unknown_scores: Tensor | None = None
+
+    @classmethod
+    def of(cls, outputs: Tensor | Sequence[Tensor | np.ndarray]) -> Outputs:
+        """From a model's output: probabilities alone, or (probabilities, unknown scores) as tensors or arrays."""
+        if isinstance(outputs, Tensor):
+            return cls(outputs)
+        return cls(*(torch.as_tensor(output) for output in outputs))
+
+    def cpu(self) -> Outputs:
+        return Outputs(*(None if output is None else output.cpu() for output in self))
+
+    def rows(self, start: int, stop: int) -> Outputs:
+        """The outputs of images ``start`` to ``stop`` (excluded)."""
+        return Outputs(*(None if output is None else output[start:stop] for output in self))
+
+    def per_image(self) -> Iterator[tuple[Tensor, float | None]]:
+        """Each image's probabilities and unknown score (``None`` where the model gives none)."""
+        scores = self.unknown_scores.tolist() if self.unknown_scores is not None else [None] * len(self.probabilities)
+        return zip(self.probabilities, scores, strict=True)
+
+
 class ExportedClassifier(nn.Module):
-    """uint8 RGB images ``(N, 3, H, W)`` -> class probabilities ``(N, classes)``, exactly as evaluation in
-    training computes them: the same task's probabilities and, with ``tta_flip``, its same flip average."""
+    """uint8 RGB images ``(N, 3, H, W)`` -> class probabilities ``(N, classes)`` and, for a task that answers
+    "none of these", each image's unknown score ``(N,)``, exactly as evaluation in training computes them: the
+    same task's probabilities and scores and, with ``tta_flip``, its same flip average."""
 
     def __init__(self, network: nn.Module, preprocessing: Preprocessing, task: Task, tta_flip: bool = False) -> None:
         super().__init__()
@@ -55,7 +88,7 @@ class ExportedClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(preprocessing.mean))
         self.register_buffer("std", torch.tensor(preprocessing.std))
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         size, view, interpolation = self.image_size, self.view, self.interpolation
         inputs = prepare_batch(
             images, self.mean, self.std, augment=False, image_size=size, view=view, interpolation=interpolation
@@ -63,7 +96,8 @@ class ExportedClassifier(nn.Module):
         logits = self.network(inputs)
         if self.tta_flip:
             logits = self.task.flip_average(logits, self.network(inputs.flip(-1)))
-        return self.task.probabilities(logits)
+        probabilities = self.task.probabilities(logits)
+        return (probabilities, self.task.unknown_scores(logits)) if self.task.answers_unknown else probabilities
 
     @classmethod
     def of(cls, model: TransferClassifier, preprocessing: Preprocessing) -> ExportedClassifier:
@@ -110,7 +144,7 @@ def export(
         run_images = open_run_images(checkpoints.read_checkpoint(ckpt_path), preprocessing, data_dir=data_dir)
     exported = ExportedClassifier.of(model, preprocessing).eval()
     with atomic_path(output) as written, atomic_path(f"{output}.json") as json_file:  # both, or neither
-        (_write_onnx if format == "onnx" else _write_pt2)(exported, preprocessing, written)
+        (write_onnx_classifier if format == "onnx" else _write_pt2)(exported, preprocessing, written)
         difference = check(written, format, model, preprocessing)
         description = describe(model, preprocessing, format, ckpt_path, difference)
         if int8 is not None:
@@ -132,36 +166,49 @@ def _write_pt2(module: ExportedClassifier, preprocessing: Preprocessing, path: P
     path.write_bytes(buffer.getbuffer())
 
 
-def _write_onnx(module: ExportedClassifier, preprocessing: Preprocessing, path: Path) -> None:
-    write_onnx(module, example_images(preprocessing, 2), path, "images", "probabilities")
+def write_onnx_classifier(module: ExportedClassifier, preprocessing: Preprocessing, path: Path) -> None:
+    """``module`` as an ONNX file: ``images`` in; ``probabilities`` and (multiclass) ``unknown_score`` out."""
+    names = ["probabilities", UNKNOWN_SCORE] if module.task.answers_unknown else ["probabilities"]
+    write_onnx(module, example_images(preprocessing, 2), path, "images", names)
 
 
 @torch.no_grad()
 def check(path: Path, format: Format, model: TransferClassifier, preprocessing: Preprocessing) -> float:
-    """Largest probability difference between the file at ``path`` and ``model``; fails above :data:`TOLERANCE`."""
+    """Largest probability difference between the file at ``path`` and ``model``; fails above :data:`TOLERANCE`
+    (or when the unknown scores differ by more, relative to their size)."""
     images = example_images(preprocessing, 3, seed=1)  # another batch size than the one exported with
-    expected = model.task.probabilities(model.evaluation_logits(preprocessing(images)))
-    return compare_probabilities(run_exported(path, format, images), expected, f"The exported {format} model")
+    logits = model.evaluation_logits(preprocessing(images))
+    expected = Outputs(model.task.probabilities(logits), model.task.unknown_scores(logits))
+    return compare_outputs(run_exported(path, format, images), expected, f"The exported {format} model")
 
 
-def compare_probabilities(got: Tensor, expected: Tensor, what: str) -> float:
-    """Largest difference between ``what``'s probabilities and the checkpoint's; above :data:`TOLERANCE` an error."""
-    difference = float((got - expected).abs().max())
-    if got.shape != expected.shape or not difference <= TOLERANCE:
+def compare_outputs(got: Outputs, expected: Outputs, what: str) -> float:
+    """Largest difference between ``what``'s probabilities and the checkpoint's; above :data:`TOLERANCE` an error,
+    as is a difference of the unknown scores above :data:`TOLERANCE` times their size."""
+    difference = float((got.probabilities - expected.probabilities).abs().max())
+    problem = None
+    if got.probabilities.shape != expected.probabilities.shape or not difference <= TOLERANCE:
+        problem = f"probabilities differ by up to {difference:.2e} (allowed {TOLERANCE:.0e})"
+    elif (got.unknown_scores is None) != (expected.unknown_scores is None):
+        problem = "one gives unknown scores and the other does not"
+    elif expected.unknown_scores is not None:
+        scale = max(1.0, float(expected.unknown_scores.abs().max()))
+        score_difference = float((got.unknown_scores - expected.unknown_scores).abs().max())
+        if not score_difference <= TOLERANCE * scale:
+            problem = f"unknown scores differ by up to {score_difference:.2e} (allowed {TOLERANCE * scale:.1e})"
+    if problem:
         raise UserInputError(
-            f"{what} does not match the checkpoint: probabilities differ by up to {difference:.2e} "
-            f"(allowed {TOLERANCE:.0e}). This is a bug: please report it with the backbone name."
+            f"{what} does not match the checkpoint: {problem}. This is a bug: please report it with the backbone name."
         )
     return difference
 
 
-def run_exported(path: Path, format: Format, images: Tensor) -> Tensor:
-    """Probabilities of the exported model at ``path`` for uint8 ``images``, run as a user would run it."""
+def run_exported(path: Path, format: Format, images: Tensor) -> Outputs:
+    """The outputs of the exported model at ``path`` for uint8 ``images``, run as a user would run it."""
     if format == "pt2":
         with torch.inference_mode():
-            return torch.export.load(path).module()(images)
-    session = inference_session(path)
-    return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+            return Outputs.of(torch.export.load(path).module()(images))
+    return Outputs.of(inference_session(path).run(None, {"images": images.numpy()}))
 
 
 def describe(
@@ -171,12 +218,20 @@ def describe(
     height, width = preprocessing.caller_size
     output = {"name": "probabilities", "dtype": "float32", "shape": ["N", len(model.class_names)]}
     output |= model.task.describe_output()
+    outputs = {"output": output}
+    if model.task.answers_unknown:
+        outputs["unknown_score"] = {
+            "name": UNKNOWN_SCORE,
+            "dtype": "float32",
+            "shape": ["N"],
+            "rule": 'the second output: above output.unknown_threshold, the image is of no known class ("unknown")',
+        }
     return {
         "format": format,
         "task": model.task.name,
         "classes": model.class_names,
         "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, height, width], "channels": "RGB"},
-        "output": output,
+        **outputs,
         "preprocessing": preprocessing.describe(),
         "exif_orientation": "apply before resizing: PIL.ImageOps.exif_transpose(image), as training and predict do",
         "resize_to_cover": list(preprocessing.stored_size),

@@ -23,10 +23,11 @@ from torch import nn
 from transfer_lightning.data.transforms import Preprocessing
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import remove_leftovers, temporary_path
-from transfer_lightning.inference.export import compare_probabilities, example_images, load_classifier
+from transfer_lightning.inference.export import Outputs, compare_outputs, example_images, load_classifier
 from transfer_lightning.model import TransferClassifier
 from transfer_lightning.network.names import HUB_PREFIX, LOCAL_PREFIX, TIMM_PREFIX
 from transfer_lightning.network.timm_backbones import TimmNetwork
+from transfer_lightning.tasks import MulticlassTask, Task
 
 #: Our own key in config.json: what timm's config has no field for (the task, the caller's resize).
 CONFIG_KEY = "transfer_lightning"
@@ -120,10 +121,13 @@ def load_folder(folder: Path) -> nn.Module:
 
 @torch.no_grad()
 def check_folder(folder: Path, model: TransferClassifier, preprocessing: Preprocessing) -> float:
-    """Largest probability difference between timm's model from ``folder`` and the checkpoint (one pass, no flip)."""
+    """Largest probability difference between timm's model from ``folder`` and the checkpoint (one pass, no flip);
+    their unknown scores are compared too."""
     images = preprocessing(example_images(preprocessing, 3, seed=1))
-    expected = model.task.probabilities(model.logits(images))
-    return compare_probabilities(model.task.probabilities(load_folder(folder)(images)), expected, "The Hub folder")
+    expected, got = model.logits(images), load_folder(folder)(images)
+    task = model.task
+    outputs = [Outputs(task.probabilities(logits), task.unknown_scores(logits)) for logits in (got, expected)]
+    return compare_outputs(*outputs, "The Hub folder")
 
 
 def base_model(backbone: str, network: TimmNetwork) -> str | None:
@@ -167,10 +171,7 @@ def model_card(model: TransferClassifier, preprocessing: Preprocessing, ckpt_pat
         "config = timm.data.resolve_model_data_config(model)",
         "transform = timm.data.create_transform(**config)",
         *(
-            [
-                f"temperature = {float(model.task.temperature):.6g}  # config.json: {CONFIG_KEY}.output.temperature",
-                "probabilities = (model(transform(image)[None]) / temperature).softmax(-1)  # calibrated",
-            ]
+            usage_lines(model.task)
             if model.task.single_label
             else ["probabilities = model(transform(image)[None]).sigmoid()"]
         ),
@@ -202,6 +203,26 @@ def model_card(model: TransferClassifier, preprocessing: Preprocessing, ckpt_pat
         "",
     ]
     return "\n".join(lines)
+
+
+def usage_lines(task: Task) -> list[str]:
+    """The model card's lines that turn the model's logits into probabilities: a multiclass model's calibrated, and
+    when a threshold was chosen, "none of these"."""
+    if not isinstance(task, MulticlassTask):
+        return ["probabilities = model(transform(image)[None]).sigmoid()"]
+    lines = [
+        "logits = model(transform(image)[None])",
+        f"temperature = {float(task.temperature):.6g}  # config.json: {CONFIG_KEY}.output.temperature",
+        "probabilities = (logits / temperature).softmax(-1)  # calibrated",
+    ]
+    threshold = float(task.unknown_threshold)
+    if not task.has_unknown_threshold:
+        return [*lines, "# no threshold of unknown_score was chosen: every image is given a known class"]
+    return [
+        *lines,
+        f"unknown_threshold = {threshold:.6g}  # config.json: {CONFIG_KEY}.output.unknown_threshold",
+        "unknown = -logits.logsumexp(-1) > unknown_threshold  # of no known class: answer none of these",
+    ]
 
 
 def _yaml(key: str, value: Any) -> str:

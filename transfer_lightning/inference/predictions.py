@@ -14,6 +14,7 @@ from torch import Tensor
 from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
+from transfer_lightning.inference.export import Outputs
 from transfer_lightning.interpretation.cam import grad_cam, resolve_cam_layer
 from transfer_lightning.interpretation.pictures import denormalize, explanation_picture, overlay, save_png, tile_sheet
 
@@ -22,8 +23,10 @@ class PredictionsCSV(BasePredictionWriter):
     """``predict`` writes ``predictions.csv`` into the run's folder, one row per image.
 
     Columns: the image (its ``path`` relative to ``data.predict_dir``; or, predicting on the test
-    split, its ``index`` there and its ``true_class``), the predicted class and its probability, then
-    the ``top_k`` most probable classes and their probabilities. A multi-label model's columns are
+    split, its ``index`` there and its ``true_class``), the predicted class and its probability, its
+    ``unknown_score`` and whether it is ``unknown`` (above the threshold chosen on validation, see
+    ``model.known_rate``; ``predicted_class`` then reads ``unknown``, and ``probability`` is the closest
+    class's), then the ``top_k`` most probable classes and their probabilities. A multi-label model's columns are
     the image (``path``, or ``index`` and ``true_labels``), the ``labels`` at or above their class's
     decision threshold (separated by spaces, or by ``;`` when a class name holds a space), and every
     class's probability (``probability_<class>``). Under DDP each process writes its
@@ -99,10 +102,12 @@ class PredictionsCSV(BasePredictionWriter):
             image_columns = ["path"] if paths is not None else ["index", task.true_column]
             writer.writerow([*image_columns, *task.prediction_header(top_k)])
             for output, indices in zip(predictions, positions(predictions, batch_indices), strict=True):
-                probabilities = output["probabilities"].cpu()
-                for index, label, row in zip(indices, output["labels"].cpu(), probabilities, strict=True):
+                outputs = Outputs(output["probabilities"], output.get("unknown_scores")).cpu()
+                for index, label, (row, score) in zip(
+                    indices, output["labels"].cpu(), outputs.per_image(), strict=True
+                ):
                     image = [paths[index]] if paths is not None else [index, task.label_text(label)]
-                    writer.writerow([*image, *task.prediction_cells(row, top_k)])
+                    writer.writerow([*image, *task.prediction_cells(row, top_k, score)])
         rank_zero_info(f"Predictions: {path}")
         if self._sheet:
             sheet = path.with_name(f"explanations{suffix}.png")

@@ -28,8 +28,9 @@ def dynamic_batch() -> tuple[dict[int, torch.export.Dim]]:
     return ({0: torch.export.Dim("batch", min=1, max=4096)},)
 
 
-def write_onnx(module: nn.Module, example: Tensor, path: Path, input_name: str, output_name: str) -> None:
-    """Export ``module`` to the single ONNX file ``path``, its batch size dynamic."""
+def write_onnx(module: nn.Module, example: Tensor, path: Path, input_name: str, output_name: str | list[str]) -> None:
+    """Export ``module`` to the single ONNX file ``path``, its batch size dynamic (a list of output names for a
+    module with several outputs)."""
     _export(
         module, example, path, input_name, output_name, dynamo=True, dynamic_shapes=dynamic_batch(),
         external_data=False,  # one self-contained file (ResNet18 and MobileNetV2 are far below protobuf's 2 GB)
@@ -55,10 +56,11 @@ def write_onnx_for_this_process(
         write_onnx(module, example, path, input_name, output_name)
 
 
-def _export(module: nn.Module, example: Tensor, path: Path, input_name: str, output_name: str, **exporter) -> None:
-    torch.onnx.export(
-        module, (example,), path, input_names=[input_name], output_names=[output_name], verbose=False, **exporter
-    )
+def _export(
+    module: nn.Module, example: Tensor, path: Path, input_name: str, output_name: str | list[str], **exporter
+) -> None:
+    names = [output_name] if isinstance(output_name, str) else output_name
+    torch.onnx.export(module, (example,), path, input_names=[input_name], output_names=names, verbose=False, **exporter)
 
 
 def inference_session(path: Path | str):

@@ -36,14 +36,15 @@ class ClassifierAPI(ls.LitAPI):
         batched = self.args.max_batch_size > 1
         requests = inputs if batched else [inputs]
         images = [image for r in requests if not isinstance(r, Rejected) for image in r[1]]
-        probabilities = iter(self.model.run(torch.stack(images))) if images else iter(())
-        outputs = []
+        model_outputs = self.model.run(torch.stack(images)) if images else None
+        outputs, start = [], 0
         for r in requests:
             if isinstance(r, Rejected):
                 outputs.append(r)
             else:
                 names, prepared = r
-                mine = torch.stack([next(probabilities) for _ in prepared])
+                mine = model_outputs.rows(start, start + len(prepared))
+                start += len(prepared)
                 outputs.append(answer(self.model, mine, names, self.args.top_k))
         return outputs if batched else outputs[0]
 

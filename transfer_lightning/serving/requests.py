@@ -19,7 +19,7 @@ from torch import Tensor
 from transfer_lightning.data.store import DECODE_ERRORS, decode_image
 from transfer_lightning.data.transforms import Interpolation, Preprocessing, center_crop
 from transfer_lightning.errors import UserInputError
-from transfer_lightning.inference.export import ExportedClassifier, describe, load_classifier
+from transfer_lightning.inference.export import ExportedClassifier, Outputs, describe, load_classifier
 from transfer_lightning.network.onnx import inference_session
 from transfer_lightning.tasks import Task, create_task
 
@@ -40,9 +40,10 @@ class Rejected:
 
 @dataclass
 class ServedModel:
-    """A model to serve: uint8 images (N, 3, H, W) at ``input_size`` -> probabilities, and how to prepare them."""
+    """A model to serve: uint8 images (N, 3, H, W) at ``input_size`` -> probabilities and unknown scores
+    (:class:`~transfer_lightning.inference.export.Outputs`), and how to prepare them."""
 
-    run: Callable[[Tensor], Tensor]
+    run: Callable[[Tensor], Outputs]
     stored_size: tuple[int, int]
     input_size: tuple[int, int]
     #: How photos are resized to cover ``stored_size``, as the store resized them in training.
@@ -70,16 +71,16 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
         source = Path(ckpt_path)
 
         @torch.inference_mode()
-        def run(images: Tensor) -> Tensor:
-            return exported(images.to(device)).cpu()
+        def run(images: Tensor) -> Outputs:
+            return Outputs.of(exported(images.to(device))).cpu()
 
     elif Path(model_file).is_dir():
         exported, description = load_hub_folder(Path(model_file))
         source = Path(model_file) / "model.safetensors"
 
         @torch.inference_mode()
-        def run(images: Tensor) -> Tensor:
-            return exported(images.to(device)).cpu()
+        def run(images: Tensor) -> Outputs:
+            return Outputs.of(exported(images.to(device))).cpu()
 
     else:
         source = Path(model_file)
@@ -99,14 +100,14 @@ def load_model(ckpt_path: str | None, model_file: str | None, device: str) -> Se
             ) from None
         if source.suffix == ".onnx":
 
-            def run(images: Tensor) -> Tensor:
-                return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+            def run(images: Tensor) -> Outputs:
+                return Outputs.of(session.run(None, {"images": images.numpy()}))
 
         else:
 
             @torch.inference_mode()
-            def run(images: Tensor) -> Tensor:
-                return program(images)
+            def run(images: Tensor) -> Outputs:
+                return Outputs.of(program(images))
 
     task = create_task(description.get("task", "multiclass"), description["classes"])
     task.load_output_description(description["output"])
@@ -216,7 +217,9 @@ def decode_all(model: ServedModel, images: list[tuple[str, bytes]], max_pixels: 
     return prepared
 
 
-def answer(model: ServedModel, probabilities: Tensor, names: list[str], top_k: int) -> list[dict]:
-    """Per image: the predicted class and the top-k (multi-label: the labels at or above threshold too)."""
+def answer(model: ServedModel, outputs: Outputs, names: list[str], top_k: int) -> list[dict]:
+    """Per image: the predicted class and the top-k (multi-label: the labels at or above threshold too; multiclass:
+    the unknown score, and ``unknown`` for an image of no known class)."""
     k = min(top_k, model.task.num_classes)
-    return [{"file": name} | model.task.answer(row, k) for name, row in zip(names, probabilities, strict=True)]
+    per_image = zip(names, outputs.per_image(), strict=True)
+    return [{"file": name} | model.task.answer(row, k, score) for name, (row, score) in per_image]

@@ -3,19 +3,26 @@
 
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.tasks.base import Task, TaskMetrics, TaskName, TestReport
-from transfer_lightning.tasks.multiclass import ClassificationReport, MulticlassTask
+from transfer_lightning.tasks.multiclass import KNOWN_RATE, ClassificationReport, MulticlassTask
 from transfer_lightning.tasks.multilabel import MultilabelReport, MultilabelTask
 
 #: The task classes by the name configs, checkpoints and exported models use.
 TASKS: dict[str, type[Task]] = {"multiclass": MulticlassTask, "multilabel": MultilabelTask}
 
 
-def create_task(name: TaskName, class_names: list[str], threshold: float | None = None, calibrate: bool = True) -> Task:
-    """The task called ``name`` over ``class_names``; ``threshold`` fixes a multi-label task's thresholds, and
-    ``calibrate`` false keeps a multiclass task's temperature at 1."""
+def create_task(
+    name: TaskName,
+    class_names: list[str],
+    threshold: float | None = None,
+    calibrate: bool = True,
+    known_rate: float | None = KNOWN_RATE,
+) -> Task:
+    """The task called ``name`` over ``class_names``; ``threshold`` fixes a multi-label task's thresholds,
+    ``calibrate`` false keeps a multiclass task's temperature at 1, and ``known_rate`` is the share of validation
+    images its threshold of "none of these" keeps (None: no threshold)."""
     if name == "multilabel":
         return MultilabelTask(class_names, threshold)
-    return MulticlassTask(class_names, calibrate)
+    return MulticlassTask(class_names, calibrate, known_rate)
 
 
 def task_for_data(model_task: TaskName | None, threshold: float | None, data_task: TaskName) -> TaskName:

@@ -66,6 +66,8 @@ class Task(nn.Module, ABC):
     single_label: ClassVar[bool]
     #: The prediction table's column of an image's true label(s).
     true_column: ClassVar[str]
+    #: Gives each image an unknown score (:meth:`unknown_scores`) and answers "none of these" above a threshold.
+    answers_unknown: ClassVar[bool] = False
 
     def __init__(self, class_names: list[str]) -> None:
         super().__init__()
@@ -104,6 +106,11 @@ class Task(nn.Module, ABC):
 
     @abstractmethod
     def probabilities(self, logits: Tensor) -> Tensor: ...
+
+    def unknown_scores(self, logits: Tensor) -> Tensor | None:
+        """(N,) how unlike any known class each image is (higher: less like any), or ``None`` for tasks without
+        "none of these": a multi-label image with no class at or above its threshold is already given none."""
+        return None
 
     @abstractmethod
     def flip_average(self, logits: Tensor, mirrored: Tensor) -> Tensor:
@@ -146,10 +153,11 @@ class Task(nn.Module, ABC):
         """The prediction table's columns after the image's own."""
 
     @abstractmethod
-    def prediction_cells(self, probabilities: Tensor, top_k: int) -> list[str]:
-        """One image's cells under :meth:`prediction_header`."""
+    def prediction_cells(self, probabilities: Tensor, top_k: int, unknown_score: float | None = None) -> list[str]:
+        """One image's cells under :meth:`prediction_header` (``unknown_score``: of :meth:`unknown_scores`, when the
+        model gives one)."""
 
-    def answer(self, probabilities: Tensor, top_k: int) -> dict[str, Any]:
+    def answer(self, probabilities: Tensor, top_k: int, unknown_score: float | None = None) -> dict[str, Any]:
         """What the server answers for one image: the most probable class and the ``top_k``."""
         ranked = sorted(zip(probabilities.tolist(), self.class_names, strict=True), reverse=True)[:top_k]
         return {

@@ -35,7 +35,10 @@ from transfer_lightning.tasks.calibration import (
     reliability,
     reliability_diagram,
 )
+from transfer_lightning.tasks.unknowns import UNKNOWN, energy_scores, known_threshold, rejected
 
+#: The share of validation images that the threshold of "none of these" keeps, by default.
+KNOWN_RATE = 0.95
 #: Top-k accuracy is reported for k = 5 when there are more than this many classes.
 TOP_K = 5
 #: Most confused (true, predicted) class pairs in the report.
@@ -65,6 +68,10 @@ class ClassificationReport(TestReport):
     temperature: float = 1.0
     #: The reliability diagram's points before and after the temperature (see :func:`.calibration.reliability`).
     reliability: dict[str, list[tuple[float, float, int]]] | None = None
+    #: The share of test images kept as known by the threshold of "none of these", chosen on validation to keep
+    #: ``known_rate`` of its images (None: no threshold).
+    known_kept: float | None = None
+    known_rate: float | None = None
 
     @property
     def present(self) -> list[bool]:
@@ -74,6 +81,8 @@ class ClassificationReport(TestReport):
         values = {"test/acc": self.accuracy, "test/f1_macro": self.macro_f1}
         if self.calibration_error is not None:
             values |= {"test/ece_uncalibrated": self.calibration_error_before, "test/ece": self.calibration_error}
+        if self.known_kept is not None:
+            values["test/known_kept"] = self.known_kept
         if self.top_k_accuracy is not None:
             values[f"test/acc_top{TOP_K}"] = self.top_k_accuracy
         for name, recall, present in zip(self.class_names, self.recall, self.present, strict=True):
@@ -112,6 +121,13 @@ class ClassificationReport(TestReport):
             lines += [
                 f"Calibration: expected calibration error {percent(self.calibration_error)} with temperature "
                 f"{self.temperature:.3f} ({percent(self.calibration_error_before)} without; {ECE_BINS} bins).",
+                "",
+            ]
+        if self.known_kept is not None:
+            lines += [
+                f"None of these: the threshold on the unknown score, chosen on validation to keep "
+                f"{percent(self.known_rate)} of its images, keeps {percent(self.known_kept)} of the test images "
+                "(the others would be answered unknown).",
                 "",
             ]
         if self.confused:
@@ -224,9 +240,12 @@ class MulticlassMetrics(TaskMetrics):
         if sanity_checking or len(labels) == 0:
             return {}
         before = calibration_error(logits.softmax(dim=-1), labels)
-        task.calibrate_on(logits, labels)
+        task.fit_on_validation(logits, labels)
         after = calibration_error(task.probabilities(logits), labels)
-        return {"val/ece_uncalibrated": before, "val/ece": after, "val/temperature": float(task.temperature)}
+        values = {"val/ece_uncalibrated": before, "val/ece": after, "val/temperature": float(task.temperature)}
+        if task.has_unknown_threshold:
+            values["val/unknown_threshold"] = float(task.unknown_threshold)
+        return values
 
     def test_end(self, task: MulticlassTask) -> ClassificationReport:
         report = self.test_metrics.compute(task.class_names)
@@ -236,8 +255,11 @@ class MulticlassMetrics(TaskMetrics):
             return report
         before, after = logits.softmax(dim=-1), task.probabilities(logits)
         temperature = float(task.temperature)
+        has_threshold = task.has_unknown_threshold
         return dataclasses.replace(
             report,
+            known_kept=1 - float(task.unknown(task.unknown_scores(logits)).float().mean()) if has_threshold else None,
+            known_rate=task.known_rate if has_threshold else None,
             calibration_error_before=calibration_error(before, labels),
             calibration_error=calibration_error(after, labels),
             temperature=temperature,
@@ -256,36 +278,59 @@ class MulticlassTask(Task):
     score_title = "accuracy"
     single_label = True
     true_column = "true_class"
+    answers_unknown = True
 
-    def __init__(self, class_names: list[str], calibrate: bool = True) -> None:
+    def __init__(self, class_names: list[str], calibrate: bool = True, known_rate: float | None = KNOWN_RATE) -> None:
         super().__init__(class_names)
         #: Whether validation fits :attr:`temperature` (``model.calibrate``).
         self.calibrate = calibrate
+        #: The share of validation images kept as known by :attr:`unknown_threshold` (``model.known_rate``; None: none).
+        self.known_rate = known_rate
         #: Divides the logits before the softmax: fitted on validation, saved in checkpoints and exported files.
         self.register_buffer("temperature", torch.ones(()))
+        #: The :func:`.unknowns.energy_scores` above which an image is of no known class; infinite: none chosen.
+        self.register_buffer("unknown_threshold", torch.tensor(math.inf))
         self._said_too_few = False
 
-    def calibrate_on(self, logits: Tensor, labels: Tensor) -> None:
-        """Fit :attr:`temperature` to a validation split's logits; too small a split keeps 1.0 and says so once."""
-        if not self.calibrate:
-            return
+    def fit_on_validation(self, logits: Tensor, labels: Tensor) -> None:
+        """Fit :attr:`temperature` and choose :attr:`unknown_threshold` on a validation split's logits; too small a
+        split keeps both as they are (1.0, and no rule) and says so once."""
         if len(labels) < MIN_IMAGES:
-            if not self._said_too_few:
+            if not self._said_too_few and (self.calibrate or self.known_rate is not None):
                 rank_zero_info(
-                    f"Calibration: {len(labels)} validation images are too few to fit a temperature (at least "
-                    f"{MIN_IMAGES}); the probabilities are the softmax's as they are (temperature 1)."
+                    f"Calibration: {len(labels)} validation images are too few to fit a temperature or choose the "
+                    f'threshold of "none of these" (at least {MIN_IMAGES}); the probabilities are the softmax\'s '
+                    "as they are (temperature 1), and every image is given a known class."
                 )
                 self._said_too_few = True
             return
-        self.temperature.fill_(fit_temperature(logits, labels))
+        if self.calibrate:
+            self.temperature.fill_(fit_temperature(logits, labels))
+        if self.known_rate is not None:
+            self.unknown_threshold.fill_(known_threshold(energy_scores(logits), self.known_rate))
 
     def probabilities(self, logits: Tensor) -> Tensor:
         return (logits / self.temperature).softmax(dim=-1)
 
+    @property
+    def has_unknown_threshold(self) -> bool:
+        """Whether a threshold was chosen (not with ``known_rate`` null, a small validation split, or older files)."""
+        return math.isfinite(float(self.unknown_threshold))
+
+    def unknown_scores(self, logits: Tensor) -> Tensor:
+        return energy_scores(logits)
+
+    def unknown(self, scores: Tensor) -> Tensor:
+        """(N,) bool: the images of no known class by :attr:`unknown_threshold` (none without a threshold)."""
+        return rejected(scores, self.unknown_threshold)
+
     def flip_average(self, logits: Tensor, mirrored: Tensor) -> Tensor:
-        """The log of the mean of the two softmaxes (in log space, so nothing underflows)."""
+        """The log of the mean of the two softmaxes (in log space, so nothing underflows), shifted by the mean of
+        the two logsumexps: the shift leaves every softmax (and so every loss and accuracy) as it is, and makes the
+        energy of the result the mean of the two images' energies, for "none of these"."""
         both = torch.stack([logits.log_softmax(dim=-1), mirrored.log_softmax(dim=-1)])
-        return torch.logsumexp(both, dim=0) - math.log(2)
+        energy = (torch.logsumexp(logits, dim=-1) + torch.logsumexp(mirrored, dim=-1)) / 2
+        return torch.logsumexp(both, dim=0) - math.log(2) + energy[..., None]
 
     def training_loss(
         self, logits: Tensor, labels: Tensor, label_smoothing: float = 0.0, class_weights: Tensor | None = None
@@ -308,23 +353,52 @@ class MulticlassTask(Task):
         return MulticlassMetrics(self.num_classes)
 
     def describe_output(self) -> dict[str, Any]:
-        return {"activation": "softmax of logits / temperature (multiclass)", "temperature": float(self.temperature)}
+        threshold = float(self.unknown_threshold)
+        return {
+            "activation": "softmax of logits / temperature (multiclass)",
+            "temperature": float(self.temperature),
+            "unknown_score": "-logsumexp(logits): the energy of the logits, before the temperature",
+            "unknown_threshold": threshold if self.has_unknown_threshold else None,
+            "known_rate": self.known_rate,
+        }
 
     def load_output_description(self, output: dict[str, Any]) -> None:
-        self.temperature.fill_(output.get("temperature", 1.0))  # files exported before calibration: 1
+        # Files exported before calibration and "none of these": temperature 1, no threshold.
+        self.temperature.fill_(output.get("temperature", 1.0))
+        threshold = output.get("unknown_threshold")
+        self.unknown_threshold.fill_(math.inf if threshold is None else threshold)
 
     def prediction_header(self, top_k: int) -> list[str]:
         ranked = [f"top{rank}_{what}" for rank in range(1, top_k + 1) for what in ("class", "probability")]
-        return ["predicted_class", "probability", *ranked]
+        return ["predicted_class", "probability", "unknown_score", "unknown", *ranked]
 
-    def prediction_cells(self, probabilities: Tensor, top_k: int) -> list[str]:
+    def prediction_cells(self, probabilities: Tensor, top_k: int, unknown_score: float | None = None) -> list[str]:
+        """The predicted class (``unknown`` for an image of no known class) and its probability (the closest
+        class's), the unknown score (empty from files exported without one) and whether it is above the
+        threshold, then the ``top_k``."""
         top_probabilities, top_classes = probabilities.topk(top_k)
         ranked = [
             cell
             for c, p in zip(top_classes.tolist(), top_probabilities.tolist(), strict=True)
             for cell in (self.class_names[c], f"{p:.6f}")
         ]
-        return [*ranked[:2], *ranked]
+        unknown = self._is_unknown(unknown_score)
+        score = "" if unknown_score is None else f"{unknown_score:.6f}"
+        return [UNKNOWN if unknown else ranked[0], ranked[1], score, str(unknown).lower(), *ranked]
+
+    def answer(self, probabilities: Tensor, top_k: int, unknown_score: float | None = None) -> dict[str, Any]:
+        """The base answer, with the ``unknown_score`` and ``unknown``; an image of no known class is answered
+        ``"class": "unknown"`` with its ``closest`` class (and that class's probability)."""
+        answer = super().answer(probabilities, top_k)
+        if unknown_score is None:
+            return answer
+        answer |= {"unknown_score": unknown_score, "unknown": self._is_unknown(unknown_score)}
+        if answer["unknown"]:
+            answer |= {"closest": answer["class"], "class": UNKNOWN}
+        return answer
+
+    def _is_unknown(self, unknown_score: float | None) -> bool:
+        return unknown_score is not None and bool(self.unknown(torch.tensor([unknown_score]))[0])
 
     def dashboard(self) -> dict[str, Any]:
         return self._dashboard([r"train/acc_epoch", r"val/acc"], "accuracy (train, val)")

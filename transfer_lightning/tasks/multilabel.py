@@ -299,10 +299,10 @@ class MultilabelTask(Task):
     def prediction_header(self, top_k: int) -> list[str]:
         return ["labels", *(f"probability_{name}" for name in self.class_names)]
 
-    def prediction_cells(self, probabilities: Tensor, top_k: int) -> list[str]:
+    def prediction_cells(self, probabilities: Tensor, top_k: int, unknown_score: float | None = None) -> list[str]:
         return [self.join(self.chosen(probabilities[None])[0]), *(f"{p:.6f}" for p in probabilities.tolist())]
 
-    def answer(self, probabilities: Tensor, top_k: int) -> dict[str, Any]:
+    def answer(self, probabilities: Tensor, top_k: int, unknown_score: float | None = None) -> dict[str, Any]:
         labels = [c for c, chosen in zip(self.class_names, self.chosen(probabilities[None])[0], strict=True) if chosen]
         return super().answer(probabilities, top_k) | {"labels": labels}
 
