@@ -41,6 +41,11 @@ SUBCOMMANDS = {
         "local-dir:PATH folders in the Hub's layout; which are cached here.",
         "transfer_lightning.commands.backbones:main",
     ),
+    "audit": Subcommand(
+        "Likely wrong labels, duplicates and train/test leaks, outliers of fit's data (the [audit] extra): "
+        "audit --config CFG --output DIR.",
+        "transfer_lightning.commands.audit:main",
+    ),
     "lr_find": Subcommand(
         "Learning-rate range test on fit's config: lr_find --config CFG [--apply FILE] (plot in the run folder).",
         "transfer_lightning.commands.lr_find:main",

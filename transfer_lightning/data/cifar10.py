@@ -51,8 +51,13 @@ class Cifar10Source(LocalSource):
 
     def pools(self, decoding: Decoding) -> Pools[ImageTensorDataset]:
         source = cifar10_source(self.root)
-        train = ImageTensorDataset(read_cifar10_batches(self.root, train=True), source=f"{source} train")
-        test = ImageTensorDataset(read_cifar10_batches(self.root, train=False), source=f"{source} test")
+        pools = []
+        for split, train in (("train", True), ("test", False)):
+            arrays = read_cifar10_batches(self.root, train=train)
+            # An image's position in the official batches (the index of the PNG copies' file names).
+            names = [f"{split} {index:05d}" for index in range(len(arrays.labels))]
+            pools.append(ImageTensorDataset(arrays, source=f"{source} {split}", names=names))
+        train, test = pools
         names = (f"{self.root} (CIFAR-10 training batches)", None, f"{self.root} (test batch)")
         return Pools(train, None, test, names=names)
 

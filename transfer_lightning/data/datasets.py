@@ -27,13 +27,21 @@ class ImageTensorDataset(Dataset):
     A batch is one indexing operation (``__getitems__``), not a Python call per image. Over a
     memory-mapped store only the rows of the batch are read, so a split larger than memory works.
     ``source`` names where the arrays came from (a store folder, CIFAR-10's files), for
-    :meth:`fingerprint`; empty for arrays made in memory.
+    :meth:`fingerprint`; empty for arrays made in memory. ``names`` names the image of each row of the arrays
+    (its file; ``None`` for a row without an image), for findings about single images (``audit``).
     """
 
-    def __init__(self, arrays: ImageArrays, indices: Tensor | None = None, source: str = "") -> None:
+    def __init__(
+        self,
+        arrays: ImageArrays,
+        indices: Tensor | None = None,
+        source: str = "",
+        names: list[str | None] | None = None,
+    ) -> None:
         self.arrays = arrays
         self.indices = indices
         self.source = source
+        self.names = names
 
     def fingerprint(self) -> str | None:
         """A hash of which images these are (source and rows); ``None`` when the source is unnamed."""
@@ -64,7 +72,12 @@ class ImageTensorDataset(Dataset):
 
     def subset(self, positions: Tensor) -> ImageTensorDataset:
         """The images at ``positions`` of this dataset, without copying any."""
-        return ImageTensorDataset(self.arrays, self.rows(positions), self.source)
+        return ImageTensorDataset(self.arrays, self.rows(positions), self.source, self.names)
+
+    def image_names(self) -> list[str]:
+        """The name of each image, in order: its file, or ``row N`` of arrays without names."""
+        rows = self.rows(torch.arange(len(self))).tolist()
+        return [self.names[row] if self.names else f"row {row}" for row in rows]
 
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """(images, labels) of consecutive positions, ``batch_size`` at a time."""

@@ -85,6 +85,11 @@ class LocalSource(Source):
     #: Names the data set in messages.
     root: Path
 
+    @property
+    def names_root(self) -> Path:
+        """The folder an image's file is named relative to in findings about it: the data's folder."""
+        return self.root
+
     @abstractmethod
     def pools(self, decoding: Decoding) -> Pools[ImageTensorDataset]:
         """The train, val and test pools, decoded as ``decoding`` says."""

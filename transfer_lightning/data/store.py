@@ -255,7 +255,12 @@ class ImageFolderStore:
     def dataset(self, *decoding) -> ImageTensorDataset:
         """The rows that decoded (``decoding``: :meth:`build`'s arguments), as a dataset named by its store's folder."""
         stored = self.load(*decoding)
-        return ImageTensorDataset(stored.arrays, stored.rows, source=str(stored.path.resolve()))
+        names = None
+        if stored.files is not None:  # files.json lists the files of the rows that decoded, in order
+            names = [None] * len(stored.arrays.labels)
+            for row, file in zip(stored.rows.tolist(), stored.files, strict=True):
+                names[row] = file
+        return ImageTensorDataset(stored.arrays, stored.rows, source=str(stored.path.resolve()), names=names)
 
     def load(
         self, size: tuple[int, int], interpolation: Interpolation = "bilinear", centre: int | None = None

@@ -158,6 +158,11 @@ class TableSource(FileSource):
     def task(self) -> TaskName:
         return "multilabel" if self.table.multilabel else "multiclass"
 
+    @property
+    def names_root(self) -> Path:
+        """The folder the table's paths are relative to."""
+        return self.images_dir
+
     def describe(self) -> str:
         return f"label table {self.table.path} ({len(self.table.rows)} rows; images under {self.images_dir})"
 

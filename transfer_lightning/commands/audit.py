@@ -1,0 +1,107 @@
+"""``python -m transfer_lightning audit --config CFG --output DIR``: every image of every split of fit's data, judged
+on the frozen features of the config's backbone (computed through the frozen-feature cache, so a frozen ``fit``
+after it reuses them): likely wrong labels, duplicates and train/test leaks, outliers (:mod:`transfer_lightning.audit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from transfer_lightning.audit.findings import AuditedImages, Findings
+from transfer_lightning.audit.labels import check_folds, find_label_issues, out_of_sample_probabilities
+from transfer_lightning.audit.neighbours import exact_duplicates, far_out, near_duplicates, outlier_scores
+from transfer_lightning.commands.cli import TransferLightningCLI, program_name
+from transfer_lightning.data import ImageFolderDataModule
+from transfer_lightning.errors import UserInputError
+from transfer_lightning.training import FrozenFeatureCache
+
+#: Cosine similarity of frozen features at or above which two images are near duplicates (docs/guides/audit.md).
+NEAR_DUPLICATE = 0.95
+#: Neighbours whose mean similarity scores an outlier.
+NEIGHBOURS = 5
+
+
+def audited_splits(data: ImageFolderDataModule) -> list[tuple[str, object]]:
+    """(split name, images) of each split once: a split that stands in for another (no test pool) is not repeated."""
+    splits, seen = [], set()
+    for name in ("train", "val", "test"):
+        images = getattr(data, f"{name}_set")
+        if images is not None and id(images) not in seen:
+            splits.append((name, images))
+            seen.add(id(images))
+    return splits
+
+
+def image_name(name: str, root: Path) -> str:
+    """A file's path relative to the data's folder (as the source lists it), other names as they are."""
+    return Path(os.path.relpath(name, root)).as_posix() if os.path.isabs(name) else name
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"{program_name()} audit",
+        description="Likely wrong labels, duplicates and leaks across splits, and outliers of fit's data (every image "
+        "of every split), on the frozen features of the configured backbone. Every other option is fit's "
+        "(--config, --data.*, --model.backbone, --feature_cache.*). Needs the audit extra (cleanlab).",
+    )
+    parser.add_argument("--output", type=Path, required=True, help="the folder for the CSV files")
+    parser.add_argument("--folds", type=int, default=5, help="linear probes, each judging the images it did not see")
+    parser.add_argument("--near", type=float, default=NEAR_DUPLICATE, help="cosine similarity of near duplicates")
+    parser.add_argument("--neighbours", type=int, default=NEIGHBOURS, help="neighbours that score an outlier")
+    args, rest = parser.parse_known_args(argv)
+    if importlib.util.find_spec("cleanlab") is None:
+        raise UserInputError("audit needs cleanlab: install the audit extra (pip install -e '.[audit]').")
+    if not 0 < args.near <= 1 or args.neighbours < 1:
+        raise UserInputError(
+            f"--near is a cosine similarity in (0, 1] and --neighbours at least 1; got {args.near}, {args.neighbours}."
+        )
+    cli = TransferLightningCLI(args=rest, run=False)
+    data, model, trainer = cli.datamodule, cli.model, cli.trainer
+    if data.streamed:
+        raise UserInputError(
+            "audit reads the images of a folder, label table, Parquet or CIFAR-10, not a stream: pass the "
+            "--data.data_dir (or --data.labels_file, --data.parquet) the stream was optimized from."
+        )
+    if model.hparams.weights is None:
+        raise UserInputError(
+            "audit compares images by a pretrained backbone's features, but --model.weights is null (random "
+            "weights): leave model.weights at DEFAULT, or name a weights file."
+        )
+    data.prepare_data()
+    data.setup("fit")
+    cache = next((c for c in trainer.callbacks if isinstance(c, FrozenFeatureCache)), None) or FrozenFeatureCache()
+    model.eval()
+    root = data.source.names_root
+    audited = audited_splits(data)
+    images = AuditedImages(
+        [image_name(name, root) for _, split_images in audited for name in split_images.image_names()],
+        [split for split, split_images in audited for _ in range(len(split_images))],
+        torch.cat([split_images.labels for _, split_images in audited]),
+        data.class_names,
+    )
+    check_folds(images.labels, images.class_names, args.folds)  # before the backbone's work
+    features = torch.cat(
+        [
+            cache.features(model, data, split_images, split, trainer)[0].flatten(1).float()
+            for split, split_images in audited
+        ]
+    )
+    multilabel = data.task == "multilabel"
+
+    probabilities = out_of_sample_probabilities(features, images.labels, args.folds, multilabel)
+    label_findings = find_label_issues(probabilities, images.labels, multilabel)
+    exact = exact_duplicates(batch for _, split_images in audited for batch, _ in split_images.batches(500))
+    exact_pairs = {(i, j) for i, j in exact}
+    near = [(i, j, s, "near") for i, j, s in near_duplicates(features, args.near) if (i, j) not in exact_pairs]
+    duplicates = [(i, j, 1.0, "exact") for i, j in exact] + near
+    scores = outlier_scores(features, args.neighbours)
+    findings = Findings(images, label_findings, duplicates, scores, far_out(scores))
+    written = findings.write(args.output)
+    print(findings.summary())
+    rank_zero_info("Audit: " + ", ".join(str(path) for path in written))
