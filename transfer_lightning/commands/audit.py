@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from transfer_lightning.audit.labels import check_folds, find_label_issues, out_
 from transfer_lightning.audit.neighbours import exact_duplicates, far_out, near_duplicates, outlier_scores
 from transfer_lightning.commands.cli import TransferLightningCLI, program_name
 from transfer_lightning.data import ImageFolderDataModule
+from transfer_lightning.data.edits import image_name
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.training import FrozenFeatureCache
 
@@ -36,11 +36,6 @@ def audited_splits(data: ImageFolderDataModule) -> list[tuple[str, object]]:
             splits.append((name, images))
             seen.add(id(images))
     return splits
-
-
-def image_name(name: str, root: Path) -> str:
-    """A file's path relative to the data's folder (as the source lists it), other names as they are."""
-    return Path(os.path.relpath(name, root)).as_posix() if os.path.isabs(name) else name
 
 
 def main(argv: list[str]) -> None:

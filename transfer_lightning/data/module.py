@@ -19,6 +19,7 @@ from transfer_lightning.data.datasets import (
     keep_batch,
     make_sampler,
 )
+from transfer_lightning.data.edits import DataEdits
 from transfer_lightning.data.predict_images import NewImages
 from transfer_lightning.data.preparation import BatchPreparation, ImageSize, Preparation
 from transfer_lightning.data.settings import ClassBalance, check_data_settings, default_cache_dir
@@ -87,6 +88,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         storage_options: The object store client's options, e.g. {endpoint_url: http://127.0.0.1:9000}.
         parquet: Parquet files as the Hugging Face Hub writes them (files, a folder or a pattern such as
             data/*.parquet; the [parquet] extra), instead of data_dir: images embedded, splits by file name.
+        exclude: A CSV of images to leave out before the data is split, by a ``path`` column (audit's CSV files:
+            their flagged rows; duplicates.csv: the second image of each pair); see docs/guides/audit.md.
+        relabel: A CSV of images to give another label, by ``path`` and ``label`` columns (several labels joined
+            by ``;``), or audit's label_issues.csv (its flagged rows take their suggested label).
     """
 
     def __init__(
@@ -116,12 +121,21 @@ class ImageFolderDataModule(pl.LightningDataModule):
         max_cache_size: str = "50GB",
         storage_options: dict[str, Any] | None = None,
         parquet: str | list[str] | None = None,
+        exclude: str | None = None,
+        relabel: str | None = None,
     ) -> None:
         super().__init__()
         # class_names would clash with the model's hyperparameter of that name, which holds the resolved list.
         self.save_hyperparameters(ignore=["class_names"])
         check_data_settings(batch_size, num_workers, val_size, image_size, crop_scale, normalization, class_balance)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        if streaming_dir and (exclude or relabel):
+            raise UserInputError(
+                "--data.exclude and --data.relabel edit a folder, table, Parquet or CIFAR-10 before it is split; a "
+                "stream is split already: train from the data it was optimized from, or optimize it again."
+            )
+        #: The images ``exclude`` leaves out and ``relabel`` gives new labels, read once (a bad file fails here).
+        self.edits = DataEdits.read(exclude, relabel)
         #: ``predict_dir``'s images, predicted on instead of the test split.
         self.new_images = NewImages(Path(predict_dir).expanduser(), self.cache_dir) if predict_dir else None
         # Every source setting as given (hparams holds them all but class_names, kept out above).
@@ -248,7 +262,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if self.streamed:
             return self._setup_stream()
         source = self.source
-        pools = source.pools(self.preprocessing.decoding)
+        pools = self.edits.apply(source.pools(self.preprocessing.decoding), source.names_root, self.class_names)
         splits = make_splits(pools, self.hparams.val_size, self.hparams.split_seed, source.root)
         self.train_set, self.val_set, self.test_set = splits.train, splits.val, splits.test
         several = ", several per image" if self.task == "multilabel" else ""

@@ -200,7 +200,9 @@ class FrozenFeatureCache(pl.Callback):
             stored = read_stored_features(path, len(images))
             if isinstance(stored, tuple):
                 rank_zero_info(f"Frozen-feature cache: reusing the stored features of {split} ({path}).")
-                return stored[0], stored[1] if stored[1] is not None else images.labels
+                # The images' own labels (--data.relabel changes them, not the features); a stream's, as gathered.
+                local = isinstance(images, ImageTensorDataset) or stored[1] is None
+                return stored[0], images.labels if local else stored[1]
             rank_zero_info(f"Frozen-feature cache: {path} is damaged ({stored}); computing the features again.")
         if path is not None and trainer.is_global_zero:  # before the backbone's work, not after it
             remove_leftovers(path.parent)
