@@ -7,6 +7,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,16 @@ def test_each_planted_problem_comes_first_in_its_file(planted, tmp_path, capsys)
     outliers = rows(tmp_path / "audit" / "outliers.csv")
     assert outliers[0]["path"] == "train/red/speckles.png" and outliers[0]["is_outlier"] == "true"
     summary = capsys.readouterr().out
-    assert "Leaks across splits" in summary and "Likely wrong labels" in summary
+    assert "Leaks across splits (train/val/test pairs of duplicates): 2" in summary and "Likely wrong labels" in summary
+    page = (tmp_path / "audit" / "audit.html").read_text()
+    leaks, labels_section, outliers_section = (
+        page.index("<h2>Leaks"),
+        page.index("<h2>Likely wrong labels"),
+        page.index("<h2>Outliers"),
+    )
+    assert leaks < page.index("copy_of_003.png") < page.index("reencoded_004.jpg") < labels_section
+    assert labels_section < page.index("planted_red.png") < outliers_section < page.rindex("speckles.png")
+    assert page.count("data:image/png;base64,") >= 2 * 2 + 2 + 1  # two pairs, two labels, an outlier
 
 
 def test_several_labels_per_image_from_a_table(planted, tmp_path):
@@ -172,3 +182,23 @@ def test_a_frozen_fit_after_the_audit_reuses_its_features(planted, tmp_path, cap
     )
     reused = [line for line in caplog.text.splitlines() if "reusing the stored features" in line]
     assert len(reused) == 2 and "Caching frozen features" not in caplog.text  # train and val, both stored
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_page_renders_in_chromium(planted, tmp_path):
+    """Headless Chromium draws the page: its thumbnails decode (the screenshot is not blank, and has the colours of
+    the planted photos)."""
+    import subprocess
+
+    audit(planted, tmp_path / "audit")
+    shot = tmp_path / "audit.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,1500",
+         f"--screenshot={shot}", (tmp_path / "audit" / "audit.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    pixels = torch.from_numpy(np.asarray(Image.open(shot).convert("RGB"))).float()
+    assert pixels.std() > 20  # not a blank page
+    reddish = (pixels[..., 0] > 150) & (pixels[..., 1] < 100) & (pixels[..., 2] < 150)
+    assert reddish.sum() > 1000  # the red photos' thumbnails are drawn

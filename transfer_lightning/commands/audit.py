@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 from transfer_lightning.audit.findings import AuditedImages, Findings
 from transfer_lightning.audit.labels import check_folds, find_label_issues, out_of_sample_probabilities
 from transfer_lightning.audit.neighbours import exact_duplicates, far_out, near_duplicates, outlier_scores
+from transfer_lightning.audit.page import page
 from transfer_lightning.commands.cli import TransferLightningCLI, program_name
-from transfer_lightning.data import ImageFolderDataModule
+from transfer_lightning.data import ImageFolderDataModule, ImageTensorDataset
 from transfer_lightning.data.edits import image_name
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.files import atomic_path
 from transfer_lightning.training import FrozenFeatureCache
 
 #: Cosine similarity of frozen features at or above which two images are near duplicates (docs/guides/audit.md).
@@ -27,7 +31,7 @@ NEAR_DUPLICATE = 0.95
 NEIGHBOURS = 5
 
 
-def audited_splits(data: ImageFolderDataModule) -> list[tuple[str, object]]:
+def audited_splits(data: ImageFolderDataModule) -> list[tuple[str, ImageTensorDataset]]:
     """(split name, images) of each split once: a split that stands in for another (no test pool) is not repeated."""
     splits, seen = [], set()
     for name in ("train", "val", "test"):
@@ -36,6 +40,20 @@ def audited_splits(data: ImageFolderDataModule) -> list[tuple[str, object]]:
             splits.append((name, images))
             seen.add(id(images))
     return splits
+
+
+def stored_pixels(audited: list[tuple[str, ImageTensorDataset]]) -> Callable[[list[int]], Tensor]:
+    """The uint8 images (N, 3, H, W) at positions of the audit's order (its splits one after the other)."""
+    ends = torch.tensor([len(images) for _, images in audited]).cumsum(0)
+
+    def pixels(indices: list[int]) -> Tensor:
+        if not indices:
+            return torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+        which = torch.searchsorted(ends, torch.tensor(indices), right=True).tolist()
+        starts = [0, *ends.tolist()]
+        return torch.stack([audited[w][1][index - starts[w]][0] for w, index in zip(which, indices, strict=True)])
+
+    return pixels
 
 
 def main(argv: list[str]) -> None:
@@ -98,5 +116,8 @@ def main(argv: list[str]) -> None:
     scores = outlier_scores(features, args.neighbours)
     findings = Findings(images, label_findings, duplicates, scores, far_out(scores))
     written = findings.write(args.output)
+    with atomic_path(args.output / "audit.html") as partial:
+        partial.write_text(page(findings, stored_pixels(audited)), encoding="utf-8")
+    written.append(args.output / "audit.html")
     print(findings.summary())
     rank_zero_info("Audit: " + ", ".join(str(path) for path in written))
