@@ -75,6 +75,7 @@ def test_evaluated_and_checkpointed_weights_are_torchs_ema(small_run_args, run_d
     assert any(not torch.allclose(expected[key].float(), trained[key], atol=1e-4) for key in expected)
 
     last = torch.load(run_dir / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert not torch.isnan(last["state_dict"]["task.unknown_threshold"])  # fitted on validation, not averaged
     for key, value in expected.items():
         torch.testing.assert_close(last["state_dict"][key].double(), value, rtol=1e-5, atol=1e-6, msg=key)
         torch.testing.assert_close(last["current_model_state"][key], trained[key], rtol=0, atol=0, msg=key)

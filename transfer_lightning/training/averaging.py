@@ -23,13 +23,14 @@ class WeightEMA(WeightAveraging):
     beside them, so ``fit --ckpt_path`` resumes both. The first average is the weights after
     ``start_step`` steps; ``decay`` 0.999 averages over about the last 1,000 steps.
 
-    Three things differ from Lightning's callback, each for a reason:
+    Four things differ from Lightning's callback, each for a reason:
 
     - the average is made at ``on_fit_start``, after the model's ``setup`` has added its buffers (class
       weights of the loss), which Lightning's ``setup`` would miss and then pair the wrong tensors;
     - loading a checkpoint outside ``fit`` (the test after ``fit``) keeps its ``state_dict``, the average:
       Lightning's would load the trained weights from ``current_model_state`` and test those;
-    - ``enabled: false`` makes every hook a no-op, so the CLI can always list ``--ema.*``.
+    - ``enabled: false`` makes every hook a no-op, so the CLI can always list ``--ema.*``;
+    - the task's buffers are not averaged: validation fits them to the averaged weights.
 
     Args:
         enabled: Average the weights.
@@ -75,7 +76,12 @@ class WeightEMA(WeightAveraging):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._average_model is not None:
+            # The task's buffers (temperature, thresholds) are what validation fitted to the averaged weights, not
+            # weights to average: kept as they are (averaging an infinite "no threshold" with itself gives NaN).
+            task = self._average_model.module.task
+            fitted = {name: value.clone() for name, value in task.state_dict().items()}
             super().on_train_batch_end(trainer, pl_module, *args)
+            task.load_state_dict(fitted)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._average_model is not None:
