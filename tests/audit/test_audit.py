@@ -59,6 +59,7 @@ def audit(planted: Path, output: Path, *extra: str) -> None:
             "--trainer.accelerator=cpu",
             f"--output={output}",
             "--folds=3",
+            "--near=0.97",  # random weights' features find images of one colour alike; real ones: docs/guides/audit.md
             *extra,
         ]
     )
@@ -137,7 +138,7 @@ def test_several_labels_per_image_from_a_table(planted, tmp_path):
         (["--folds=30"], "30 folds need at least 30 images of every class"),
         (["--folds=1"], "--folds must be at least 2"),
         (["--model.weights=null"], "--model.weights is null"),
-        (["--near=1.5"], "--near is a cosine similarity"),
+        (["--near=1.5"], "--near and --near_pixels are cosine similarities"),
     ],
 )
 def test_mistakes_are_one_line_and_write_nothing(planted, tmp_path, capsys, extra, message):
@@ -202,3 +203,32 @@ def test_the_page_renders_in_chromium(planted, tmp_path):
     assert pixels.std() > 20  # not a blank page
     reddish = (pixels[..., 0] > 150) & (pixels[..., 1] < 100) & (pixels[..., 2] < 150)
     assert reddish.sum() > 1000  # the red photos' thumbnails are drawn
+
+
+def test_cifar10_batches_are_named_by_their_position(planted, tmp_path):
+    """CIFAR-10's own batches have no files: an image is named by its split and position (as the PNG copies' files);
+    a test image copied into the training batches is an exact duplicate across splits."""
+    import pickle
+
+    from tests.conftest import write_cifar10_batches
+
+    root = write_cifar10_batches(tmp_path / "cifar")
+    batches = root / "cifar-10-batches-py"
+    test = pickle.loads((batches / "test_batch").read_bytes())
+    first = pickle.loads((batches / "data_batch_1").read_bytes())
+    first["data"][3] = test["data"][7]
+    (batches / "data_batch_1").write_bytes(pickle.dumps(first))
+    main(
+        [
+            "audit",
+            f"--data.data_dir={root}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--model.weights={planted / 'weights.pth'}",
+            "--data.val_size=0.2",
+            "--trainer.accelerator=cpu",
+            f"--output={tmp_path / 'audit'}",
+            "--folds=3",
+        ]
+    )
+    exact = [row for row in rows(tmp_path / "audit" / "duplicates.csv") if row["kind"] == "exact"]
+    assert [{row["path_a"], row["path_b"]} for row in exact] == [{"train 00003", "test 00007"}]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,18 +37,36 @@ class AuditedImages:
         return self.label_text(label) if label.ndim == 1 else self.class_names[int(label)]
 
 
+class Duplicate(NamedTuple):
+    """Two images (``a`` < ``b`` in the audit's order), their features' and thumbnails' cosine similarities, and
+    ``exact`` (identical pixels) or ``near``."""
+
+    a: int
+    b: int
+    similarity: float
+    pixel_similarity: float
+    kind: str
+
+
 @dataclass(frozen=True)
 class Findings:
-    """Wrong labels, duplicate pairs (``(i, j, similarity, kind)``) and outlier scores of :class:`AuditedImages`."""
+    """Wrong labels, duplicate pairs and outlier scores of :class:`AuditedImages`."""
 
     images: AuditedImages
     labels: LabelFindings
-    duplicates: list[tuple[int, int, float, str]]
+    duplicates: list[Duplicate]
     outlier_scores: Tensor
     outliers: Tensor
 
-    def is_leak(self, i: int, j: int) -> bool:
-        return frozenset({self.images.splits[i], self.images.splits[j]}) in LEAKS
+    def is_leak(self, pair: Duplicate) -> bool:
+        return frozenset({self.images.splits[pair.a], self.images.splits[pair.b]}) in LEAKS
+
+    def ranked_duplicates(self) -> list[Duplicate]:
+        """Leaks across splits first, then exact copies, then by the larger of the two similarities."""
+        return sorted(
+            self.duplicates,
+            key=lambda d: (not self.is_leak(d), d.kind != "exact", -max(d.similarity, d.pixel_similarity)),
+        )
 
     def write(self, folder: Path) -> list[Path]:
         """``label_issues.csv`` (every image, lowest label quality first), ``duplicates.csv`` (leaks across splits
@@ -58,8 +77,18 @@ class Findings:
              f"{self.labels.quality[i]:.6f}", str(bool(self.labels.is_issue[i])).lower()]
             for i in np.argsort(self.labels.quality, kind="stable")
         ]  # fmt: skip
-        pairs = sorted(self.duplicates, key=lambda d: (not self.is_leak(d[0], d[1]), d[3] != "exact", -d[2]))
-        duplicate_rows = [[names[i], splits[i], names[j], splits[j], f"{s:.6f}", kind] for i, j, s, kind in pairs]
+        duplicate_rows = [
+            [
+                names[d.a],
+                splits[d.a],
+                names[d.b],
+                splits[d.b],
+                f"{d.similarity:.6f}",
+                f"{d.pixel_similarity:.6f}",
+                d.kind,
+            ]
+            for d in self.ranked_duplicates()
+        ]
         outlier_rows = [
             [names[i], splits[i], f"{float(self.outlier_scores[i]):.6f}", str(bool(self.outliers[i])).lower()]
             for i in torch.argsort(self.outlier_scores, descending=True, stable=True).tolist()
@@ -69,7 +98,10 @@ class Findings:
                 ["path", "split", "given_label", "suggested_label", "label_quality", "is_issue"],
                 label_rows,
             ),
-            "duplicates.csv": (["path_a", "split_a", "path_b", "split_b", "similarity", "kind"], duplicate_rows),
+            "duplicates.csv": (
+                ["path_a", "split_a", "path_b", "split_b", "similarity", "pixel_similarity", "kind"],
+                duplicate_rows,
+            ),
             "outliers.csv": (["path", "split", "score", "is_outlier"], outlier_rows),
         }
         written = []
@@ -84,8 +116,8 @@ class Findings:
     def summary(self) -> str:
         """How many of each, their share of the images, the leaks across splits first."""
         total = len(self.images.names)
-        leaks = sum(self.is_leak(i, j) for i, j, _, _ in self.duplicates)
-        exact = sum(kind == "exact" for *_, kind in self.duplicates)
+        leaks = sum(self.is_leak(pair) for pair in self.duplicates)
+        exact = sum(pair.kind == "exact" for pair in self.duplicates)
         issues, outliers = int(self.labels.is_issue.sum()), int(self.outliers.sum())
 
         def share(count: int) -> str:

@@ -63,10 +63,11 @@ def check_folds(labels: Tensor, class_names: list[str], folds: int) -> None:
         )
 
 
-def out_of_sample_probabilities(features: Tensor, labels: Tensor, folds: int, multilabel: bool) -> Tensor:
+def out_of_sample_probabilities(
+    features: Tensor, labels: Tensor, num_classes: int, folds: int, multilabel: bool
+) -> Tensor:
     """(N, classes) each image's probabilities from a linear probe fitted on the other folds (softmax, or a sigmoid
     per class for several labels per image)."""
-    num_classes = labels.shape[1] if multilabel else int(labels.max()) + 1
     fold = fold_of_each(labels, folds)
     probabilities = torch.empty(len(features), num_classes)
     loss = (lambda z, y: F.binary_cross_entropy_with_logits(z, y.float())) if multilabel else F.cross_entropy
@@ -75,17 +76,19 @@ def out_of_sample_probabilities(features: Tensor, labels: Tensor, folds: int, mu
         held_out = fold == k
         torch.manual_seed(k)
         head = nn.Linear(features.shape[1], num_classes)
+        fitted_on = features[~held_out].div_(scale)  # indexing copies: scaled in place
         fit_head(
             make_lbfgs(list(head.parameters()), PROBE_ITERATIONS),
             head,
             head,
-            features[~held_out] / scale,
+            fitted_on,
             labels[~held_out],
             loss,
             PROBE_L2,
         )
+        del fitted_on
         with torch.no_grad():
-            logits = head(features[held_out] / scale)
+            logits = head(features[held_out].div_(scale))
         probabilities[held_out] = logits.sigmoid() if multilabel else logits.softmax(dim=-1)
     return probabilities
 

@@ -1,19 +1,26 @@
-"""Duplicates and outliers from the features' cosine similarities, a block of rows at a time: the N x N matrix is
-never held (60,000 images: a 1,000-row block of similarities is 240 MB, the whole matrix 14 GB).
+"""Duplicates and outliers from cosine similarities, a block of rows at a time: the N x N matrix is never held
+(60,000 images: a 500-row block of similarities is 120 MB, the whole matrix 14 GB).
 
-Near duplicates are pairs above a cosine similarity threshold of the centred features (their mean over the images
-taken away: pooled features after a ReLU are all positive, which puts any two images at a high cosine; centred, 0
-is "unrelated" whatever the backbone, so one threshold serves all). Exact duplicates are images whose decoded
-pixels are identical (a hash of each), whatever their files. An outlier is an image far from its nearest
-neighbours (Sun et al., 2022, "Out-of-distribution Detection with Deep Nearest Neighbors": L2-normalised features,
-not centred, which would hide how unusual an image's features are): its score is one minus the mean cosine
-similarity to its ``k`` nearest other images.
+Two images are near duplicates when either of two signals says so, since each misses what the other finds
+(docs/guides/audit.md measures both on planted copies in CIFAR-10):
+
+- their **frozen features** are nearly the same: the cosine similarity of the centred unit features (their mean over
+  the images taken away: pooled features after a ReLU are all positive, which puts any two images at a high cosine;
+  centred, 0 is "unrelated" whatever the backbone). It finds the same shot resized or cropped a little;
+- their **pixels** are nearly the same: the cosine similarity of 16x16 thumbnails (area averages of the stored
+  image, each colour channel less its mean, so that two images of one colour are not alike for it). It finds a
+  copy saved again at another JPEG quality, which moves a small image's features a long way.
+
+Exact duplicates are images whose decoded pixels are identical (a hash of each), whatever their files. An outlier
+is an image far from its nearest neighbours (Sun et al., 2022, "Out-of-distribution Detection with Deep Nearest
+Neighbors": L2-normalised features, not centred, which would hide how unusual an image's features are): its score
+is one minus the mean cosine similarity to its ``k`` nearest other images.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,54 +28,70 @@ from torch import Tensor
 
 from transfer_lightning.logs import progress_bar
 
-#: Rows of the similarity matrix computed at a time.
-BLOCK = 1000
+#: Rows of the similarity matrix computed at a time (60,000 images: 120 MB a block).
+BLOCK = 500
+#: Side of the thumbnails whose pixels are compared.
+THUMBNAIL = 16
 
 
-def similarity_blocks(features: Tensor, what: str, centre: bool) -> Iterator[tuple[int, Tensor]]:
-    """(first row, cosine similarities of rows ``first..first+BLOCK`` with every row), with a progress bar; with
-    ``centre``, of the features less their mean over the images."""
-    features = features.float()
-    normalised = F.normalize(features - features.mean(dim=0) if centre else features, dim=1)
-    starts = range(0, len(normalised), BLOCK)
+def normalise_(vectors: Tensor) -> Tensor:
+    """``vectors`` (float) with each row scaled to length 1, in place (a copy of 60,000 features is 300 MB)."""
+    return vectors.div_(vectors.norm(dim=1, keepdim=True).clamp(min=1e-12))
+
+
+def centre_(vectors: Tensor) -> Tensor:
+    """``vectors`` less their mean over the rows, each row then at length 1 again, in place."""
+    return normalise_(vectors.sub_(vectors.mean(dim=0)))
+
+
+def similarity_blocks(rows: Tensor, what: str, upper: bool = False) -> Iterator[tuple[int, Tensor]]:
+    """(first row, cosine similarities of unit ``rows[first : first + BLOCK]`` with every row), with a progress bar;
+    ``upper``: only with the rows from ``first`` on (each pair once, for half the work)."""
+    starts = range(0, len(rows), BLOCK)
     for start in progress_bar(starts, total=len(starts), desc=what, unit="block"):
-        yield start, normalised[start : start + BLOCK] @ normalised.T
+        yield start, rows[start : start + BLOCK] @ (rows[start:] if upper else rows).T
 
 
-def near_duplicates(features: Tensor, threshold: float) -> list[tuple[int, int, float]]:
-    """(i, j, similarity) of every pair i < j whose cosine similarity is at least ``threshold``, most similar first."""
-    pairs = []
-    for start, block in similarity_blocks(features, "Near duplicates", centre=True):
-        rows = torch.arange(start, start + len(block))[:, None]
-        block = block.masked_fill(torch.arange(len(features))[None, :] <= rows, -2.0)  # each pair once, no self
+def similar_pairs(rows: Tensor, threshold: float, what: str) -> set[tuple[int, int]]:
+    """(i, j), i < j, of the unit ``rows`` whose cosine similarity is at least ``threshold``."""
+    pairs = set()
+    for start, block in similarity_blocks(rows, what, upper=True):
+        block = block.triu(diagonal=1)  # column c is row start + c: the pairs with a later row
         i, j = torch.nonzero(block >= threshold, as_tuple=True)
-        pairs += zip((i + start).tolist(), j.tolist(), block[i, j].tolist(), strict=True)
-    return sorted(pairs, key=lambda pair: -pair[2])
-
-
-def exact_duplicates(pixel_batches: Iterator[Tensor]) -> list[tuple[int, int]]:
-    """(i, j), i < j, of the images whose decoded pixels are identical, from uint8 batches in order: each image
-    paired with the first one of its content."""
-    first_of: dict[bytes, int] = {}
-    pairs, index = [], 0
-    for batch in pixel_batches:
-        for image in batch:
-            digest = hashlib.sha256(image.contiguous().numpy().tobytes()).digest()
-            if digest in first_of:
-                pairs.append((first_of[digest], index))
-            else:
-                first_of[digest] = index
-            index += 1
+        pairs.update(zip((i + start).tolist(), (j + start).tolist(), strict=True))
     return pairs
 
 
-def outlier_scores(features: Tensor, k: int) -> Tensor:
-    """(N,) one minus the mean cosine similarity of each image to its ``k`` nearest other images."""
-    scores = torch.empty(len(features))
-    for start, block in similarity_blocks(features, "Outliers", centre=False):
+def pixel_signatures(batches: Iterable[Tensor]) -> tuple[list[bytes], Tensor]:
+    """The SHA-256 of each image's decoded pixels, and its unit 16x16 thumbnail (each channel less its mean), from
+    uint8 batches."""
+    digests, thumbnails = [], []
+    for batch in batches:
+        digests += [hashlib.sha256(image.contiguous().numpy().tobytes()).digest() for image in batch]
+        small = F.adaptive_avg_pool2d(batch.float(), (THUMBNAIL, THUMBNAIL))
+        thumbnails.append(F.normalize((small - small.mean(dim=(2, 3), keepdim=True)).flatten(1), dim=1))
+    return digests, torch.cat(thumbnails)
+
+
+def exact_duplicates(digests: list[bytes]) -> list[tuple[int, int]]:
+    """(i, j), i < j, of images with identical pixels: each paired with the first one of its content."""
+    first_of: dict[bytes, int] = {}
+    pairs = []
+    for index, digest in enumerate(digests):
+        if digest in first_of:
+            pairs.append((first_of[digest], index))
+        else:
+            first_of[digest] = index
+    return pairs
+
+
+def outlier_scores(rows: Tensor, k: int) -> Tensor:
+    """(N,) one minus the mean cosine similarity of each of the unit ``rows`` to its ``k`` nearest other rows."""
+    scores = torch.empty(len(rows))
+    for start, block in similarity_blocks(rows, "Outliers"):
         rows = torch.arange(len(block))
         block[rows, rows + start] = -2.0  # not its own neighbour
-        scores[start : start + len(block)] = 1 - block.topk(min(k, len(features) - 1), dim=1).values.mean(dim=1)
+        scores[start : start + len(block)] = 1 - block.topk(min(k, len(rows) - 1), dim=1).values.mean(dim=1)
     return scores
 
 

@@ -45,16 +45,16 @@ def page(findings: Findings, pixels: Callable[[list[int]], Tensor]) -> str:
         return f'<div class="name">{html.escape(names[index])} ({splits[index]})</div>'
 
     sections = []
-    pairs = sorted(findings.duplicates, key=lambda d: (d[3] != "exact", -d[2]))
-    leaks = [pair for pair in pairs if findings.is_leak(pair[0], pair[1])]
-    within = [pair for pair in pairs if not findings.is_leak(pair[0], pair[1])]
+    pairs = findings.ranked_duplicates()
+    leaks = [pair for pair in pairs if findings.is_leak(pair)]
+    within = [pair for pair in pairs if not findings.is_leak(pair)]
     for title, chosen in (("Leaks: the same image in two splits", leaks), ("Duplicates within a split", within)):
-        shown = pixels([index for i, j, *_ in chosen[:SHOWN] for index in (i, j)])
+        shown = pixels([index for pair in chosen[:SHOWN] for index in (pair.a, pair.b)])
         cards = [
             f'<div class="card{" leak" if title.startswith("Leaks") else ""}">{thumbnail(shown[2 * n])}'
-            f"{thumbnail(shown[2 * n + 1])}<div><b>{kind}</b>, similarity {similarity:.3f}</div>"
-            f"{caption(i)}{caption(j)}</div>"
-            for n, (i, j, similarity, kind) in enumerate(chosen[:SHOWN])
+            f"{thumbnail(shown[2 * n + 1])}<div><b>{pair.kind}</b>, similarity {pair.similarity:.3f} (features), "
+            f"{pair.pixel_similarity:.3f} (pixels)</div>{caption(pair.a)}{caption(pair.b)}</div>"
+            for n, pair in enumerate(chosen[:SHOWN])
         ]
         sections.append(section(title, cards, len(chosen)))
     flagged = [int(i) for i in torch.argsort(torch.as_tensor(findings.labels.quality)) if findings.labels.is_issue[i]]

@@ -14,9 +14,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from transfer_lightning.audit.findings import AuditedImages, Findings
+from transfer_lightning.audit.findings import AuditedImages, Duplicate, Findings
 from transfer_lightning.audit.labels import check_folds, find_label_issues, out_of_sample_probabilities
-from transfer_lightning.audit.neighbours import exact_duplicates, far_out, near_duplicates, outlier_scores
+from transfer_lightning.audit.neighbours import (
+    centre_,
+    exact_duplicates,
+    far_out,
+    normalise_,
+    outlier_scores,
+    pixel_signatures,
+    similar_pairs,
+)
 from transfer_lightning.audit.page import page
 from transfer_lightning.commands.cli import TransferLightningCLI, program_name
 from transfer_lightning.data import ImageFolderDataModule, ImageTensorDataset
@@ -25,8 +33,10 @@ from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
 from transfer_lightning.training import FrozenFeatureCache
 
-#: Cosine similarity of frozen features at or above which two images are near duplicates (docs/guides/audit.md).
-NEAR_DUPLICATE = 0.95
+#: Cosine similarities of centred frozen features, and of thumbnails, at or above which two images are near
+#: duplicates (measured on planted copies in CIFAR-10: docs/guides/audit.md).
+NEAR_FEATURES = 0.9
+NEAR_PIXELS = 0.95
 #: Neighbours whose mean similarity scores an outlier.
 NEIGHBOURS = 5
 
@@ -65,14 +75,20 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--output", type=Path, required=True, help="the folder for the CSV files")
     parser.add_argument("--folds", type=int, default=5, help="linear probes, each judging the images it did not see")
-    parser.add_argument("--near", type=float, default=NEAR_DUPLICATE, help="cosine similarity of near duplicates")
+    parser.add_argument(
+        "--near", type=float, default=NEAR_FEATURES, help="features' cosine similarity of near duplicates"
+    )
+    parser.add_argument(
+        "--near_pixels", type=float, default=NEAR_PIXELS, help="16x16 thumbnails' cosine similarity of near duplicates"
+    )
     parser.add_argument("--neighbours", type=int, default=NEIGHBOURS, help="neighbours that score an outlier")
     args, rest = parser.parse_known_args(argv)
     if importlib.util.find_spec("cleanlab") is None:
         raise UserInputError("audit needs cleanlab: install the audit extra (pip install -e '.[audit]').")
-    if not 0 < args.near <= 1 or args.neighbours < 1:
+    if not (0 < args.near <= 1 and 0 < args.near_pixels <= 1) or args.neighbours < 1:
         raise UserInputError(
-            f"--near is a cosine similarity in (0, 1] and --neighbours at least 1; got {args.near}, {args.neighbours}."
+            f"--near and --near_pixels are cosine similarities in (0, 1], --neighbours at least 1; got {args.near}, "
+            f"{args.near_pixels}, {args.neighbours}."
         )
     cli = TransferLightningCLI(args=rest, run=False)
     data, model, trainer = cli.datamodule, cli.model, cli.trainer
@@ -107,13 +123,19 @@ def main(argv: list[str]) -> None:
     )
     multilabel = data.task == "multilabel"
 
-    probabilities = out_of_sample_probabilities(features, images.labels, args.folds, multilabel)
+    probabilities = out_of_sample_probabilities(features, images.labels, len(data.class_names), args.folds, multilabel)
     label_findings = find_label_issues(probabilities, images.labels, multilabel)
-    exact = exact_duplicates(batch for _, split_images in audited for batch, _ in split_images.batches(500))
-    exact_pairs = {(i, j) for i, j in exact}
-    near = [(i, j, s, "near") for i, j, s in near_duplicates(features, args.near) if (i, j) not in exact_pairs]
-    duplicates = [(i, j, 1.0, "exact") for i, j in exact] + near
-    scores = outlier_scores(features, args.neighbours)
+    scores = outlier_scores(normalise_(features), args.neighbours)
+    deep = centre_(features)  # the same memory: the features are not needed as they were any more
+    digests, thumbnails = pixel_signatures(batch for _, split in audited for batch, _ in split.batches(500))
+    exact = exact_duplicates(digests)
+    near = similar_pairs(deep, args.near, "Near duplicates (features)")
+    near |= similar_pairs(thumbnails, args.near_pixels, "Near duplicates (pixels)")
+    duplicates = [
+        Duplicate(i, j, float(deep[i] @ deep[j]), float(thumbnails[i] @ thumbnails[j]), kind)
+        for pairs, kind in ((exact, "exact"), (sorted(near - set(exact)), "near"))
+        for i, j in pairs
+    ]
     findings = Findings(images, label_findings, duplicates, scores, far_out(scores))
     written = findings.write(args.output)
     with atomic_path(args.output / "audit.html") as partial:
