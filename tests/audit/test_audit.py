@@ -232,3 +232,22 @@ def test_cifar10_batches_are_named_by_their_position(planted, tmp_path):
     )
     exact = [row for row in rows(tmp_path / "audit" / "duplicates.csv") if row["kind"] == "exact"]
     assert [{row["path_a"], row["path_b"]} for row in exact] == [{"train 00003", "test 00007"}]
+
+
+def test_paths_are_relative_to_a_relative_data_dir_too(planted, tmp_path, monkeypatch):
+    monkeypatch.chdir(planted.parent)
+    main(
+        [
+            "audit",
+            f"--data.data_dir={planted.name}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--model.weights={planted / 'weights.pth'}",
+            "--data.image_size=32",
+            "--data.val_size=0.2",
+            "--trainer.accelerator=cpu",
+            f"--output={tmp_path / 'audit'}",
+            "--folds=3",
+        ]
+    )
+    paths = {row["path"] for row in rows(tmp_path / "audit" / "label_issues.csv")}
+    assert "train/green/planted_red.png" in paths and all(path.startswith(("train/", "test/")) for path in paths)

@@ -259,7 +259,7 @@ class ImageFolderStore:
         if stored.files is not None:  # files.json lists the files of the rows that decoded, in order
             names = [None] * len(stored.arrays.labels)
             for row, file in zip(stored.rows.tolist(), stored.files, strict=True):
-                names[row] = file
+                names[row] = os.path.abspath(file)  # as listed from a relative data_dir too; links not followed
         return ImageTensorDataset(stored.arrays, stored.rows, source=str(stored.path.resolve()), names=names)
 
     def load(
