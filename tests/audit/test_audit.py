@@ -138,7 +138,7 @@ def test_several_labels_per_image_from_a_table(planted, tmp_path):
         (["--folds=30"], "30 folds need at least 30 images of every class"),
         (["--folds=1"], "--folds must be at least 2"),
         (["--model.weights=null"], "--model.weights is null"),
-        (["--near=1.5"], "--near and --near_pixels are cosine similarities"),
+        (["--near=1.5"], "--near, --near_pixels and --near_both are cosine similarities"),
     ],
 )
 def test_mistakes_are_one_line_and_write_nothing(planted, tmp_path, capsys, extra, message):

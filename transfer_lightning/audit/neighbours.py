@@ -1,15 +1,17 @@
 """Duplicates and outliers from cosine similarities, a block of rows at a time: the N x N matrix is never held
 (60,000 images: a 500-row block of similarities is 120 MB, the whole matrix 14 GB).
 
-Two images are near duplicates when either of two signals says so, since each misses what the other finds
-(docs/guides/audit.md measures both on planted copies in CIFAR-10):
+Two images are near duplicates when either of two signals says so clearly, or both say so a little, since each
+misses what the other finds (docs/guides/audit.md measures them on planted copies in CIFAR-10):
 
 - their **frozen features** are nearly the same: the cosine similarity of the centred unit features (their mean over
   the images taken away: pooled features after a ReLU are all positive, which puts any two images at a high cosine;
   centred, 0 is "unrelated" whatever the backbone). It finds the same shot resized or cropped a little;
 - their **pixels** are nearly the same: the cosine similarity of 16x16 thumbnails (area averages of the stored
   image, each colour channel less its mean, so that two images of one colour are not alike for it). It finds a
-  copy saved again at another JPEG quality, which moves a small image's features a long way.
+  copy saved again at another JPEG quality, which moves a small image's features a long way;
+- both are **fairly alike** at once: the same shot zoomed or cropped by a tenth, which takes each signal below
+  its own threshold, but rarely two different photos.
 
 Exact duplicates are images whose decoded pixels are identical (a hash of each), whatever their files. An outlier
 is an image far from its nearest neighbours (Sun et al., 2022, "Out-of-distribution Detection with Deep Nearest
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +55,23 @@ def similarity_blocks(rows: Tensor, what: str, upper: bool = False) -> Iterator[
         yield start, rows[start : start + BLOCK] @ (rows[start:] if upper else rows).T
 
 
-def similar_pairs(rows: Tensor, threshold: float, what: str) -> set[tuple[int, int]]:
-    """(i, j), i < j, of the unit ``rows`` whose cosine similarity is at least ``threshold``."""
+class NearThresholds(NamedTuple):
+    """Two images are near duplicates when their features' similarity is at least ``features``, their thumbnails'
+    at least ``pixels``, or both at least ``both``."""
+
+    features: float
+    pixels: float
+    both: float
+
+
+def near_pairs(features: Tensor, thumbnails: Tensor, thresholds: NearThresholds) -> set[tuple[int, int]]:
+    """(i, j), i < j, of the images whose unit ``features`` or unit ``thumbnails`` are alike by ``thresholds``."""
     pairs = set()
-    for start, block in similarity_blocks(rows, what, upper=True):
-        block = block.triu(diagonal=1)  # column c is row start + c: the pairs with a later row
-        i, j = torch.nonzero(block >= threshold, as_tuple=True)
+    for start, by_features in similarity_blocks(features, "Near duplicates", upper=True):
+        by_pixels = thumbnails[start : start + BLOCK] @ thumbnails[start:].T
+        alike = (by_features >= thresholds.features) | (by_pixels >= thresholds.pixels)
+        alike |= (by_features >= thresholds.both) & (by_pixels >= thresholds.both)
+        i, j = torch.nonzero(alike.triu(diagonal=1), as_tuple=True)  # column c is row start + c: later rows only
         pairs.update(zip((i + start).tolist(), (j + start).tolist(), strict=True))
     return pairs
 

@@ -17,13 +17,14 @@ from torch import Tensor
 from transfer_lightning.audit.findings import AuditedImages, Duplicate, Findings
 from transfer_lightning.audit.labels import check_folds, find_label_issues, out_of_sample_probabilities
 from transfer_lightning.audit.neighbours import (
+    NearThresholds,
     centre_,
     exact_duplicates,
     far_out,
+    near_pairs,
     normalise_,
     outlier_scores,
     pixel_signatures,
-    similar_pairs,
 )
 from transfer_lightning.audit.page import page
 from transfer_lightning.commands.cli import TransferLightningCLI, program_name
@@ -33,10 +34,11 @@ from transfer_lightning.errors import UserInputError
 from transfer_lightning.files import atomic_path
 from transfer_lightning.training import FrozenFeatureCache
 
-#: Cosine similarities of centred frozen features, and of thumbnails, at or above which two images are near
-#: duplicates (measured on planted copies in CIFAR-10: docs/guides/audit.md).
+#: Cosine similarities of centred frozen features, of thumbnails, and of both at once, at or above which two images
+#: are near duplicates (measured on planted copies in CIFAR-10: docs/guides/audit.md).
 NEAR_FEATURES = 0.9
 NEAR_PIXELS = 0.95
+NEAR_BOTH = 0.75
 #: Neighbours whose mean similarity scores an outlier.
 NEIGHBOURS = 5
 
@@ -81,14 +83,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--near_pixels", type=float, default=NEAR_PIXELS, help="16x16 thumbnails' cosine similarity of near duplicates"
     )
+    parser.add_argument(
+        "--near_both", type=float, default=NEAR_BOTH, help="both similarities at once, of near duplicates"
+    )
     parser.add_argument("--neighbours", type=int, default=NEIGHBOURS, help="neighbours that score an outlier")
     args, rest = parser.parse_known_args(argv)
     if importlib.util.find_spec("cleanlab") is None:
         raise UserInputError("audit needs cleanlab: install the audit extra (pip install -e '.[audit]').")
-    if not (0 < args.near <= 1 and 0 < args.near_pixels <= 1) or args.neighbours < 1:
+    if not all(0 < value <= 1 for value in (args.near, args.near_pixels, args.near_both)) or args.neighbours < 1:
         raise UserInputError(
-            f"--near and --near_pixels are cosine similarities in (0, 1], --neighbours at least 1; got {args.near}, "
-            f"{args.near_pixels}, {args.neighbours}."
+            f"--near, --near_pixels and --near_both are cosine similarities in (0, 1], --neighbours at least 1; got "
+            f"{args.near}, {args.near_pixels}, {args.near_both}, {args.neighbours}."
         )
     cli = TransferLightningCLI(args=rest, run=False)
     data, model, trainer = cli.datamodule, cli.model, cli.trainer
@@ -115,12 +120,14 @@ def main(argv: list[str]) -> None:
         data.class_names,
     )
     check_folds(images.labels, images.class_names, args.folds)  # before the backbone's work
-    features = torch.cat(
-        [
-            cache.features(model, data, split_images, split, trainer)[0].flatten(1).float()
-            for split, split_images in audited
-        ]
-    )
+    features, start = None, 0  # filled split by split: a concatenation would hold every feature twice
+    for split, split_images in audited:
+        split_features = cache.features(model, data, split_images, split, trainer)[0].flatten(1).float()
+        if features is None:
+            features = torch.empty(len(images.names), split_features.shape[1])
+        features[start : start + len(split_features)] = split_features
+        start += len(split_features)
+        del split_features
     multilabel = data.task == "multilabel"
 
     probabilities = out_of_sample_probabilities(features, images.labels, len(data.class_names), args.folds, multilabel)
@@ -129,8 +136,7 @@ def main(argv: list[str]) -> None:
     deep = centre_(features)  # the same memory: the features are not needed as they were any more
     digests, thumbnails = pixel_signatures(batch for _, split in audited for batch, _ in split.batches(500))
     exact = exact_duplicates(digests)
-    near = similar_pairs(deep, args.near, "Near duplicates (features)")
-    near |= similar_pairs(thumbnails, args.near_pixels, "Near duplicates (pixels)")
+    near = near_pairs(deep, thumbnails, NearThresholds(args.near, args.near_pixels, args.near_both))
     duplicates = [
         Duplicate(i, j, float(deep[i] @ deep[j]), float(thumbnails[i] @ thumbnails[j]), kind)
         for pairs, kind in ((exact, "exact"), (sorted(near - set(exact)), "near"))
