@@ -119,3 +119,24 @@ def test_bad_edit_files_are_one_line(folder, tmp_path, run_dir, capsys, option, 
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
     assert not list(run_dir.rglob("*.ckpt")) and not list(run_dir.rglob("config.yaml"))  # nothing written
+
+
+def test_parquet_images_are_named_by_their_file_and_row(tmp_path):
+    """What audit's CSVs and --data.exclude call an image of a Parquet set: its file and row."""
+    from tests.data.test_parquet import write_hub_parquet
+    from transfer_lightning.data.edits import image_name
+
+    write_hub_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", 6, seed=0)
+    module = ImageFolderDataModule(parquet=str(tmp_path / "data"), val_size=4, cache_dir=str(tmp_path / "cache"))
+    module.prepare_data()
+    module.setup("fit")
+    names = {image_name(name, module.source.names_root) for name in module.train_set.image_names()}
+    assert len(names) == 20 and all(name.startswith("images/train-00000-of-00001-000000") for name in names)
+    first = sorted(names)[0]
+    edits = write_csv(tmp_path / "drop.csv", ["path"], [[first]])
+    module = ImageFolderDataModule(
+        parquet=str(tmp_path / "data"), val_size=4, cache_dir=str(tmp_path / "cache"), exclude=str(edits)
+    )
+    module.prepare_data()
+    module.setup("fit")
+    assert len(module.train_set) + len(module.val_set) == 23

@@ -1,5 +1,5 @@
 """Duplicates and outliers from cosine similarities, a block of rows at a time: the N x N matrix is never held
-(60,000 images: a 500-row block of similarities is 120 MB, the whole matrix 14 GB).
+(60,000 images: a 250-row block of similarities is 60 MB, the whole matrix 14 GB).
 
 Two images are near duplicates when either of two signals says so clearly, or both say so a little, since each
 misses what the other finds (docs/guides/audit.md measures them on planted copies in CIFAR-10):
@@ -31,8 +31,8 @@ from torch import Tensor
 
 from transfer_lightning.logs import progress_bar
 
-#: Rows of the similarity matrix computed at a time (60,000 images: 120 MB a block).
-BLOCK = 500
+#: Rows of the similarity matrix computed at a time (60,000 images: 60 MB a block).
+BLOCK = 250
 #: Side of the thumbnails whose pixels are compared.
 THUMBNAIL = 16
 
