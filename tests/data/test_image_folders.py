@@ -223,6 +223,9 @@ def test_skip_bad_images_skips_logs_and_lists_them(tmp_path, caplog):
     assert sorted(Path(line.split(":")[0]).name for line in listed) == bad
     images, labels = datamodule.train_set.to_arrays()
     assert bool((images.flatten(1).amax(1) > 0).all())  # no blank row of a skipped file
+    names = datamodule.train_set.image_names() + datamodule.val_set.image_names()
+    assert len(set(names)) == len(names) == 2 * (4 + 3) + 2 * (1 + 3)  # each image by its own file (audit's name)
+    assert not {Path(name).name for name in names if "/ants/" in name} & set(bad)
 
 
 # --- Unbalanced classes ------------------------------------------------------------------------

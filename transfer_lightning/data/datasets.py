@@ -28,7 +28,7 @@ class ImageTensorDataset(Dataset):
     memory-mapped store only the rows of the batch are read, so a split larger than memory works.
     ``source`` names where the arrays came from (a store folder, CIFAR-10's files), for
     :meth:`fingerprint`; empty for arrays made in memory. ``names`` names the image of each row of the arrays
-    (its file; ``None`` for a row without an image), for findings about single images (``audit``).
+    (its file), for findings about single images (``audit``).
     """
 
     def __init__(
@@ -36,7 +36,7 @@ class ImageTensorDataset(Dataset):
         arrays: ImageArrays,
         indices: Tensor | None = None,
         source: str = "",
-        names: list[str | None] | None = None,
+        names: list[str] | None = None,
     ) -> None:
         self.arrays = arrays
         self.indices = indices

@@ -255,11 +255,9 @@ class ImageFolderStore:
     def dataset(self, *decoding) -> ImageTensorDataset:
         """The rows that decoded (``decoding``: :meth:`build`'s arguments), as a dataset named by its store's folder."""
         stored = self.load(*decoding)
-        names = None
-        if stored.files is not None:  # files.json lists the files of the rows that decoded, in order
-            names = [None] * len(stored.arrays.labels)
-            for row, file in zip(stored.rows.tolist(), stored.files, strict=True):
-                names[row] = os.path.abspath(file)  # as listed from a relative data_dir too; links not followed
+        # files.json names the file of every row (a file that then failed to decode keeps its row, labelled -1);
+        # absolute, as listed from a relative data_dir too, links not followed.
+        names = [os.path.abspath(file) for file in stored.files] if stored.files is not None else None
         return ImageTensorDataset(stored.arrays, stored.rows, source=str(stored.path.resolve()), names=names)
 
     def load(
