@@ -46,8 +46,7 @@ class TransferClassifier(pl.LightningModule):
             BatchNorm layers then stay in eval mode, so their running statistics never move.
         update_bn_stats: With freeze_backbone, let the BatchNorm statistics drift in training, as the
             reference recipe did (it kept the model in train mode); the "frozen" features then change.
-        channels_last: Run the network in channels-last memory format, in which oneDNN and cuDNN
-            run convolutions faster (docs/performance.md measures it).
+        channels_last: Channels-last memory format, in which oneDNN and cuDNN run convolutions faster (measured).
         compile: torch.compile the network before training (slow start, faster steps on GPU).
         optimizer: Optimizer class and arguments (class_path: torch.optim.SGD, ...), for the trainable parameters.
         scheduler: Learning-rate scheduler; null keeps the rate constant. A scheduler that takes
@@ -66,8 +65,7 @@ class TransferClassifier(pl.LightningModule):
             this epoch (counted from 0) on: gradual unfreezing.
         backbone_lr_scale: With unfreeze_at_epoch, the backbone's learning rate is the head's times
             this (null: 0.1). Its parameter group exists from the start, frozen.
-        tta_flip: In validation, test, predict and exported models, average the probabilities of each
-            image and its mirror image (twice the evaluation work).
+        tta_flip: In evaluation, predict and exports, average each image's and its mirror's probabilities (2x work).
         task: multiclass (one class per image: softmax, accuracy) or multilabel (any number: a sigmoid
             per class, mAP); null takes the data's (:mod:`~transfer_lightning.tasks`).
         data_task: The data's task, linked from ``data.task`` by the CLI (a plain Trainer: pass ``data.task``).
@@ -75,9 +73,8 @@ class TransferClassifier(pl.LightningModule):
             each class's threshold on validation (best F1), saved in the checkpoint.
         calibrate: multiclass: fit a temperature on each validation that divides the logits, so that
             the probabilities are calibrated (the top class is unchanged); false keeps the softmax as it is.
-        known_rate: multiclass: the share of validation images (all of known classes) that "none of these" keeps:
-            each validation chooses the threshold of the unknown score (the energy of the logits) below which this
-            share falls; predict, serve and exported files answer ``unknown`` above it. null: never answer unknown.
+        known_rate: multiclass: the share of validation images that "none of these" keeps: each validation sets the
+            unknown score's threshold to it; predict, serve and exports answer ``unknown`` above it. null: never.
         head_solver: gradient (the optimizer, batch by batch) or lbfgs: on cached frozen features, each
             epoch fits the head to convergence by full-batch L-BFGS at the next strength of ``lbfgs_l2``,
             so the best checkpoint is the best strength (:class:`~transfer_lightning.optim.LBFGSHead`).
@@ -141,8 +138,7 @@ class TransferClassifier(pl.LightningModule):
         self._compiled = False
         #: Per-class weights of the training loss (``data.class_balance: loss``), set in :meth:`setup`.
         self.register_buffer("loss_weights", None, persistent=False)
-        # Losses averaged over images, not over batches: under DDP each process's images count (Lightning's
-        # sync_dist averages the processes' means, which differ in weight when the shares are uneven).
+        # Losses averaged over images, not batches: under DDP Lightning's sync_dist averages unequal processes' means.
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         #: The last test's report, written out by ClassificationReportFiles.
         self.test_report: TestReport | None = None
@@ -251,8 +247,7 @@ class TransferClassifier(pl.LightningModule):
             self.log(name, value, prog_bar=name == self.task.monitor)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Update the test metrics; return each image's loss and probabilities (for
-        :class:`~transfer_lightning.interpretation.Interpretation`)."""
+        """Update the test metrics; return each image's loss and probabilities (for ``Interpretation``)."""
         images, labels = batch
         logits = self.evaluation_logits(images)
         losses = self.task.evaluation_loss(logits, labels)
@@ -267,13 +262,11 @@ class TransferClassifier(pl.LightningModule):
         self.log_dict(self.test_report.scalars())
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Class probabilities of each image, with its true label(s) when the data has them, and its unknown score
-        when the task gives one."""
-        images, labels = batch
-        logits = self.evaluation_logits(images)
-        outputs = {"probabilities": self.task.probabilities(logits), "labels": labels}
-        unknown_scores = self.task.unknown_scores(logits)
-        return outputs if unknown_scores is None else outputs | {"unknown_scores": unknown_scores}
+        """Each image's probabilities, true label(s) when the data has them, and unknown score when the task has one."""
+        logits, scores = self.evaluation_logits(batch[0]), {}
+        if self.task.answers_unknown:
+            scores = {"unknown_scores": self.task.unknown_scores(logits)}
+        return {"probabilities": self.task.probabilities(logits), "labels": batch[1], **scores}
 
     def configure_optimizers(self) -> Any:
         if self.head_fitter is not None:
@@ -288,9 +281,8 @@ class TransferClassifier(pl.LightningModule):
         return optimization(self.optimizer_factory, self.scheduler_factory, groups, scale, interval, self._trainer)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """The frozen part's BatchNorm policy, the test report's files, gradual unfreezing when
-        ``unfreeze_at_epoch`` is set and the L-BFGS head (each once: an earlier fit of this trainer may
-        have attached them)."""
+        """The frozen part's BatchNorm policy, the test report's files, gradual unfreezing (``unfreeze_at_epoch``)
+        and the L-BFGS head, each once (an earlier fit of this trainer may have attached them)."""
         wanted = [FrozenBatchNorm(), ClassificationReportFiles()]
         if self.hparams.unfreeze_at_epoch is not None:
             wanted.append(GradualUnfreezing(self.hparams.unfreeze_at_epoch))

@@ -18,7 +18,7 @@ from tests.conftest import PHOTO_SIZES, QUIET, eval_pixels, photo, write_photo_f
 from transfer_lightning import checkpoints
 from transfer_lightning.commands.main import main
 from transfer_lightning.inference import export
-from transfer_lightning.tasks.multiclass import ClassificationMetrics
+from transfer_lightning.tasks.classification_report import ClassificationMetrics
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 @dataclass(frozen=True)
 class StoredImages:
-    """A decoded store: its arrays (memory-mapped), the rows that hold images, its folder, and the
-    file of every row (``None`` for older stores, which did not list them)."""
+    """A decoded store: its arrays (memory-mapped), the rows that decoded, its folder, every row's file (or None)."""
 
     arrays: ImageArrays
     rows: torch.Tensor
@@ -254,9 +253,7 @@ class ImageFolderStore:
 
     def dataset(self, *decoding) -> ImageTensorDataset:
         """The rows that decoded (``decoding``: :meth:`build`'s arguments), as a dataset named by its store's folder."""
-        stored = self.load(*decoding)
-        # files.json names the file of every row (a file that then failed to decode keeps its row, labelled -1);
-        # absolute, as listed from a relative data_dir too, links not followed.
+        stored = self.load(*decoding)  # files.json names every row's file: absolute here, links not followed
         names = [os.path.abspath(file) for file in stored.files] if stored.files is not None else None
         return ImageTensorDataset(stored.arrays, stored.rows, source=str(stored.path.resolve()), names=names)
 

@@ -3,7 +3,8 @@
 
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.tasks.base import Task, TaskMetrics, TaskName, TestReport
-from transfer_lightning.tasks.multiclass import KNOWN_RATE, ClassificationReport, MulticlassTask
+from transfer_lightning.tasks.classification_report import ClassificationReport
+from transfer_lightning.tasks.multiclass import KNOWN_RATE, MulticlassTask
 from transfer_lightning.tasks.multilabel import MultilabelReport, MultilabelTask
 
 #: The task classes by the name configs, checkpoints and exported models use.
