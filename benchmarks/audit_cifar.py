@@ -74,17 +74,22 @@ def score(output: Path, audit: Path) -> None:
     caught = len(flipped & set(ranked[:flagged]))
     print(f"wrong labels: {k} flipped; precision among the first {k}: {at_k:.3f}; recall among the first {2 * k}: "
           f"{recall_2k:.3f}; cleanlab flags {flagged} images, {caught} of them flipped")  # fmt: skip
-    pairs = {}
-    for row in csv.DictReader((audit / "duplicates.csv").open()):
-        pairs[frozenset({row["path_a"], row["path_b"]})] = (row["kind"], float(row["similarity"]))
-    by_change: dict[str, list[float | None]] = {}
-    for copy, original, change in planted["copies"]:
-        found = pairs.get(frozenset({copy, original}))
-        by_change.setdefault(change, []).append(found[1] if found else None)
-    for change, similarities in by_change.items():
-        found = [s for s in similarities if s is not None]
-        print(f"planted copies, {change}: {len(found)} of {len(similarities)} found as duplicates"
-              + (f" (similarity {min(found):.3f} to {max(found):.3f})" if found else ""))  # fmt: skip
+    rows = list(csv.DictReader((audit / "duplicates.csv").open()))
+    pairs = {frozenset({row["path_a"], row["path_b"]}): row for row in rows}
+    alone = sum(float(row["similarity"]) >= 0.9 or float(row["pixel_similarity"]) >= 0.95 for row in rows)
+    print(f"duplicate pairs: {len(rows)}, {alone} of them by features >= 0.9 or thumbnails >= 0.95 alone")
+    for change in ("jpeg", "resized", "cropped"):
+        copies = [
+            pairs.get(frozenset({copy, original})) for copy, original, kind in planted["copies"] if kind == change
+        ]
+        found = [row for row in copies if row is not None]
+        features = [float(row["similarity"]) for row in found]
+        # Which of audit's default rules each found pair passes: features >= 0.9, thumbnails >= 0.95, both >= 0.75.
+        alone = [(float(row["similarity"]) >= 0.9, float(row["pixel_similarity"]) >= 0.95) for row in found]
+        by_features, by_pixels, either = (sum(f for f, _ in alone), sum(p for _, p in alone), sum(map(any, alone)))
+        print(f"planted copies, {change}: {len(found)} of {len(copies)} found as duplicates; features >= 0.9: "
+              f"{by_features}, thumbnails >= 0.95: {by_pixels}, either: {either}"
+              + (f"; features' similarity {min(features):.3f} to {max(features):.3f}" if found else ""))  # fmt: skip
 
 
 def main() -> None:
