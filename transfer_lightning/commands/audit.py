@@ -128,6 +128,7 @@ def main(argv: list[str]) -> None:
         features[start : start + len(split_features)] = split_features
         start += len(split_features)
         del split_features
+    cache.release_engine()
     multilabel = data.task == "multilabel"
 
     probabilities = out_of_sample_probabilities(features, images.labels, len(data.class_names), args.folds, multilabel)

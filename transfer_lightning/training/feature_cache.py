@@ -313,6 +313,11 @@ class FrozenFeatureCache(pl.Callback):
             return torch.empty(0, model.head.in_features)
         return features[:start]  # a stream's share holds fewer rows than the whole split
 
+    def release_engine(self) -> None:
+        """Let the onnxruntime engine go (its session holds the exported backbone and its buffers) when no more
+        features will be computed: ``audit`` needs the memory for its own work."""
+        self._onnx = None
+
     def _onnx_extractor(self, model: TransferClassifier, batch: Tensor) -> OnnxFeatureExtractor:
         """The backbone in onnxruntime, checked against torch on the first images of ``batch``.
 
