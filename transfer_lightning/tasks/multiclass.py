@@ -220,7 +220,7 @@ class MulticlassTask(Task):
         return answer
 
     def _is_unknown(self, unknown_score: float | None) -> bool:
-        return unknown_score is not None and bool(self.unknown(torch.tensor([unknown_score]))[0])
+        return unknown_score is not None and unknown_score > float(self.unknown_threshold)  # inf: never
 
     def dashboard(self) -> dict[str, Any]:
         return self._dashboard([r"train/acc_epoch", r"val/acc"], "accuracy (train, val)")
