@@ -22,6 +22,7 @@ from transfer_lightning.data import ImageFolderDataModule
 from transfer_lightning.data.transforms import WeightsPreprocessing
 from transfer_lightning.model_settings import check_model_settings
 from transfer_lightning.network import FrozenBatchNorm, FrozenParts, GradualUnfreezing, check_input_size, create_network
+from transfer_lightning.network.heads import HeadName
 from transfer_lightning.network.timm_backbones import layer_decay_scales
 from transfer_lightning.optim import LBFGSHead, optimization, parameter_groups
 from transfer_lightning.tasks import KNOWN_RATE, Task, TaskName, TestReport, create_task, task_for_data
@@ -38,55 +39,51 @@ class TransferClassifier(pl.LightningModule):
     Args:
         backbone: torchvision model name (resnet18, mobilenet_v2, ...), timm/NAME[.TAG] (timm/convnext_tiny.fb_in22k),
             hf-hub:ORG/NAME[@REVISION], or local-dir:PATH (a timm folder: config.json, model.safetensors).
-        weights: DEFAULT (the backbone's own: torchvision's, the Hub's, the folder's), a torchvision weights
-            name (IMAGENET1K_V1), a local state_dict or .safetensors file, or null for random initialisation.
+        weights: DEFAULT (the backbone's own: torchvision's, the Hub's, the folder's), a torchvision weights name
+            (IMAGENET1K_V1), a local state_dict or .safetensors file, or null for random initialisation.
         num_classes: Outputs of the new head; linked from the datamodule by the CLI.
         class_names: Names of the classes, for per-class test metrics; linked from the datamodule.
-        freeze_backbone: Train only the new head (fixed feature extractor). The backbone's
-            BatchNorm layers then stay in eval mode, so their running statistics never move.
-        update_bn_stats: With freeze_backbone, let the BatchNorm statistics drift in training, as the
-            reference recipe did (it kept the model in train mode); the "frozen" features then change.
+        head: linear (one Linear layer) or mlp (fastai's: average and max pooling, BatchNorm, dropout, a hidden layer of
+            512): more accurate on frozen features (docs/results.md), still trained on the feature cache.
+        freeze_backbone: Train only the new head (fixed feature extractor); the backbone's BatchNorm stays in eval mode.
+        adapt_bn_stats: With freeze_backbone, recompute the backbone's BatchNorm statistics once on the training images
+            when fit starts (before features are cached), then keep them frozen: statistics of your data.
+        update_bn_stats: With freeze_backbone, let BatchNorm statistics drift in training (the reference loop did).
         channels_last: Channels-last memory format, in which oneDNN and cuDNN run convolutions faster (measured).
         compile: torch.compile the network before training (slow start, faster steps on GPU).
         optimizer: Optimizer class and arguments (class_path: torch.optim.SGD, ...), for the trainable parameters.
-        scheduler: Learning-rate scheduler; null keeps the rate constant. A scheduler that takes
-            ``total_steps`` (OneCycleLR, :class:`~transfer_lightning.optim.WarmupCosineLR`) gets
-            the whole run's count when the config leaves it unset.
-        scheduler_interval: Step the scheduler once per ``epoch`` (the reference recipe) or once per
-            optimizer ``step`` (warmup and one-cycle schedules); the learning rate is logged as often.
+        scheduler: Learning-rate scheduler; null keeps the rate constant. A scheduler that takes ``total_steps``
+            (OneCycleLR, :class:`~transfer_lightning.optim.WarmupCosineLR`) gets the whole run's count when the config
+            leaves it unset.
+        scheduler_interval: Step the scheduler (and log the rate) per ``epoch`` (reference) or ``step`` (warmup).
         label_smoothing: Label smoothing of the training loss (0.1 is common); evaluation losses stay plain.
-        no_weight_decay_on_norm_and_bias: Exempt normalisation layers and biases from the optimizer's
-            weight decay (their own parameter group), as most fine-tuning recipes do.
-        trainable_from: Partial fine-tuning from this module on (dotted name: ``features.7`` of
-            mobilenet_v2, ``layer3`` of resnet18). The modules before it stay frozen, BatchNorm folded
-            into their convolutions (docs/performance.md measures it), with the parameters that enclosing
-            modules hold directly (ViT's class token).
-        unfreeze_at_epoch: With freeze_backbone, train the whole network (from trainable_from on) from
-            this epoch (counted from 0) on: gradual unfreezing.
-        backbone_lr_scale: With unfreeze_at_epoch, the backbone's learning rate is the head's times
-            this (null: 0.1). Its parameter group exists from the start, frozen.
+        no_weight_decay_on_norm_and_bias: Exempt normalisation layers and biases from weight decay, as recipes do.
+        trainable_from: Partial fine-tuning from this module on (dotted name: ``features.7`` of mobilenet_v2, ``layer3``
+            of resnet18). The modules before it stay frozen, BatchNorm folded into their convolutions
+            (docs/performance.md measures it), with the parameters that enclosing modules hold directly (ViT's class
+            token).
+        unfreeze_at_epoch: With freeze_backbone, train the network (from trainable_from on) from this epoch (from 0) on.
+        backbone_lr_scale: With unfreeze_at_epoch, the backbone's learning rate is the head's times this (null: 0.1).
         tta_flip: In evaluation, predict and exports, average each image's and its mirror's probabilities (2x work).
-        task: multiclass (one class per image: softmax, accuracy) or multilabel (any number: a sigmoid
-            per class, mAP); null takes the data's (:mod:`~transfer_lightning.tasks`).
+        task: multiclass (one class per image: softmax, accuracy) or multilabel (any number: a sigmoid per class, mAP);
+            null takes the data's (:mod:`~transfer_lightning.tasks`).
         data_task: The data's task, linked from ``data.task`` by the CLI (a plain Trainer: pass ``data.task``).
-        threshold: multilabel: the probability at or above which an image gets a class; null picks
-            each class's threshold on validation (best F1), saved in the checkpoint.
-        calibrate: multiclass: fit a temperature on each validation that divides the logits, so that
-            the probabilities are calibrated (the top class is unchanged); false keeps the softmax as it is.
+        threshold: multilabel: the probability at or above which an image gets a class; null picks each class's
+            threshold on validation (best F1), saved in the checkpoint.
+        calibrate: multiclass: fit a temperature on each validation that divides the logits, so that the probabilities
+            are calibrated (the top class is unchanged); false keeps the softmax as it is.
         known_rate: multiclass: the share of validation images that "none of these" keeps: each validation sets the
             unknown score's threshold to it; predict, serve and exports answer ``unknown`` above it. null: never.
-        head_solver: gradient (the optimizer, batch by batch) or lbfgs: on cached frozen features, each
-            epoch fits the head to convergence by full-batch L-BFGS at the next strength of ``lbfgs_l2``,
-            so the best checkpoint is the best strength (:class:`~transfer_lightning.optim.LBFGSHead`).
-        lbfgs_l2: The strongest and weakest L2 strength, ``trainer.max_epochs`` of them log-spaced; the loss
-            is the mean over images, so scikit-learn's ``C`` is ``1 / (strength * training images)``.
+        head_solver: gradient (the optimizer, batch by batch) or lbfgs: on cached frozen features, each epoch fits the
+            head to convergence by full-batch L-BFGS at the next strength of ``lbfgs_l2``, so the best checkpoint is the
+            best strength (:class:`~transfer_lightning.optim.LBFGSHead`).
+        lbfgs_l2: The strongest and weakest L2 strength, ``trainer.max_epochs`` of them log-spaced; the loss is the mean
+            over images, so scikit-learn's ``C`` is ``1 / (strength * training images)``.
         lbfgs_max_iter: L-BFGS iterations at most per strength.
-        backbone_image_size: timm vision transformers: the input side their position embeddings are resized
-            to (DINOv2's 518 -> 224); null keeps the weights'. Set data.image_size to the same.
-        layer_decay: timm backbones: layer-wise learning-rate decay (0.75: each layer's rate is the next
-            one's times 0.75, by timm's group_matcher); null: one rate.
-        gradient_checkpointing: timm backbones: recompute activations in the backward pass (timm's
-            set_grad_checkpointing): less memory, about a third more time.
+        backbone_image_size: timm ViTs: the side their position embeddings take (518 -> 224); set data.image_size alike.
+        layer_decay: timm backbones: layer-wise learning-rate decay (0.75: each layer's rate is the next one's times
+            0.75, by timm's group_matcher); null: one rate.
+        gradient_checkpointing: timm backbones: recompute activations in the backward pass: less memory, ~1/3 more time.
     """
 
     def __init__(
@@ -95,7 +92,9 @@ class TransferClassifier(pl.LightningModule):
         weights: str | None = "DEFAULT",
         num_classes: int = 10,
         class_names: list[str] | None = None,
+        head: HeadName = "linear",
         freeze_backbone: bool = False,
+        adapt_bn_stats: bool = False,
         update_bn_stats: bool = False,
         channels_last: bool = True,
         compile: bool = False,
@@ -129,7 +128,7 @@ class TransferClassifier(pl.LightningModule):
         self.head_fitter = LBFGSHead(*lbfgs_l2, lbfgs_max_iter) if head_solver == "lbfgs" else None
         self.automatic_optimization = self.head_fitter is None
         self.network, self.parts = create_network(
-            backbone, weights, num_classes, backbone_image_size, gradient_checkpointing
+            backbone, weights, num_classes, backbone_image_size, gradient_checkpointing, head
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.frozen = FrozenParts(self.network, self.parts.head, trainable_from, freeze_backbone)
@@ -156,8 +155,8 @@ class TransferClassifier(pl.LightningModule):
         return self.parts.preprocessing
 
     @property
-    def head(self) -> nn.Linear:
-        """The new head (``fc``, ``classifier.1``)."""
+    def head(self) -> nn.Module:
+        """The new head (``fc``, ``classifier.1``; mlp: the classifier block), with ``in_features`` as a Linear's."""
         return self.network.get_submodule(self.parts.head)
 
     @property

@@ -17,6 +17,15 @@ def check_model_settings(a: dict[str, Any]) -> None:
             "head_solver lbfgs fits a linear head on frozen features: set freeze_backbone true "
             "(and no unfreeze_at_epoch), or use head_solver gradient."
         )
+    if a["head"] not in ("linear", "mlp"):
+        raise UserInputError(f"head must be linear or mlp, got {a['head']!r}.")
+    if a["head_solver"] == "lbfgs" and a["head"] != "linear":
+        raise UserInputError("head_solver lbfgs fits a linear head: set head linear, or head_solver gradient.")
+    if a["adapt_bn_stats"] and (not a["freeze_backbone"] or a["update_bn_stats"]):
+        raise UserInputError(
+            "adapt_bn_stats recomputes the frozen backbone's BatchNorm statistics once and keeps them: set "
+            "freeze_backbone true and update_bn_stats false (which lets them drift every step instead)."
+        )
     if a["class_names"] is not None and len(a["class_names"]) != a["num_classes"]:
         raise UserInputError(f"{len(a['class_names'])} class_names given for num_classes={a['num_classes']}.")
     if a["scheduler_interval"] not in ("epoch", "step"):

@@ -41,9 +41,9 @@ class RecordInputs(pl.Callback):
             self.val_acc.append(float(trainer.callback_metrics["val/acc"]))
 
 
-def fit_frozen(image_folder, tmp_path, backbone: str, cache: bool, augment: bool = False):
+def fit_frozen(image_folder, tmp_path, backbone: str, cache: bool, augment: bool = False, head: str = "linear"):
     pl.seed_everything(7)
-    model = TransferClassifier(backbone=backbone, weights=None, num_classes=4, freeze_backbone=True, optimizer=SGD)
+    model = TransferClassifier(backbone, None, num_classes=4, head=head, freeze_backbone=True, optimizer=SGD)
     datamodule = datamodule_for(image_folder, tmp_path, augment=augment)
     recorder = RecordInputs()
     trainer = make_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=None)
@@ -52,10 +52,11 @@ def fit_frozen(image_folder, tmp_path, backbone: str, cache: bool, augment: bool
     return model, datamodule, recorder
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])  # mobilenet_v2: dropout before the head
-def test_cached_features_train_the_same_head_as_the_uncached_path(image_folder, tmp_path, backbone):
-    cached, datamodule, cached_record = fit_frozen(image_folder, tmp_path, backbone, cache=True)
-    plain, _, plain_record = fit_frozen(image_folder, tmp_path, backbone, cache=False)
+# mobilenet_v2: dropout before the head; mlp: BatchNorm and dropout in the head, on average and max pooling
+@pytest.mark.parametrize("backbone, head", [("resnet18", "linear"), ("mobilenet_v2", "linear"), ("mobilenet_v2", "mlp")])
+def test_cached_features_train_the_same_head_as_the_uncached_path(image_folder, tmp_path, backbone, head):
+    cached, datamodule, cached_record = fit_frozen(image_folder, tmp_path, backbone, cache=True, head=head)
+    plain, _, plain_record = fit_frozen(image_folder, tmp_path, backbone, cache=False, head=head)
     assert cached_record.features_seen == {True} and plain_record.features_seen == {False}
     for key, value in head_state(cached).items():
         torch.testing.assert_close(value, head_state(plain)[key], atol=1e-4, rtol=1e-4)

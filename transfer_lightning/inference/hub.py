@@ -35,6 +35,11 @@ CONFIG_KEY = "transfer_lightning"
 
 def timm_classifier(network: TimmNetwork) -> nn.Module:
     """timm's own model with the trained head as its classifier (a copy: the network is left as it is)."""
+    if not isinstance(network.head, nn.Linear):
+        raise UserInputError(
+            "timm's own model has one Linear layer as its classifier, and this one was trained with model.head mlp: "
+            "export it with --format onnx or pt2 (they hold any head), or train it with model.head linear."
+        )
     model = copy.deepcopy(network.body)
     model.reset_classifier(network.head.out_features)
     model.get_classifier().load_state_dict(network.head.state_dict())

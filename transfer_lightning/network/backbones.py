@@ -7,6 +7,7 @@ weights expect of their input.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import urllib.error
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from transfer_lightning.data.preparation import IMAGENET_WEIGHTS
 from transfer_lightning.data.transforms import WeightsPreprocessing
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.network.depthwise import use_small_depthwise_gradients
+from transfer_lightning.network.heads import HeadName, MLPHead, pool_both_ways
 from transfer_lightning.network.names import parse_backbone
 
 #: Buffers that older state_dicts may lack; torchvision's own loaders ignore them too.
@@ -37,7 +39,8 @@ class NetworkParts:
     """Where the parts of a built network are, and what its weights say about their inputs.
 
     Attributes:
-        head: Dotted name of the new ``Linear`` head (``"fc"``, ``"classifier.1"``, ``"heads.head"``).
+        head: Dotted name of the new head: a ``Linear`` (``"fc"``, ``"classifier.1"``, ``"heads.head"``), or the
+            whole classifier block for ``mlp`` (``"fc"``, ``"classifier"``).
         classifier_block: The top-level module that holds the head (``"fc"``, ``"classifier"``): what
             the frozen-feature cache trains on the backbone's pooled features.
         min_size: Smallest (H, W) input, from the torchvision weights' metadata (``None`` if unknown).
@@ -63,8 +66,10 @@ def create_network(
     num_classes: int,
     image_size: int | None = None,
     gradient_checkpointing: bool = False,
+    head: HeadName = "linear",
 ) -> tuple[nn.Module, NetworkParts]:
-    """Build ``backbone`` (a name of :mod:`.names`) with ``weights`` and a new ``Linear(features, num_classes)`` head.
+    """Build ``backbone`` (a name of :mod:`.names`) with ``weights`` and a new head: ``Linear(features, num_classes)``,
+    or with ``head="mlp"`` average and max pooling and :class:`~.heads.MLPHead` in place of the classifier block.
 
     ``weights`` is a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), ``None`` for random
     initialisation, or the path of a local ``state_dict`` (with or without the classifier); for timm
@@ -81,12 +86,14 @@ def create_network(
     if name.library == "timm":
         from transfer_lightning.network.timm_backbones import create_timm_network  # imports timm: the extra
 
-        network, preprocessing = create_timm_network(name, weights, num_classes, image_size)
+        network, preprocessing = create_timm_network(name, weights, num_classes, image_size, head)
         if gradient_checkpointing:
             network.body.set_grad_checkpointing(True)
         parts = NetworkParts("head", "head", None, preprocessing, "timm")
     else:
         network, parts = _torchvision_network(backbone, weights, num_classes, image_size, gradient_checkpointing)
+        if head == "mlp":
+            network, parts = _with_mlp_head(network, parts, backbone, num_classes)
     use_small_depthwise_gradients(network)
     return network, parts
 
@@ -122,6 +129,19 @@ def _torchvision_network(
         preprocessing = torchvision_preprocessing(chosen or default_weights)
     parts = NetworkParts(head_name, head_name.split(".")[0], tuple(min_size) if min_size else None, preprocessing)
     return network, parts
+
+
+def _with_mlp_head(
+    network: nn.Module, parts: NetworkParts, backbone: str, num_classes: int
+) -> tuple[nn.Module, NetworkParts]:
+    """``network`` pooling two ways, its classifier block replaced by an :class:`MLPHead` on them, which is the head.
+
+    The block's first Linear layer takes the pooled channels (MobileNetV3's has a hidden layer before the head)."""
+    block = network.get_submodule(parts.classifier_block)
+    channels = next(module for module in block.modules() if isinstance(module, nn.Linear)).in_features
+    pool_both_ways(network, backbone)
+    network.set_submodule(parts.classifier_block, MLPHead(2 * channels, num_classes))
+    return network, dataclasses.replace(parts, head=parts.classifier_block)
 
 
 def torchvision_preprocessing(weights: torchvision.models.WeightsEnum | None) -> WeightsPreprocessing:

@@ -22,6 +22,7 @@ from torch.fx.proxy import TraceError
 from torch.optim import Optimizer
 
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.network.batchnorm_adaptation import adapt_to_training_images
 
 #: The public BatchNorm classes (timm's BatchNormAct2d and the lazy ones subclass them).
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -119,9 +120,11 @@ class FrozenParts:
         return [self.network.get_submodule(name) for name in self.always_frozen]
 
     def batchnorms(self) -> list[nn.Module]:
-        """BatchNorm layers of the frozen part: the whole backbone, or the modules before ``trainable_from``."""
+        """BatchNorm layers of the frozen part: the whole backbone (not the head's: ``mlp`` has its own), or the
+        modules before ``trainable_from``."""
         if self.backbone_frozen:
-            return batchnorms(self.network)
+            in_head = set(batchnorms(self.network.get_submodule(self.head)))
+            return [layer for layer in batchnorms(self.network) if layer not in in_head]
         return [bn for module in self.always_frozen_modules() for bn in batchnorms(module)]
 
 
@@ -134,8 +137,14 @@ class FrozenBatchNorm(pl.Callback):
     runs the modules before ``trainable_from`` with their BatchNorm folded in (:func:`run_folded`)
     from the start of training, test and predict, after Lightning has loaded a checkpoint's
     weights. No folding with ``update_bn_stats`` in training (the statistics move) or ``compile``.
+    With ``adapt_bn_stats`` it first recomputes the frozen statistics on the training images, in ``fit``'s
+    ``setup`` (:func:`~transfer_lightning.network.batchnorm_adaptation.adapt_to_training_images`).
     The model adds this callback itself (``configure_callbacks``).
     """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and pl_module.hparams.adapt_bn_stats:
+            adapt_to_training_images(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frozen = pl_module.frozen.batchnorms()

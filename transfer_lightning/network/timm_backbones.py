@@ -14,6 +14,7 @@ from torch import nn
 
 from transfer_lightning.data.transforms import WeightsPreprocessing
 from transfer_lightning.errors import UserInputError
+from transfer_lightning.network.heads import HeadName, MLPHead
 from transfer_lightning.network.names import LOCAL_PREFIX, BackboneName
 
 #: What huggingface_hub raises when a file is neither downloadable nor in its cache (LocalEntryNotFoundError
@@ -23,38 +24,37 @@ _DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError)
 
 class TimmNetwork(nn.Module):
     """``body``: the timm model with ``num_classes=0``, images -> pooled pre-logits features
-    (``forward_head(pre_logits=True)``); ``head``: the new ``Linear(features, num_classes)``.
+    (``forward_head(pre_logits=True)``); ``head``: the new ``Linear(features, num_classes)``, or an
+    :class:`~transfer_lightning.network.heads.MLPHead` on the body's average and max pooling (``catavgmax``).
 
     Keeping timm's model whole as ``body`` leaves every timm method to it (``group_matcher``,
-    ``set_grad_checkpointing``, ``pretrained_cfg``); :meth:`timm_state_dict` gives the state_dict timm's
-    own model of ``num_classes`` outputs has, for the Hub export.
+    ``set_grad_checkpointing``, ``pretrained_cfg``).
     """
 
-    def __init__(self, body: nn.Module, num_classes: int) -> None:
+    def __init__(self, body: nn.Module, num_classes: int, head: HeadName = "linear") -> None:
         super().__init__()
         self.body = body
-        self.head = nn.Linear(getattr(body, "head_hidden_size", body.num_features), num_classes)
+        if head == "mlp":  # timm's catavgmax pooling doubles the features; not every model's head_hidden_size says so
+            self.head: nn.Module = MLPHead(2 * body.num_features, num_classes)
+        else:
+            self.head = nn.Linear(getattr(body, "head_hidden_size", body.num_features), num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(images))
 
-    def timm_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under timm's own names: the body's, and the head as its ``pretrained_cfg["classifier"]``."""
-        classifier = self.body.pretrained_cfg.get("classifier") or "head"
-        state = dict(self.body.state_dict())
-        state.update({f"{classifier}.{key}": value for key, value in self.head.state_dict().items()})
-        return state
 
 
 def create_timm_network(
-    name: BackboneName, weights: str | None, num_classes: int, image_size: int | None
+    name: BackboneName, weights: str | None, num_classes: int, image_size: int | None, head: HeadName = "linear"
 ) -> tuple[TimmNetwork, WeightsPreprocessing]:
     """timm's ``name.model`` with ``weights`` (``DEFAULT``: the Hub's or the folder's; a local
-    ``.safetensors``/``.pth`` file; ``None``: random), its classifier replaced; ViTs get position
+    ``.safetensors``/``.pth`` file; ``None``: random), its classifier replaced by ``head``; ViTs get position
     embeddings for ``image_size``. Never falls back to random weights: a failed load is one line."""
     import timm
 
     arguments: dict[str, Any] = {"pretrained": weights is not None, "num_classes": 0}
+    if head == "mlp":
+        arguments["global_pool"] = "catavgmax"
     if weights is not None and weights != "DEFAULT":
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -69,11 +69,28 @@ def create_timm_network(
         body = timm.create_model(name.model, **arguments)
     except (*_DOWNLOAD_ERRORS, SafetensorError) as error:
         raise UserInputError(_load_failure(name, weights, error)) from None
+    except (AssertionError, TypeError):  # ViTs assert on their pooling types: catavgmax is not one
+        if head != "mlp":
+            raise
+        raise UserInputError(_no_concat_pooling(name)) from None
+    pool = getattr(body, "global_pool", None)
+    if head == "mlp" and not (hasattr(pool, "feat_mult") and pool.feat_mult() == 2):
+        raise UserInputError(_no_concat_pooling(name))
     preprocessing = weights_preprocessing(body)
     if image_size is not None and hasattr(body, "set_input_size"):  # ViT, EVA, Swin: a fixed grid of patches
         body.set_input_size(img_size=image_size)  # resamples the position embeddings (DINOv2: 518 -> 224)
         preprocessing = dataclasses.replace(preprocessing, input_size=image_size)
-    return TimmNetwork(body, num_classes), preprocessing
+    return TimmNetwork(body, num_classes, head), preprocessing
+
+
+def _no_concat_pooling(name: BackboneName) -> str:
+    """Why ``mlp`` is refused for a model that pools otherwise than by timm's SelectAdaptivePool2d (ViT's tokens,
+    the ConvNeXt head's own pooling): its output would not be average and max pooling concatenated."""
+    return (
+        f"model.head mlp pools the last feature map two ways, which {name.model} does not do in timm (its pooling "
+        "is not timm's SelectAdaptivePool2d): use a convolutional timm backbone such as EfficientNet or ResNet, "
+        "or keep model.head linear."
+    )
 
 
 def layer_decay_scales(network: nn.Module, decay: float) -> dict[int, float]:

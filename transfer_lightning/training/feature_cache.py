@@ -247,6 +247,8 @@ class FrozenFeatureCache(pl.Callback):
         }
         if mirrored:  # only then, so that the files of unflipped features keep their names
             inputs["mirrored"] = True
+        if model.hparams.head == "mlp":  # the pooling has no weights to hash; the linear head's files keep their names
+            inputs["pooling"] = "avg+max"
         digest.update(json.dumps(inputs, sort_keys=True).encode())
         digest.update(backbone_digest(model).encode())
         root = Path(self.cache_dir).expanduser() if self.cache_dir else datamodule.cache_dir / "features"
