@@ -31,7 +31,8 @@ def backbone_state(model: TransferClassifier) -> dict[str, torch.Tensor]:
 def test_concat_pooling_is_the_average_and_the_maximum_of_each_channel():
     maps = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5).sin()
     pooled = ConcatPool2d()(maps).flatten(1)
-    by_hand = [[float(maps[n, c].mean()) for c in range(3)] + [float(maps[n, c].max()) for c in range(3)] for n in (0, 1)]
+    means = [[float(maps[n, c].mean()) for c in range(3)] for n in (0, 1)]
+    by_hand = [mean + [float(maps[n, c].max()) for c in range(3)] for n, mean in enumerate(means)]
     torch.testing.assert_close(pooled, torch.tensor(by_hand), atol=1e-6, rtol=0)
 
 
@@ -48,10 +49,13 @@ def test_the_mlp_head_is_fastais_on_both_poolings_and_grad_cam_still_finds_the_m
     model.train()  # the head's BatchNorm trains; the frozen backbone's stays in eval mode
     assert all(layer.training for layer in model.head if isinstance(layer, torch.nn.BatchNorm1d))
     assert not any(layer.training for layer in model.frozen.batchnorms())
-    assert find_cam_layer(model.network.eval(), torch.rand(1, 3, 64, 64)) == {
-        "mobilenet_v2": "features.18",
-        "resnet18": "layer4",
-    }[backbone]
+    assert (
+        find_cam_layer(model.network.eval(), torch.rand(1, 3, 64, 64))
+        == {
+            "mobilenet_v2": "features.18",
+            "resnet18": "layer4",
+        }[backbone]
+    )
 
 
 @pytest.mark.parametrize(
@@ -78,7 +82,7 @@ def test_the_mlp_head_trains_on_stored_features_and_the_backbone_runs_once(image
     trainer = make_trainer(tmp_path, max_epochs=3, limit_train_batches=None, limit_val_batches=None)
     trainer.callbacks.append(FrozenFeatureCache(store=False, engine="torch"))
     trainer.fit(model, datamodule)
-    # 100 training and 20 validation images, once each, for 3 epochs of the head (the first batch is the input-size check)
+    # 100 training and 20 validation images once each for 3 epochs of the head; 1: the input-size check's blank image
     assert sum(images_through_backbone) == 1 + 100 + 20
     assert all(torch.equal(value, model.network.state_dict()[name]) for name, value in before.items())
     assert all(not torch.equal(value, model.head.state_dict()[name]) for name, value in head_before.items())

@@ -53,7 +53,9 @@ def fit_frozen(image_folder, tmp_path, backbone: str, cache: bool, augment: bool
 
 
 # mobilenet_v2: dropout before the head; mlp: BatchNorm and dropout in the head, on average and max pooling
-@pytest.mark.parametrize("backbone, head", [("resnet18", "linear"), ("mobilenet_v2", "linear"), ("mobilenet_v2", "mlp")])
+@pytest.mark.parametrize(
+    "backbone, head", [("resnet18", "linear"), ("mobilenet_v2", "linear"), ("mobilenet_v2", "mlp")]
+)
 def test_cached_features_train_the_same_head_as_the_uncached_path(image_folder, tmp_path, backbone, head):
     cached, datamodule, cached_record = fit_frozen(image_folder, tmp_path, backbone, cache=True, head=head)
     plain, _, plain_record = fit_frozen(image_folder, tmp_path, backbone, cache=False, head=head)

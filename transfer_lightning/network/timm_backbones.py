@@ -43,7 +43,6 @@ class TimmNetwork(nn.Module):
         return self.head(self.body(images))
 
 
-
 def create_timm_network(
     name: BackboneName, weights: str | None, num_classes: int, image_size: int | None, head: HeadName = "linear"
 ) -> tuple[TimmNetwork, WeightsPreprocessing]:
