@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -68,6 +69,19 @@ def test_cached_features_train_the_same_head_as_the_uncached_path(image_folder, 
     # After fit the data module serves images again, and the model takes images.
     assert datamodule.train_set.arrays.images.dtype == torch.uint8 and len(datamodule.train_set) == 100
     assert not cached.inputs_are_features
+
+
+def test_a_per_step_scheduler_trains_on_the_cached_features(image_folder, tmp_path):
+    """OneCycleLR without total_steps asks the trainer for the run's steps in configure_optimizers, which builds the
+    loader of training images before the cache replaces them (Lightning 2.6.6 keeps that loader otherwise)."""
+    scheduler = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01, total_steps=None)
+    model = TransferClassifier(weights=None, num_classes=4, freeze_backbone=True, scheduler=scheduler, head="mlp")
+    model.hparams.scheduler_interval = "step"
+    recorder = RecordInputs()
+    trainer = make_trainer(tmp_path, max_epochs=2, limit_train_batches=None, limit_val_batches=None)
+    trainer.callbacks.extend([FrozenFeatureCache(store=False, engine="torch"), recorder])
+    trainer.fit(model, datamodule_for(image_folder, tmp_path))
+    assert recorder.features_seen == {True} and trainer.global_step == 2 * 7  # 100 images in batches of 16
 
 
 def test_cache_is_off_with_augmentation_and_says_why(image_folder, tmp_path, caplog):

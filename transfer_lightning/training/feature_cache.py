@@ -141,6 +141,9 @@ class FrozenFeatureCache(pl.Callback):
                 features, labels = torch.cat([features, mirrored]), torch.cat([labels, labels])
                 rank_zero_info(f"Frozen-feature cache: {len(images)} mirrored training images added as rows.")
             setattr(datamodule, split, ImageTensorDataset(ImageArrays(features, labels)))
+        # A per-step scheduler's length (trainer.estimated_stepping_batches, in configure_optimizers) built the fit
+        # loop's loader of training images already: it must be built again, of features. No public API does this.
+        trainer.fit_loop._combined_loader = None
         model.inputs_are_features = True
         elapsed = time.perf_counter() - start
         rank_zero_info(f"Frozen-feature cache: features of {count} images ready in {elapsed:.1f} s.")
