@@ -17,13 +17,15 @@ normalised on the device as in validation, fastai's on its validation loader (PI
   (``configs/recipes/finetune_fast.yaml``: gradual unfreezing is not it; the early blocks frozen, SGD
   with warmup and cosine, label smoothing);
 - ``frozen``: fastai's frozen body (``learn.freeze()`` + ``fit_one_cycle``) against our frozen mode with
-  the feature cache (Adam head), and fastai once more with ``train_bn=False``: its default keeps training
-  the body's BatchNorm layers, which fixed features cannot do.
+  the feature cache (Adam head: ``--head linear``, or ``mlp``, fastai's own head design; ``--adapt-bn-stats``
+  recomputes the frozen BatchNorm statistics on the training images first), and fastai once more with
+  ``train_bn=False``: its default keeps training the body's BatchNorm layers, which fixed features cannot do.
 
 Augmentation differs and is named: fastai's idiomatic ``aug_transforms()`` (flip, rotation, zoom,
 warp, lighting) against our padded crop and flip of the 32 px images; fastai resizes each image with
 PIL (``Resize``), we resize batches on the device. Needs the ``bench`` extra (fastai). ``--accelerator cuda``
-runs both on a GPU. The last line is machine-readable.
+runs both on a GPU. The last line is machine-readable: the ratios, and each tool's final test accuracy
+(``<job>_ours_acc``, ``<job>_fastai_acc``, ``frozen_frozen_bn_acc``).
 """
 
 from __future__ import annotations
@@ -199,7 +201,8 @@ def run_ours(args: argparse.Namespace, job: str, subset: Path, cache: Path, test
         scheduler = lambda opt: WarmupCosineLR(opt, warmup_steps=max(1, steps // 9), total_steps=steps)  # noqa: E731
     model = TransferClassifier(
         backbone.ours.format(weights=weights), backbone.ours_weights.format(weights=weights), num_classes=10,
-        freeze_backbone=frozen, optimizer=optimizer, scheduler=scheduler,
+        freeze_backbone=frozen, optimizer=optimizer, scheduler=scheduler, head=args.head if frozen else "linear",
+        adapt_bn_stats=frozen and args.adapt_bn_stats,
         scheduler_interval="epoch" if frozen else "step", label_smoothing=0.0 if frozen else 0.1,
         trainable_from=None if frozen else backbone.trainable_from, no_weight_decay_on_norm_and_bias=not frozen,
     )  # fmt: skip
@@ -293,11 +296,12 @@ def report(job: str, ours: Result, peers: list[Result]) -> dict[str, float]:
             f"| {r.tool} | {r.wall_seconds:.1f} | {r.images_per_second:.0f} | "
             f"{r.peak_rss_gib:.2f} ({r.rss_growth_gib:+.2f}) | {r.test_accuracy:.2%} | {curve} |"
         )
-    ratios = {}
+    ratios = {f"{job}_ours_acc": ours.test_accuracy}
     for theirs in peers:
         target = min(ours.test_accuracy, theirs.test_accuracy)
         name = job if theirs.tool == "fastai" else f"{job}_frozen_bn"
         ratios |= {
+            f"{job}_fastai_acc" if theirs.tool == "fastai" else f"{name}_acc": theirs.test_accuracy,
             f"{name}_wall": theirs.wall_seconds / ours.wall_seconds,
             f"{name}_images_per_s": ours.images_per_second / theirs.images_per_second,
             f"{name}_time_to_acc": theirs.time_to(target) / ours.time_to(target),
@@ -323,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fastai-lr", type=float, default=2e-3, help="fastai's base_lr (fine_tune's default)")
     parser.add_argument("--accelerator", default="cpu", help="cpu or cuda")
     parser.add_argument("--engine", default="auto", help="our feature cache's engine (auto: onnxruntime on a CPU)")
+    parser.add_argument("--head", choices=("linear", "mlp"), default="linear", help="our frozen job's head")
+    parser.add_argument(
+        "--adapt-bn-stats", action="store_true", help="our frozen job: BatchNorm statistics of the training images"
+    )
     parser.add_argument("--shared", type=Path, default=SHARED, help="data/cifar10 and weights/, as in ../shared")
     args = parser.parse_args(argv)
     weights = args.shared / BACKBONES[args.backbone].weights
