@@ -130,3 +130,9 @@ def test_off_by_default_and_a_bad_decay_is_one_line(small_run_args, run_dir, cap
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "ema.decay must be between 0 and 1" in error and "Traceback" not in error
+
+    with pytest.raises(SystemExit) as exit_info:  # not yet right with the mlp head: refused, not wrong
+        main(["fit", f"--config={CONFIG}", *small_run_args, "--ema.enabled=true", "--model.head=mlp"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "ema.enabled works with model.head linear only" in error and "Traceback" not in error
