@@ -18,6 +18,7 @@ CASES = {
     "fine-tune": [],
     "gradual unfreezing": ["--model.freeze_backbone=true", "--model.unfreeze_at_epoch=1", "--data.batch_size=4"],
     "frozen head": ["--model.freeze_backbone=true", "--data.augment=false"],
+    "frozen mlp head": ["--model.freeze_backbone=true", "--data.augment=false", "--model.head=mlp"],
 }
 
 

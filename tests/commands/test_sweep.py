@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -77,6 +78,30 @@ def test_a_sweep_stores_its_study_and_a_second_command_continues_it(run_dir, sma
     with pytest.raises(SystemExit):
         main([*command, "--trials=1"])
     assert "is left from another study" in capsys.readouterr().err
+
+
+def test_a_sweep_may_choose_the_head_and_each_trains_on_its_own_stored_features(run_dir, small_run_args, monkeypatch):
+    """Trial 0 the linear head, trial 1 the mlp head: each trial's checkpoint holds the head it was given, and the
+    features are computed once per pooling (average; average and maximum), not once per trial."""
+    space = write_space(run_dir / "space.yaml", {"model.head": ["linear", "mlp"]})
+    storage = f"sqlite:///{run_dir / 'heads.db'}"
+    study = optuna.create_study(study_name="sweep", storage=storage, direction="maximize")
+    for head in ("linear", "mlp", "linear"):
+        study.enqueue_trial({"model.head": head})
+    computed = []
+    compute = FrozenFeatureCache.compute
+    monkeypatch.setattr(
+        FrozenFeatureCache, "compute", lambda self, *a, **k: computed.append(1) or compute(self, *a, **k)
+    )
+    command = ["sweep", f"--config={CONFIG}", *small_run_args, f"--sweep={space}", f"--storage={storage}"]
+    main([*command, "--trials=3", "--pruner=none"])
+    assert [row["model.head"] for row in trials_table(run_dir)] == ["linear", "mlp", "linear"]
+    for number, head in enumerate(("linear", "mlp", "linear")):
+        checkpoint = run_dir / SWEEP_DIR / "trials" / f"trial_{number}" / "checkpoints" / "last.ckpt"
+        assert torch.load(checkpoint, weights_only=False)["hyper_parameters"]["head"] == head
+    assert len(computed) == 4  # train and val features of each pooling; trial 2 reused trial 0's
+    best = yaml.safe_load((run_dir / SWEEP_DIR / "best_config.yaml").read_text())
+    assert best["model"]["head"] == study.best_params["model.head"]
 
 
 def test_a_trial_that_falls_behind_is_pruned_and_marked(run_dir, small_run_args):

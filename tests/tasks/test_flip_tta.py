@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import datamodule_for
@@ -11,14 +12,15 @@ from transfer_lightning.model import TransferClassifier
 from transfer_lightning.training.feature_cache import FrozenFeatureCache
 
 
-def test_tta_flip_averages_the_probabilities_of_the_image_and_its_mirror():
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_tta_flip_averages_the_probabilities_of_the_image_and_its_mirror(head):
     torch.manual_seed(0)
-    model = TransferClassifier(weights=None, num_classes=4, tta_flip=True).eval()
+    model = TransferClassifier(weights=None, num_classes=4, tta_flip=True, head=head).eval()
     images = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         expected = (model(images).softmax(-1) + model(images.flip(-1)).softmax(-1)) / 2
         got = model.evaluation_logits(images).softmax(-1)
-        plain = TransferClassifier(weights=None, num_classes=4).eval()
+        plain = TransferClassifier(weights=None, num_classes=4, head=head).eval()
         plain.load_state_dict(model.state_dict())
         assert torch.allclose(plain.evaluation_logits(images), model(images))  # off: the plain logits
         energy = -(model(images).logsumexp(-1) + model(images.flip(-1)).logsumexp(-1)) / 2

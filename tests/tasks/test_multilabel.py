@@ -199,8 +199,9 @@ def test_predict_on_the_test_split_writes_the_true_labels(tagged, run_dir):
         ["--model.freeze_backbone=true"],
         ["--model.freeze_backbone=true", "--model.unfreeze_at_epoch=1", "--model.tta_flip=true"],
         ["--data.class_balance=loss", "--model.label_smoothing=0.1", "--model.threshold=0.4"],
+        ["--model.freeze_backbone=true", "--model.head=mlp", "--feature_cache.train_flips=true"],
     ],
-    ids=["frozen-features", "gradual-unfreezing-tta", "pos-weight-smoothing-threshold"],
+    ids=["frozen-features", "gradual-unfreezing-tta", "pos-weight-smoothing-threshold", "mlp-head-flipped-features"],
 )
 def test_multilabel_trains_with_the_options_of_the_recipes(options, tagged, run_dir, caplog):
     caplog.set_level(logging.INFO)
@@ -209,8 +210,10 @@ def test_multilabel_trains_with_the_options_of_the_recipes(options, tagged, run_
     logged = cli.trainer.callback_metrics
     logged_tags = set(read_run(Path(cli.trainer.log_dir)).scalars)
     assert {"val/mAP", "val/f1_macro", "val/f1_micro", "val/AP_sea", "test/mAP", "test/AP_sea"} <= logged_tags
-    if "--model.freeze_backbone=true" in options and len(options) == 1:
+    if "--model.freeze_backbone=true" in options and "--model.unfreeze_at_epoch=1" not in options:
         assert "Frozen-feature cache: features of" in caplog.text
+    if "--feature_cache.train_flips=true" in options:
+        assert "mirrored training images added as rows" in caplog.text
     if "--model.threshold=0.4" in options:
         assert cli.model.task.thresholds.tolist() == pytest.approx([0.4] * 4)
         weights = cli.datamodule.loss_weights
