@@ -8,7 +8,7 @@ Both tools get the same fixed stratified subset of the real CIFAR-10 PNGs of ``.
 MobileNetV2 file, or the EfficientNet-Lite0 timm folder, which fastai also takes by timm name), image size,
 batch size and epochs, and validate on the same held-out test images after
 every epoch, which gives each tool's accuracy against wall time (time to the same accuracy: the lower of
-the two final accuracies). The final test accuracy of both is scored here (argmax against the labels),
+the two last-epoch accuracies). The final test accuracy of both is scored here (argmax against the labels),
 not by either tool's metric, each on its own evaluation pipeline: ours on the test images resized and
 normalised on the device as in validation, fastai's on its validation loader (PIL resize). Jobs:
 
