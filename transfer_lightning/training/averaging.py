@@ -65,12 +65,6 @@ class WeightEMA(WeightAveraging):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
-        if getattr(pl_module.hparams, "head", "linear") != "linear":
-            # Measured: a fine-tuned mlp head's checkpointed average differed from the EMA of its weights by hand.
-            raise UserInputError(
-                "ema.enabled works with model.head linear only: with the mlp head the average is not yet right "
-                "(docs/guides/frozen-heads.md). Set ema.enabled false or model.head linear."
-            )
         super().setup(trainer, pl_module, "fit")
         if self._resumed_average is not None:
             self._average_model.load_state_dict(self._resumed_average)
