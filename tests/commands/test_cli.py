@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -174,3 +175,16 @@ def test_the_cifar10_download_format_runs(cifar_batches, small_run_args, run_dir
     assert cli.model.head.out_features == 10
     assert cli.datamodule.class_names[:2] == ["airplane", "automobile"] and len(cli.datamodule.test_set) == 40
     assert_test_scores_by_hand(cli, batches=1)  # tested after fit, on fast_dev_run's one batch
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_validation_did_not_improve(small_run_args, run_dir):
+    """A head that cannot learn (lr 1e-12) validates alike every epoch, so only epoch 0 is a best checkpoint; last.ckpt is
+    still the last epoch's, which resuming from "last" relies on (Lightning 2.6 alone would leave epoch 0's)."""
+    config = CONFIGS[0].parent / "feature_extractor_adam.yaml"
+    args = [f"--config={config}", *small_run_args, "--trainer.max_epochs=3", "--model.optimizer.init_args.lr=1e-12"]
+    main(["fit", *args, "--test_after_fit=false"])
+    checkpoints = run_dir / "lightning_logs" / "version_0" / "checkpoints"
+    (best,) = checkpoints.glob("best-*.ckpt")
+    first = torch.load(best, weights_only=False)
+    last = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert (first["epoch"], last["epoch"], last["global_step"]) == (0, 2, 3 * first["global_step"])

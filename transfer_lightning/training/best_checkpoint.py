@@ -31,6 +31,23 @@ class TaskCheckpoint(ModelCheckpoint):
         self.follow(task if isinstance(task, Task) else None)
         super().setup(trainer, pl_module, stage)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_stale(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_stale(trainer)
+
+    def _save_last_if_stale(self, trainer: pl.Trainer) -> None:
+        """Lightning 2.6 rewrites last.ckpt only at a step whose top-k file was saved: after an epoch that did not
+        improve, "last" was an older epoch and a run resumed from it lost epochs. No public API writes it."""
+        stale = self._last_global_step_saved != trainer.global_step
+        if self.save_last is True and stale and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     @property
     def state_key(self) -> str:
         # Saved under ModelCheckpoint's own name, so that checkpoints written with either class resume with both.
