@@ -178,8 +178,8 @@ def test_the_cifar10_download_format_runs(cifar_batches, small_run_args, run_dir
 
 
 def test_last_ckpt_is_the_last_epoch_even_when_validation_did_not_improve(small_run_args, run_dir):
-    """A head that cannot learn (lr 1e-12) validates alike every epoch, so only epoch 0 is a best checkpoint; last.ckpt is
-    still the last epoch's, which resuming from "last" relies on (Lightning 2.6 alone would leave epoch 0's)."""
+    """A head that cannot learn (lr 1e-12) validates alike every epoch, so only epoch 0 is a best checkpoint;
+    last.ckpt is still the last epoch's, which resuming from "last" relies on (Lightning 2.6 alone left epoch 0's)."""
     config = CONFIGS[0].parent / "feature_extractor_adam.yaml"
     args = [f"--config={config}", *small_run_args, "--trainer.max_epochs=3", "--model.optimizer.init_args.lr=1e-12"]
     main(["fit", *args, "--test_after_fit=false"])
