@@ -69,8 +69,6 @@ def test_evaluated_and_checkpointed_weights_are_torchs_ema(small_run_args, run_d
         f"--ema.start_step={START}",
         f"--trainer.callbacks+={recorder}",
         f"--model.head={head}",
-        # Every epoch's checkpoint: Lightning 2.6 rewrites last.ckpt only in an epoch whose top-k file was saved.
-        "--checkpoint.save_top_k=-1",
     )
     (record,) = [c for c in cli.trainer.callbacks if isinstance(c, RecordWeights)]
     assert len(record.states) == 6
