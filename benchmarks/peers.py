@@ -17,7 +17,8 @@ normalised on the device as in validation, fastai's on its validation loader (PI
   (``configs/recipes/finetune_fast.yaml``: gradual unfreezing is not it; the early blocks frozen, SGD
   with warmup and cosine, label smoothing);
 - ``frozen``: fastai's frozen body (``learn.freeze()`` + ``fit_one_cycle``) against our frozen mode with
-  the feature cache (Adam head: ``--head linear``, or ``mlp``, fastai's own head design; ``--adapt-bn-stats``
+  the feature cache (Adam head: ``--head linear``, or ``mlp``, fastai's own head design; ``--stage-features``
+  adds earlier stages' pooled outputs to the head's input; ``--adapt-bn-stats``
   recomputes the frozen BatchNorm statistics on the training images first), and fastai once more with
   ``train_bn=False``: its default keeps training the body's BatchNorm layers, which fixed features cannot do.
 
@@ -202,7 +203,7 @@ def run_ours(args: argparse.Namespace, job: str, subset: Path, cache: Path, test
     model = TransferClassifier(
         backbone.ours.format(weights=weights), backbone.ours_weights.format(weights=weights), num_classes=10,
         freeze_backbone=frozen, optimizer=optimizer, scheduler=scheduler, head=args.head if frozen else "linear",
-        adapt_bn_stats=frozen and args.adapt_bn_stats,
+        adapt_bn_stats=frozen and args.adapt_bn_stats, stage_features=args.stage_features if frozen else None,
         scheduler_interval="epoch" if frozen else "step", label_smoothing=0.0 if frozen else 0.1,
         trainable_from=None if frozen else backbone.trainable_from, no_weight_decay_on_norm_and_bias=not frozen,
     )  # fmt: skip
@@ -333,6 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head", choices=("linear", "mlp"), default="linear", help="our frozen job's head")
     parser.add_argument(
         "--adapt-bn-stats", action="store_true", help="our frozen job: BatchNorm statistics of the training images"
+    )
+    parser.add_argument(
+        "--stage-features",
+        type=lambda names: names.split(","),
+        help="our frozen job: modules whose pooled outputs join the head's input, comma-separated (features.6,...)",
     )
     parser.add_argument("--shared", type=Path, default=SHARED, help="data/cifar10 and weights/, as in ../shared")
     args = parser.parse_args(argv)

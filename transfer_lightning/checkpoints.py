@@ -50,9 +50,11 @@ PARAMETER_GROUP_HPARAMS = ["freeze_backbone", "trainable_from", "unfreeze_at_epo
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], resuming_fit: bool) -> None:
     """Refuse a checkpoint whose hyperparameters ``saved`` were of another backbone or class count than
     ``current``'s; when ``resuming_fit``, also one whose optimizer parameter groups would differ."""
-    keys = ["backbone", "head", "num_classes", "task"] + (PARAMETER_GROUP_HPARAMS if resuming_fit else [])
-    # Older checkpoints name no task (multiclass) nor head (linear). A model without a resolved task takes the data's.
-    saved = {"task": "multiclass", "head": "linear", **saved}
+    keys = ["backbone", "head", "stage_features", "num_classes", "task"]
+    keys += PARAMETER_GROUP_HPARAMS if resuming_fit else []
+    # Older checkpoints name no task (multiclass), head (linear) nor stage features. A model without a resolved task
+    # takes the data's.
+    saved = {"task": "multiclass", "head": "linear", "stage_features": None, **saved}
     current = {**current, "task": current.get("task") or saved["task"]}
     for key in keys:
         if key in saved and key in current and saved[key] != current[key]:

@@ -45,6 +45,7 @@ class TransferClassifier(pl.LightningModule):
         class_names: Names of the classes, for per-class test metrics; linked from the datamodule.
         head: linear (one Linear layer) or mlp (fastai's: average and max pooling, BatchNorm, dropout, a hidden layer of
             512): more accurate on frozen features (docs/results.md), still trained on the feature cache.
+        stage_features: Modules whose pooled outputs join the head's input (features.6; network.stage_features).
         freeze_backbone: Train only the new head (fixed feature extractor); the backbone's BatchNorm stays in eval mode.
         adapt_bn_stats: With freeze_backbone, recompute the backbone's BatchNorm statistics once on the training images
             when fit starts (before features are cached), then keep them frozen: statistics of your data.
@@ -93,6 +94,7 @@ class TransferClassifier(pl.LightningModule):
         num_classes: int = 10,
         class_names: list[str] | None = None,
         head: HeadName = "linear",
+        stage_features: list[str] | None = None,
         freeze_backbone: bool = False,
         adapt_bn_stats: bool = False,
         update_bn_stats: bool = False,
@@ -128,7 +130,7 @@ class TransferClassifier(pl.LightningModule):
         self.head_fitter = LBFGSHead(*lbfgs_l2, lbfgs_max_iter) if head_solver == "lbfgs" else None
         self.automatic_optimization = self.head_fitter is None
         self.network, self.parts = create_network(
-            backbone, weights, num_classes, backbone_image_size, gradient_checkpointing, head
+            backbone, weights, num_classes, backbone_image_size, gradient_checkpointing, head, stage_features
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.frozen = FrozenParts(self.network, self.parts.head, trainable_from, freeze_backbone)
@@ -161,7 +163,7 @@ class TransferClassifier(pl.LightningModule):
 
     @property
     def classifier_block(self) -> nn.Module:
-        """The top-level part of the network that holds the head (``fc``; ``classifier`` with its dropout)."""
+        """The part of the network that holds the head and gets the pooled features (``fc``; ``classifier``)."""
         return self.network.get_submodule(self.parts.classifier_block)
 
     def train(self, mode: bool = True) -> TransferClassifier:
@@ -174,9 +176,7 @@ class TransferClassifier(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule if self._trainer else None
-        if isinstance(
-            data, ImageFolderDataModule
-        ):  # the data's facts, once its setup ran; another data module has none
+        if isinstance(data, ImageFolderDataModule):  # the data's facts, once its setup ran; others have none
             if data.task is not None:
                 task_for_data(self.task.name, self.hparams.threshold, data.task)  # multi-label data, multiclass model
             if data.input_size is not None:

@@ -116,12 +116,14 @@ def test_adapted_statistics_are_those_of_the_training_images_by_hand(image_folde
 
 @pytest.fixture(scope="module")
 def trained_mlp(tmp_path_factory):
-    """A random-weight ResNet18 with the mlp head on adapted statistics, fitted frozen on photos at 32 px."""
+    """A random-weight ResNet18 with the mlp head on adapted statistics and on layer2's features too
+    (model.stage_features), fitted frozen on photos at 32 px."""
     root = tmp_path_factory.mktemp("mlp")
     photos = write_photo_folder(root / "photos", {"train": 12, "val": 4}, classes=PHOTO_CLASSES)
     args = [f"--data.data_dir={photos}", f"--data.cache_dir={root / 'cache'}", "--data.image_size=32"]
     args += ["--data.batch_size=16", "--model.weights=null", "--model.head=mlp", "--model.freeze_backbone=true"]
-    args += ["--model.adapt_bn_stats=true", "--trainer.max_epochs=2", "--test_after_fit=false", *QUIET]
+    args += ["--model.adapt_bn_stats=true", "--model.stage_features=[layer2]", "--trainer.max_epochs=2"]
+    args += ["--test_after_fit=false", *QUIET]
     fit_in(root, args)
     return root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", photos / "train"
 

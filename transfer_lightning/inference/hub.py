@@ -37,8 +37,9 @@ def timm_classifier(network: TimmNetwork) -> nn.Module:
     """timm's own model with the trained head as its classifier (a copy: the network is left as it is)."""
     if not isinstance(network.head, nn.Linear):
         raise UserInputError(
-            "timm's own model has one Linear layer as its classifier, and this one was trained with model.head mlp: "
-            "export it with --format onnx or pt2 (they hold any head), or train it with model.head linear."
+            "timm's own model has one Linear layer on its last pooled features as its classifier, and this one was "
+            "trained with model.head mlp or model.stage_features: export it with --format onnx or pt2 (they hold any "
+            "head), or train it with model.head linear and no stage features."
         )
     model = copy.deepcopy(network.body)
     model.reset_classifier(network.head.out_features)

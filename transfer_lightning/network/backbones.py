@@ -24,6 +24,7 @@ from transfer_lightning.errors import UserInputError
 from transfer_lightning.network.depthwise import use_small_depthwise_gradients
 from transfer_lightning.network.heads import HeadName, MLPHead, pool_both_ways
 from transfer_lightning.network.names import parse_backbone
+from transfer_lightning.network.stage_features import add_stage_features
 
 #: Buffers that older state_dicts may lack; torchvision's own loaders ignore them too.
 _OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
@@ -67,6 +68,7 @@ def create_network(
     image_size: int | None = None,
     gradient_checkpointing: bool = False,
     head: HeadName = "linear",
+    stage_features: list[str] | None = None,
 ) -> tuple[nn.Module, NetworkParts]:
     """Build ``backbone`` (a name of :mod:`.names`) with ``weights`` and a new head: ``Linear(features, num_classes)``,
     or with ``head="mlp"`` average and max pooling and :class:`~.heads.MLPHead` in place of the classifier block.
@@ -75,6 +77,7 @@ def create_network(
     initialisation, or the path of a local ``state_dict`` (with or without the classifier); for timm
     backbones ``DEFAULT``, a ``.safetensors``/``.pth`` file or ``None``. ``image_size`` resizes the
     position embeddings of timm's vision transformers; ``gradient_checkpointing`` turns on timm's.
+    ``stage_features`` names modules whose pooled outputs join the head's input (:mod:`.stage_features`).
 
     Returns the network and its :class:`NetworkParts`.
     Raises :class:`UserInputError` for an unknown backbone, unknown weights, an unusable file, or a
@@ -94,6 +97,8 @@ def create_network(
         network, parts = _torchvision_network(backbone, weights, num_classes, image_size, gradient_checkpointing)
         if head == "mlp":
             network, parts = _with_mlp_head(network, parts, backbone, num_classes)
+    if stage_features:
+        network, parts = add_stage_features(network, parts, stage_features, head == "mlp", backbone)
     use_small_depthwise_gradients(network)
     return network, parts
 

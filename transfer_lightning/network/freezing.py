@@ -37,12 +37,7 @@ def modules_before(network: nn.Module, name: str) -> list[str]:
     """Names of the outermost modules of ``network`` registered before module ``name``, which
     are, in torchvision's models, the ones that run before it (``conv1``, ``bn1``, ``layer1`` ...)."""
     names = [n for n, _ in network.named_modules() if n]
-    name = resolve_module_name(network, name)
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        top = [n for n in names if n.count(".") <= 1][:12]
-        hint = f"Did you mean {', '.join(close)}?" if close else f"Its modules include {', '.join(top)}."
-        raise UserInputError(f"model.trainable_from {name!r} is not a module of the network. {hint}")
+    name = find_module(network, name, "model.trainable_from")
     before = []
     for candidate in names[: names.index(name)]:
         is_parent = name.startswith(candidate + ".")
@@ -50,6 +45,19 @@ def modules_before(network: nn.Module, name: str) -> list[str]:
         if not is_parent and not inside_earlier:
             before.append(candidate)
     return before
+
+
+def find_module(network: nn.Module, name: str, setting: str) -> str:
+    """``name`` resolved as :func:`resolve_module_name` does; a name of no module is refused in one line that
+    names the closest ones (or the outer ones), saying which ``setting`` gave it."""
+    name = resolve_module_name(network, name)
+    names = [n for n, _ in network.named_modules() if n]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        top = [n for n in names if n.count(".") <= 1][:12]
+        hint = f"Did you mean {', '.join(close)}?" if close else f"Its modules include {', '.join(top)}."
+        raise UserInputError(f"{setting} {name!r} is not a module of the network. {hint}")
+    return name
 
 
 def resolve_module_name(network: nn.Module, name: str) -> str:

@@ -252,6 +252,8 @@ class FrozenFeatureCache(pl.Callback):
             inputs["mirrored"] = True
         if model.hparams.head == "mlp":  # the pooling has no weights to hash; the linear head's files keep their names
             inputs["pooling"] = "avg+max"
+        if model.hparams.get("stage_features"):  # their pooled outputs are part of each row
+            inputs["stage_features"] = list(model.hparams.stage_features)
         digest.update(json.dumps(inputs, sort_keys=True).encode())
         digest.update(backbone_digest(model).encode())
         root = Path(self.cache_dir).expanduser() if self.cache_dir else datamodule.cache_dir / "features"
