@@ -2,13 +2,13 @@
 and how they run (:mod:`.freezing`), and the backbone in onnxruntime (:mod:`.onnx`)."""
 
 from transfer_lightning.network.backbones import (
-    NetworkParts,
     available_backbones,
     check_input_size,
     create_network,
     find_head,
 )
 from transfer_lightning.network.freezing import FrozenBatchNorm, FrozenParts, GradualUnfreezing
+from transfer_lightning.network.parts import NetworkParts
 
 __all__ = [
     "FrozenBatchNorm",

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import urllib.error
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from transfer_lightning.errors import UserInputError
 from transfer_lightning.network.depthwise import use_small_depthwise_gradients
 from transfer_lightning.network.heads import HeadName, MLPHead, pool_both_ways
 from transfer_lightning.network.names import parse_backbone
+from transfer_lightning.network.parts import NetworkParts
 from transfer_lightning.network.stage_features import add_stage_features
 
 #: Buffers that older state_dicts may lack; torchvision's own loaders ignore them too.
@@ -33,27 +33,6 @@ _OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
 #: (GoogLeNet even without weights); torchvision's reference adds their auxiliary losses only when
 #: training from scratch. Transfer trains the main head alone, so the auxiliary heads are not built.
 _BUILD_ARGUMENTS = {"inception_v3": {"aux_logits": False}, "googlenet": {"aux_logits": False}}
-
-
-@dataclass(frozen=True)
-class NetworkParts:
-    """Where the parts of a built network are, and what its weights say about their inputs.
-
-    Attributes:
-        head: Dotted name of the new head: a ``Linear`` (``"fc"``, ``"classifier.1"``, ``"heads.head"``), or the
-            whole classifier block for ``mlp`` (``"fc"``, ``"classifier"``).
-        classifier_block: The top-level module that holds the head (``"fc"``, ``"classifier"``): what
-            the frozen-feature cache trains on the backbone's pooled features.
-        min_size: Smallest (H, W) input, from the torchvision weights' metadata (``None`` if unknown).
-        preprocessing: What the weights expect: their mean, std, size, crop fraction and interpolation.
-        library: Who built the network: ``torchvision`` or ``timm``.
-    """
-
-    head: str
-    classifier_block: str
-    min_size: tuple[int, int] | None
-    preprocessing: WeightsPreprocessing
-    library: str = "torchvision"
 
 
 def available_backbones() -> list[str]:

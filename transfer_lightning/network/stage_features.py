@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -23,9 +22,7 @@ from torch import Tensor, nn
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.network.freezing import find_module
 from transfer_lightning.network.heads import MLPHead
-
-if TYPE_CHECKING:
-    from transfer_lightning.network.backbones import NetworkParts
+from transfer_lightning.network.parts import NetworkParts
 
 
 def pool(maps: Tensor, both_ways: bool) -> Tensor:
