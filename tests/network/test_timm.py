@@ -453,6 +453,7 @@ def test_timm_recipes_run_and_comment_every_setting(recipe, small_run_args, run_
     shrink += ["--trainer.limit_test_batches=0.5", "--trainer.accelerator=cpu", "--trainer.precision=32-true"]
     shrink += ["--model.scheduler.warmup_steps=1"] if "warmup_steps" in text else []
     shrink += ["--feature_cache.precision=fp32", "--feature_cache.engine=torch"] if "feature_cache" in text else []
+    shrink += ["--model.stage_features=[blocks.3]"] if "stage_features" in text else []  # the small model has 5 blocks
     args = [*timm_args(small_run_args, folder), *size, *shrink, "--interpretation.cam=false"]
     cli = TransferLightningCLI(args=["fit", f"--config={recipe}", *args])
     assert cli.trainer.current_epoch == 2 and cli.model.parts.library == "timm"

@@ -12,15 +12,15 @@ from transfer_lightning.model import TransferClassifier
 from transfer_lightning.training.feature_cache import FrozenFeatureCache
 
 
-@pytest.mark.parametrize("head", ["linear", "mlp"])
-def test_tta_flip_averages_the_probabilities_of_the_image_and_its_mirror(head):
+@pytest.mark.parametrize("settings", [{}, {"head": "mlp", "stage_features": ["layer2"]}], ids=["linear", "mlp-stages"])
+def test_tta_flip_averages_the_probabilities_of_the_image_and_its_mirror(settings):
     torch.manual_seed(0)
-    model = TransferClassifier(weights=None, num_classes=4, tta_flip=True, head=head).eval()
+    model = TransferClassifier(weights=None, num_classes=4, tta_flip=True, **settings).eval()
     images = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         expected = (model(images).softmax(-1) + model(images.flip(-1)).softmax(-1)) / 2
         got = model.evaluation_logits(images).softmax(-1)
-        plain = TransferClassifier(weights=None, num_classes=4, head=head).eval()
+        plain = TransferClassifier(weights=None, num_classes=4, **settings).eval()
         plain.load_state_dict(model.state_dict())
         assert torch.allclose(plain.evaluation_logits(images), model(images))  # off: the plain logits
         energy = -(model(images).logsumexp(-1) + model(images.flip(-1)).logsumexp(-1)) / 2

@@ -199,9 +199,10 @@ def test_predict_on_the_test_split_writes_the_true_labels(tagged, run_dir):
         ["--model.freeze_backbone=true"],
         ["--model.freeze_backbone=true", "--model.unfreeze_at_epoch=1", "--model.tta_flip=true"],
         ["--data.class_balance=loss", "--model.label_smoothing=0.1", "--model.threshold=0.4"],
-        ["--model.freeze_backbone=true", "--model.head=mlp", "--feature_cache.train_flips=true"],
+        ["--model.freeze_backbone=true", "--model.head=mlp", "--model.stage_features=[layer3]"]
+        + ["--feature_cache.train_flips=true"],
     ],
-    ids=["frozen-features", "gradual-unfreezing-tta", "pos-weight-smoothing-threshold", "mlp-head-flipped-features"],
+    ids=["frozen-features", "gradual-unfreezing-tta", "pos-weight-smoothing-threshold", "mlp-stages-flipped-features"],
 )
 def test_multilabel_trains_with_the_options_of_the_recipes(options, tagged, run_dir, caplog):
     caplog.set_level(logging.INFO)

@@ -42,9 +42,13 @@ class RecordInputs(pl.Callback):
             self.val_acc.append(float(trainer.callback_metrics["val/acc"]))
 
 
-def fit_frozen(image_folder, tmp_path, backbone: str, cache: bool, augment: bool = False, head: str = "linear"):
+def fit_frozen(
+    image_folder, tmp_path, backbone: str, cache: bool, augment: bool = False, head: str = "linear", stages=None
+):
     pl.seed_everything(7)
-    model = TransferClassifier(backbone, None, num_classes=4, head=head, freeze_backbone=True, optimizer=SGD)
+    model = TransferClassifier(
+        backbone, None, num_classes=4, head=head, freeze_backbone=True, optimizer=SGD, stage_features=stages
+    )
     datamodule = datamodule_for(image_folder, tmp_path, augment=augment)
     recorder = RecordInputs()
     trainer = make_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=None)
@@ -53,13 +57,15 @@ def fit_frozen(image_folder, tmp_path, backbone: str, cache: bool, augment: bool
     return model, datamodule, recorder
 
 
-# mobilenet_v2: dropout before the head; mlp: BatchNorm and dropout in the head, on average and max pooling
+# mobilenet_v2: dropout before the head; mlp: BatchNorm and dropout in the head, on average and max pooling, and
+# with stage features (features.13's pooled outputs in each row too)
 @pytest.mark.parametrize(
-    "backbone, head", [("resnet18", "linear"), ("mobilenet_v2", "linear"), ("mobilenet_v2", "mlp")]
+    "backbone, head, stages",
+    [("resnet18", "linear", None), ("mobilenet_v2", "linear", None), ("mobilenet_v2", "mlp", ["features.13"])],
 )
-def test_cached_features_train_the_same_head_as_the_uncached_path(image_folder, tmp_path, backbone, head):
-    cached, datamodule, cached_record = fit_frozen(image_folder, tmp_path, backbone, cache=True, head=head)
-    plain, _, plain_record = fit_frozen(image_folder, tmp_path, backbone, cache=False, head=head)
+def test_cached_features_train_the_same_head_as_the_uncached_path(image_folder, tmp_path, backbone, head, stages):
+    cached, datamodule, cached_record = fit_frozen(image_folder, tmp_path, backbone, True, head=head, stages=stages)
+    plain, _, plain_record = fit_frozen(image_folder, tmp_path, backbone, False, head=head, stages=stages)
     assert cached_record.features_seen == {True} and plain_record.features_seen == {False}
     for key, value in head_state(cached).items():
         torch.testing.assert_close(value, head_state(plain)[key], atol=1e-4, rtol=1e-4)

@@ -35,8 +35,9 @@ class StageFeatures(nn.Module):
     """``block`` (the classifier block) fed its usual input, flattened, with the pooled outputs of ``stages``.
 
     Forward hooks on the stage modules leave their pooled outputs here during the network's forward pass; this
-    module takes them in the order of ``stages``. Called alone (on cached features) it is not: the frozen-feature
-    cache calls ``block``, whose input is the concatenation.
+    module takes them in the order of ``stages``. On cached features it is not called: the frozen-feature cache
+    calls ``block``, whose input is the concatenation. One forward pass at a time per network, as Lightning's
+    loops, ``predict`` and the server's workers run it (threads sharing one network would mix their stages).
     """
 
     def __init__(self, block: nn.Module, network: nn.Module, stages: list[str], both_ways: bool) -> None:
@@ -101,7 +102,7 @@ def _probe_shapes(network: nn.Module, stages: list[str], block: str, side: int) 
         shapes.setdefault(name, getattr(value, "shape", torch.Size()))
 
     hooks = [
-        network.get_submodule(name).register_forward_hook(partial(lambda name, m, args, out: keep(name, out), name))
+        network.get_submodule(name).register_forward_hook(lambda m, args, out, name=name: keep(name, out))
         for name in stages
     ]
     hooks.append(network.get_submodule(block).register_forward_pre_hook(lambda m, args: keep(block, args[0])))
