@@ -462,6 +462,7 @@ def test_timm_recipes_run_and_comment_every_setting(recipe, small_run_args, run_
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_LITE0.is_dir(), reason="../shared's EfficientNet-Lite0 is absent")
+@pytest.mark.filterwarnings("ignore:model.scheduler .* has T_max")  # the recipes are cut to 1 epoch here
 @pytest.mark.parametrize("recipe", [r for r in TIMM_RECIPES if "lite0" in r.stem], ids=lambda path: path.stem)
 def test_the_shared_lite0_override_runs_the_lite0_recipes(recipe, small_run_args, tmp_path, monkeypatch):
     """The real weights through the override (whose paths are relative to the repository root), on the tiny
