@@ -21,14 +21,14 @@ from torch import Tensor, nn
 
 from transfer_lightning.errors import UserInputError
 from transfer_lightning.network.freezing import find_module
-from transfer_lightning.network.heads import MLPHead
+from transfer_lightning.network.heads import ConcatPool2d, MLPHead
 from transfer_lightning.network.parts import NetworkParts
 
 
 def pool(maps: Tensor, both_ways: bool) -> Tensor:
-    """(N, C, H, W) maps -> (N, C) channel averages, or (N, 2C) averages then maxima (as the mlp head pools)."""
-    average = maps.mean((-2, -1))
-    return torch.cat([average, maps.amax((-2, -1))], dim=1) if both_ways else average
+    """(N, C, H, W) maps -> (N, C) channel averages, or (N, 2C) averages then maxima: the mlp head's
+    :class:`~transfer_lightning.network.heads.ConcatPool2d`."""
+    return ConcatPool2d()(maps).flatten(1) if both_ways else maps.mean((-2, -1))
 
 
 class StageFeatures(nn.Module):
